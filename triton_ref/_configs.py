@@ -1,0 +1,71 @@
+"""Autotuning spaces for the MoDA Triton kernels.
+
+Configs are chosen by measurement (``triton.autotune``) per shape class, never by GPU name.
+The shape class is (group size, head dim, which parts exist, causality, and power-of-two
+buckets of T and L), so a model whose layers differ only in L reuses a few tunings.
+Under ``TRITON_INTERPRET=1`` (CPU testing) one small config is used so that tiles are
+smaller than the odd test sizes and every loop and mask path runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Shared by every kernel's autotune key.
+SHAPE_KEY = ["G", "HEAD_DIM", "HAS_SEQ", "HAS_DEPTH", "CAUSAL", "CHUNKED", "T_CLASS", "L_CLASS"]
+
+
+def shape_class(n: int, cap: int = 1 << 16) -> int:
+    """Power-of-two bucket of a size: the autotune key for T and L."""
+    return min(cap, triton.next_power_of_2(max(n, 1)))
+
+
+def _cfg(m: int, n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+
+
+def _space(candidates):
+    if INTERPRET:
+        return [_cfg(16, 16, 1, 1)]
+    return [_cfg(*c) for c in candidates]
+
+
+# (BLOCK_M query rows, BLOCK_N keys, warps, stages). Query rows are G-folded: a 128-row
+# tile of G = 8 covers 16 positions, so K/V tiles are shared by all heads of a kv head.
+FWD_CONFIGS = _space([
+    (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4),
+    (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4), (128, 64, 8, 2),
+])
+# dK/dV: BLOCK_N keys held in registers, BLOCK_M query rows streamed.
+BWD_KV_CONFIGS = _space([
+    (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4),
+    (16, 128, 4, 3), (16, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 4),
+])
+# dQ: BLOCK_M query rows held, BLOCK_N keys streamed.
+BWD_Q_CONFIGS = _space([
+    (128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 4, 3),
+    (64, 32, 4, 4), (128, 128, 8, 2),
+])
+
+
+def _regs_ok(m: int, n: int, head_dim: int, warps: int) -> bool:
+    """Drop tiles whose fp32 accumulators would obviously spill at large head dims."""
+    per_thread = (m * head_dim + m * n) / (32 * warps)
+    return per_thread <= 192
+
+
+def prune(configs, named_args, **kwargs):
+    if INTERPRET:
+        return configs
+    head_dim = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM"))
+    kept = [
+        c
+        for c in configs
+        if _regs_ok(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], head_dim, c.num_warps)
+        and (head_dim <= 128 or c.num_stages <= 2 or min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= 32)
+    ]
+    return kept or configs[-1:]
