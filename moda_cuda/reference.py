@@ -167,12 +167,14 @@ def moda_attention_ref_backward(
     scale: Optional[float] = None,
     causal: bool = True,
     depth_chunk: int = 1,
+    grad_lse: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Analytic gradients (dq, dk, dv, d depth_k, d depth_v), the flash-attention way.
 
-    With P = exp(S - lse) and delta = rowsum(dO * O): dV = P^T dO, dS = P * (dO V^T - delta),
-    dQ = scale * dS K, dK = scale * dS^T Q; depth keys and values are just more columns.
-    Absent inputs get ``None``.
+    With P = exp(S - lse) and delta = rowsum(dO * O) - dlse: dV = P^T dO,
+    dS = P * (dO V^T - delta), dQ = scale * dS K, dK = scale * dS^T Q; depth keys and values
+    are just more columns. ``grad_lse`` ([B, Hq, T], optional) is the gradient reaching lse
+    (d lse / d S = P). Absent inputs get ``None``.
     """
     shape = check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
     if not shape.has_keys:
@@ -187,6 +189,8 @@ def moda_attention_ref_backward(
     dout = _group_heads(grad_out.to(cd), Hk)  # [B, T, Hk, G, D]
     qg = _group_heads(q.to(cd), Hk)
     delta = (dout * _group_heads(out.to(cd), Hk)).sum(-1).permute(0, 2, 3, 1)[..., None]  # [B, Hk, G, T, 1]
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(cd).reshape(B, Hk, G, T, 1)
 
     dq = torch.zeros_like(qg)
     dk = dv = ddk = ddv = None

@@ -34,9 +34,11 @@ from ._fwd import _dot_precision
 
 
 @triton.jit
-def _bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_db, stride_dt, stride_dh,
-                           T, HQ, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    """delta[b, h, t] = sum_d dO * O, in float32."""
+def _bwd_preprocess_kernel(O, DO, GLSE, DELTA, stride_ob, stride_ot, stride_oh, stride_db, stride_dt, stride_dh,
+                           T, HQ, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                           HAS_GLSE: tl.constexpr):
+    """delta[b, h, t] = sum_d dO * O - dlse, in float32 (d lse / d logits is P, so a gradient
+    reaching lse folds into delta)."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     bh = tl.program_id(1)
     b = bh // HQ
@@ -48,6 +50,8 @@ def _bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride
     do = tl.load(DO + b.to(tl.int64) * stride_db + h * stride_dh + offs_t[:, None] * stride_dt + offs_d[None, :],
                  mask=m, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    if HAS_GLSE:
+        delta -= tl.load(GLSE + bh.to(tl.int64) * T + offs_t, mask=offs_t < T, other=0.0)
     tl.store(DELTA + bh.to(tl.int64) * T + offs_t, delta, mask=offs_t < T)
 
 
@@ -244,10 +248,12 @@ def _bwd_q_kernel(
     tl.store(gq_ptrs, dq.to(GQ.dtype.element_ty), mask=ld)
 
 
-def moda_bwd(dout, q, k, v, depth_k, depth_v, out, lse, sm_scale: float, causal: bool, depth_chunk: int):
+def moda_bwd(dout, q, k, v, depth_k, depth_v, out, lse, sm_scale: float, causal: bool, depth_chunk: int,
+             grad_lse=None):
     """Gradients (dq, dk, dv, d depth_k, d depth_v); entries for absent inputs are None.
 
     Gradients come back contiguous in their input's shape; inputs may be strided views.
+    ``grad_lse`` ([B, Hq, T], optional) is a gradient flowing into the returned lse.
     """
     B, T, Hq, D = q.shape
     has_seq = k is not None
@@ -258,15 +264,17 @@ def moda_bwd(dout, q, k, v, depth_k, depth_v, out, lse, sm_scale: float, causal:
     BLOCK_D = max(16, triton.next_power_of_2(D))
     common = dict(
         G=G, HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_SEQ=has_seq, HAS_DEPTH=has_depth, CAUSAL=causal,
-        CHUNKED=depth_chunk > 1, T_CLASS=_configs.shape_class(T), L_CLASS=_configs.shape_class(L),
+        CHUNKED=depth_chunk > 1, T_CLASS=_configs.seqlen_class(T), L_CLASS=_configs.depth_class(L),
         PRECISION=_dot_precision(q.dtype),
     )
 
     delta = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
     BLOCK_T = 16 if _configs.INTERPRET else 64
+    glse = None if grad_lse is None else grad_lse.float().contiguous()
     _bwd_preprocess_kernel[(triton.cdiv(T, BLOCK_T), B * Hq)](
-        out, dout, delta, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        T, Hq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_T=BLOCK_T,
+        out, dout, glse if glse is not None else delta, delta,
+        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        T, Hq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_T=BLOCK_T, HAS_GLSE=glse is not None,
     )
 
     def kv_grads(key, val, n_slots, is_depth):

@@ -4,7 +4,8 @@ Configs are chosen by measurement (``triton.autotune``) per shape class, never b
 The shape class is (group size, head dim, which parts exist, causality, and power-of-two
 buckets of T and L), so a model whose layers differ only in L reuses a few tunings.
 Under ``TRITON_INTERPRET=1`` (CPU testing) one small config is used so that tiles are
-smaller than the odd test sizes and every loop and mask path runs.
+smaller than the odd test sizes and every loop and mask path runs. ``MODA_TRITON_TUNING=off``
+skips tuning (first config of each space): quick compiles for correctness suites.
 """
 
 from __future__ import annotations
@@ -14,14 +15,20 @@ import os
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TUNING = os.environ.get("MODA_TRITON_TUNING", "on").lower() not in ("off", "0", "false")
 
 # Shared by every kernel's autotune key.
 SHAPE_KEY = ["G", "HEAD_DIM", "HAS_SEQ", "HAS_DEPTH", "CAUSAL", "CHUNKED", "T_CLASS", "L_CLASS"]
 
 
-def shape_class(n: int, cap: int = 1 << 16) -> int:
-    """Power-of-two bucket of a size: the autotune key for T and L."""
-    return min(cap, triton.next_power_of_2(max(n, 1)))
+def seqlen_class(T: int) -> int:
+    """Autotune bucket of T: powers of two from 1024 to 65536."""
+    return min(1 << 16, max(1024, triton.next_power_of_2(T)))
+
+
+def depth_class(L: int) -> int:
+    """Autotune bucket of L: 0, then powers of two from 16 to 256."""
+    return 0 if L == 0 else min(256, max(16, triton.next_power_of_2(L)))
 
 
 def _cfg(m: int, n: int, warps: int, stages: int) -> triton.Config:
@@ -31,7 +38,7 @@ def _cfg(m: int, n: int, warps: int, stages: int) -> triton.Config:
 def _space(candidates):
     if INTERPRET:
         return [_cfg(16, 16, 1, 1)]
-    return [_cfg(*c) for c in candidates]
+    return [_cfg(*c) for c in (candidates if TUNING else candidates[:1])]
 
 
 # (BLOCK_M query rows, BLOCK_N keys, warps, stages). Query rows are G-folded: a 128-row

@@ -169,6 +169,6 @@ def moda_fwd(q, k, v, depth_k, depth_v, sm_scale: float, causal: bool, depth_chu
         T, Hk, L, depth_chunk,
         G=G, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         HAS_SEQ=has_seq, HAS_DEPTH=has_depth, CAUSAL=causal, CHUNKED=depth_chunk > 1,
-        T_CLASS=_configs.shape_class(T), L_CLASS=_configs.shape_class(L), PRECISION=_dot_precision(q.dtype),
+        T_CLASS=_configs.seqlen_class(T), L_CLASS=_configs.depth_class(L), PRECISION=_dot_precision(q.dtype),
     )
     return out, lse

@@ -1,0 +1,268 @@
+"""Preallocated depth key/value stream shared by the layers of one MoDA model.
+
+Every MoDA layer reads the keys/values that earlier layers produced at the same positions
+and then adds its own. The obvious implementation, ``torch.stack(previous_kvs, dim=2)`` in
+every layer, copies O(L^2) slots over a forward pass and keeps all those copies alive for
+backward. :class:`DepthStream` instead owns two buffers of shape ``[B, T, Lmax, Hk, D]``;
+layer ``l`` copies its k/v into slot ``l`` once and reads slots ``[0, l)`` as a strided view
+``buf[:, :, :l]`` that goes straight to the attention kernels: O(L) copies, O(L) memory.
+
+How this stays correct under autograd
+-------------------------------------
+1. *Version counters.* A view shares the version counter of its base, so writing slot ``l``
+   in place after an earlier layer saved ``buf[:, :, :l-1]`` for backward would make that
+   backward fail ("modified by an inplace operation"). Readers therefore slice an *alias*
+   of the buffer made with ``.data``: same storage, its own version counter. Appends write
+   through the buffer itself and never bump the alias' counter. That is sound because a
+   slot is written once per generation and every read only covers slots that were already
+   written (``read(n)`` needs ``n <= length``), so no append ever changes data a reader saw.
+2. *Gradient routing.* The alias carries no autograd history, so reads go through
+   :class:`_DepthRead`, a custom autograd Function that takes the appended k/v tensors of
+   the slots it covers as inputs and whose backward splits the incoming ``[B, T, n, Hk, D]``
+   gradient into per-slot views. Every reader is thus a consumer of each slot tensor it
+   covers, and autograd's dependency counting runs a slot's producer only after *all* its
+   readers (and its own layer) have contributed: the gradients equal those of stacking.
+3. *Reuse.* :meth:`DepthStream.reset` starts a new generation: it bumps the old alias'
+   version counter (``torch.autograd.graph.increment_version``), so a backward through a
+   graph built before the reset fails loudly instead of reading overwritten slots, and
+   later reads use a fresh alias. Reusing a stream is therefore always explicit.
+4. *Activation checkpointing* (``torch.utils.checkpoint``, ``use_reentrant=False``)
+   re-runs a layer's forward during backward, so the layer appends its slot a second
+   time. Layers pass their slot index (``append(k, v, slot=i)``); a write to an
+   already-written slot is accepted only while autograd is running a backward (that is,
+   during recomputation) and then leaves the slot as it is: its contents are what the
+   forward readers saw, so the recomputed graph sees the same values even when the
+   recomputation is not bit-identical. Outside backward such a write is a ValueError.
+
+Under ``torch.no_grad()`` / ``torch.inference_mode()`` reads return the plain view (no
+autograd Function, no copy) and appended tensors are not kept alive.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["DepthStream"]
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward on this thread (checkpoint recompute)."""
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task_id is not None and graph_task_id() != -1
+
+
+class _DepthRead(torch.autograd.Function):
+    """``(alias_k[:, :, :n], alias_v[:, :, :n])`` with gradients routed to the slot tensors.
+
+    Inputs after the two aliases are the tracked slot tensors: the k tensors of slots
+    ``k_idx`` followed by the v tensors of slots ``v_idx`` (slots appended without grad
+    are left out and receive nothing).
+    """
+
+    @staticmethod
+    def forward(ctx, alias_k, alias_v, n: int, k_idx: Tuple[int, ...], v_idx: Tuple[int, ...], *slots):
+        ctx.k_idx, ctx.v_idx = k_idx, v_idx
+        ctx.set_materialize_grads(False)
+        # Slices of the aliases, not of the buffers: they share the alias' version counter,
+        # which appends never touch (see the module docstring). `.detach()` makes them plain
+        # (non-differentiable) views, so autograd treats them as ordinary outputs of this
+        # Function rather than as views of its inputs, whose in-place rules would reject
+        # the version bump of a later reset() with a confusing message.
+        out_k, out_v = alias_k[:, :, :n].detach(), alias_v[:, :, :n].detach()
+        if not k_idx:
+            ctx.mark_non_differentiable(out_k)
+        if not v_idx:
+            ctx.mark_non_differentiable(out_v)
+        return out_k, out_v
+
+    @staticmethod
+    def backward(ctx, grad_k, grad_v):
+        def split(grad: Optional[torch.Tensor], idx: Tuple[int, ...]) -> List[Optional[torch.Tensor]]:
+            if grad is None:
+                return [None] * len(idx)
+            return [grad[:, :, i] for i in idx]
+
+        return (None, None, None, None, None, *split(grad_k, ctx.k_idx), *split(grad_v, ctx.v_idx))
+
+
+class DepthStream:
+    """Depth keys/values of up to ``max_layers`` slots for a ``[B, T]`` batch.
+
+    Args:
+        batch, seqlen: B and T of the activations that will be appended.
+        max_layers: Lmax, the number of slots (for :class:`moda_cuda.layers.MoDABlock`,
+            two per block: the attention k/v and the extra FFN k/v).
+        kv_heads, head_dim: Hk and D of the appended k/v.
+        dtype, device: of the buffers; appended tensors must match both.
+
+    Typical use (one stream per forward pass)::
+
+        stream = DepthStream(B, T, n_layers, Hk, D, dtype=x.dtype, device=x.device)
+        for layer in layers:
+            depth_k, depth_v = stream.read()      # [B, T, l, Hk, D] strided views
+            ...moda_attention(q, k, v, depth_k, depth_v)...
+            stream.append(k, v)                   # k, v: [B, T, Hk, D]
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        seqlen: int,
+        max_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device | str] = None,
+    ) -> None:
+        sizes = dict(batch=batch, seqlen=seqlen, max_layers=max_layers, kv_heads=kv_heads, head_dim=head_dim)
+        for name, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating point torch.dtype, got {dtype!r}")
+        shape = (batch, seqlen, max_layers, kv_heads, head_dim)
+        # Plain buffers: never require grad, never seen by autograd (appends run under no_grad).
+        # Left uninitialised: a slot is only ever read after it was written.
+        self._k = torch.empty(shape, dtype=dtype, device=device)
+        self._v = torch.empty(shape, dtype=dtype, device=device)
+        self._length = 0
+        self._new_generation()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def shape(self) -> torch.Size:
+        """``[B, T, Lmax, Hk, D]`` of each buffer."""
+        return self._k.shape
+
+    @property
+    def max_layers(self) -> int:
+        """Lmax: how many slots the stream can hold."""
+        return self._k.shape[2]
+
+    @property
+    def length(self) -> int:
+        """How many slots have been written since construction or the last :meth:`reset`."""
+        return self._length
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._k.device
+
+    @property
+    def k_buffer(self) -> torch.Tensor:
+        """The whole key buffer ``[B, T, Lmax, Hk, D]`` (slots ``>= length`` hold stale or uninitialised data)."""
+        return self._k
+
+    @property
+    def v_buffer(self) -> torch.Tensor:
+        """The whole value buffer ``[B, T, Lmax, Hk, D]``."""
+        return self._v
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __repr__(self) -> str:
+        B, T, L, H, D = self.shape
+        return (
+            f"DepthStream(batch={B}, seqlen={T}, max_layers={L}, kv_heads={H}, head_dim={D}, "
+            f"dtype={self.dtype}, device={self.device}, length={self._length})"
+        )
+
+    # ------------------------------------------------------------------ state
+    def _new_generation(self) -> None:
+        # `.data` gives an alias with its own version counter: reads slice it, appends write
+        # through self._k/_v, so appends never invalidate tensors that readers saved.
+        self._alias_k = self._k.data
+        self._alias_v = self._v.data
+        # Appended tensors that carry autograd history, per slot (None: appended without grad).
+        self._k_slots: List[Optional[torch.Tensor]] = [None] * self.max_layers
+        self._v_slots: List[Optional[torch.Tensor]] = [None] * self.max_layers
+
+    def reset(self) -> None:
+        """Forget all slots so the buffers can be refilled (e.g. for the next batch).
+
+        Any graph built from reads before the reset can no longer be backpropagated: its
+        saved depth views are invalidated (a RuntimeError on backward), because the refill
+        overwrites the values they point at. Call this after ``backward()`` (or build a new
+        stream) when training.
+        """
+        torch.autograd.graph.increment_version([self._alias_k, self._alias_v])
+        self._length = 0
+        self._new_generation()
+
+    # ------------------------------------------------------------------ write
+    def _check_slot_tensor(self, name: str, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        B, T, _, H, D = self.shape
+        if tuple(x.shape) != (B, T, H, D):
+            raise ValueError(f"{name} must have shape [B={B}, T={T}, Hk={H}, D={D}], got {list(x.shape)}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but the stream holds {self.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {x.device} but the stream is on {self.device}")
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, *, slot: Optional[int] = None) -> int:
+        """Write ``k, v [B, T, Hk, D]`` into the next slot and return its index.
+
+        ``slot`` names the slot explicitly (layers do, so that activation checkpointing can
+        replay them). It must equal :attr:`length`, except during a backward pass where a
+        checkpointed layer recomputes its forward: then an already-written slot is left
+        unchanged (see the module docstring).
+        """
+        self._check_slot_tensor("k", k)
+        self._check_slot_tensor("v", v)
+        if slot is None:
+            slot = self._length
+        elif isinstance(slot, bool) or not isinstance(slot, int):
+            raise TypeError(f"slot must be an int or None, got {type(slot).__name__}")
+        if slot < 0 or slot > self._length:
+            raise ValueError(f"slot {slot} is out of order: the next free slot is {self._length}")
+        if slot < self._length:
+            if _in_backward():
+                return slot  # checkpoint recomputation: keep what the forward readers saw
+            raise ValueError(
+                f"slot {slot} was already written (length {self._length}); slots are write-once, "
+                "call reset() to refill the stream"
+            )
+        if slot >= self.max_layers:
+            raise ValueError(f"depth stream is full: all {self.max_layers} slots are written")
+        with torch.no_grad():
+            self._k[:, :, slot].copy_(k)
+            self._v[:, :, slot].copy_(v)
+        if torch.is_grad_enabled():
+            # Kept so that reads can route gradients to them (and only then).
+            self._k_slots[slot] = k if k.requires_grad else None
+            self._v_slots[slot] = v if v.requires_grad else None
+        self._length = slot + 1
+        return slot
+
+    # ------------------------------------------------------------------ read
+    def read(self, n: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` slots (default: all written) as ``depth_k, depth_v [B, T, n, Hk, D]``.
+
+        The results are strided views of the buffers (no copy; ``n = 0`` gives empty views)
+        for :func:`moda_cuda.moda_attention`. With grad enabled they are differentiable with
+        respect to the tensors that were appended to those slots.
+        """
+        if n is None:
+            n = self._length
+        elif isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be an int or None, got {type(n).__name__}")
+        if n < 0 or n > self._length:
+            raise ValueError(f"cannot read {n} slots: only {self._length} are written")
+        k_idx = tuple(i for i in range(n) if self._k_slots[i] is not None)
+        v_idx = tuple(i for i in range(n) if self._v_slots[i] is not None)
+        if not torch.is_grad_enabled() or not (k_idx or v_idx):
+            return self._alias_k[:, :, :n], self._alias_v[:, :, :n]
+        tracked: Sequence[torch.Tensor] = [self._k_slots[i] for i in k_idx] + [self._v_slots[i] for i in v_idx]
+        return _DepthRead.apply(self._alias_k, self._alias_v, n, k_idx, v_idx, *tracked)

@@ -1,0 +1,423 @@
+"""MoDA building blocks: attention, decoder block, a small causal LM and a ViT classifier.
+
+Every block writes keys/values into a :class:`~moda_cuda.DepthStream` that later blocks
+read as depth keys (same position, or same depth chunk) in the one softmax of
+:func:`moda_cuda.moda_attention`:
+
+* the attention's own k/v (after rotary), slot ``2 * layer_idx``;
+* an extra light k/v projection of the MLP input (the "FFN KV projection"), slot
+  ``2 * layer_idx + 1``.
+
+``MoDAConfig(use_depth=False)`` is the plain-attention baseline: the same modules and the
+same kernel call, with no depth stream and no FFN k/v projection.
+:meth:`MoDAConfig.matched_baseline` widens the baseline's MLP so that both models have
+(almost exactly) the same number of parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .depth_stream import DepthStream
+
+__all__ = [
+    "MoDAConfig",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "apply_rotary",
+    "MoDAAttention",
+    "SwiGLU",
+    "MoDABlock",
+    "MoDADecoderLayer",
+    "MoDAForCausalLM",
+    "MoDAViT",
+    "ModelOutput",
+    "count_parameters",
+]
+
+Rope = Tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, head_dim // 2] each
+
+
+@dataclass
+class MoDAConfig:
+    """Sizes and switches shared by :class:`MoDAForCausalLM` and :class:`MoDAViT`.
+
+    Attributes:
+        d_model, n_layers: width and depth.
+        n_heads, n_kv_heads: query heads and k/v heads (GQA: ``n_heads % n_kv_heads == 0``).
+        head_dim: per-head size; default ``d_model // n_heads``.
+        mlp_hidden: SwiGLU hidden size; default ``8/3 * d_model`` rounded up to 8.
+        use_depth: False gives the plain-attention baseline (no depth stream).
+        ffn_kv: also append a k/v projection of each MLP input to the depth stream.
+        depth_chunk: C of :func:`moda_cuda.moda_attention` (1: depth of the own position).
+        causal: None picks the model's natural choice (LM: True, ViT: False).
+        norm: ``"pre"`` (x + f(norm(x))) or ``"post"`` (norm(x + f(x))).
+        rope: rotary position embedding on queries and keys (depth keys included).
+        gradient_checkpointing: recompute each block's activations in backward.
+        backend: passed to :func:`moda_cuda.moda_attention`.
+        vocab_size, max_seq_len, tie_embeddings: LM only.
+        image_size, patch_size, in_channels, num_classes: ViT only.
+    """
+
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    head_dim: Optional[int] = None
+    mlp_hidden: Optional[int] = None
+    use_depth: bool = True
+    ffn_kv: bool = True
+    depth_chunk: int = 1
+    causal: Optional[bool] = None
+    norm: str = "pre"
+    rope: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    gradient_checkpointing: bool = False
+    backend: str = "auto"
+    vocab_size: int = 256
+    max_seq_len: int = 1024
+    tie_embeddings: bool = True
+    image_size: int = 8
+    patch_size: int = 2
+    in_channels: int = 1
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "depth_chunk", "vocab_size", "max_seq_len",
+                     "image_size", "patch_size", "in_channels", "num_classes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads}) "
+                                 "unless head_dim is given")
+            self.head_dim = self.d_model // self.n_heads
+        if self.rope and self.head_dim % 2:
+            raise ValueError(f"rotary embedding needs an even head_dim, got {self.head_dim}")
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 8 * math.ceil(self.d_model * 8 / 3 / 8)
+        if self.norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post', got {self.norm!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+
+    @property
+    def slots_per_layer(self) -> int:
+        """Depth-stream slots each block writes (0 for the baseline)."""
+        return 0 if not self.use_depth else (2 if self.ffn_kv else 1)
+
+    @property
+    def depth_slots(self) -> int:
+        """Lmax of the model's depth stream."""
+        return self.n_layers * self.slots_per_layer
+
+    def matched_baseline(self) -> "MoDAConfig":
+        """The plain-attention baseline with the MLP widened to match this model's parameters.
+
+        The only parameters MoDA adds are the FFN k/v projections (``2 * Hk * head_dim`` per
+        input feature and block); a SwiGLU hidden unit costs ``3 * d_model``.
+        """
+        extra = round(2 * self.n_kv_heads * self.head_dim / 3) if (self.use_depth and self.ffn_kv) else 0
+        return dataclasses.replace(self, use_depth=False, mlp_hidden=self.mlp_hidden + extra)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+class ModelOutput(NamedTuple):
+    """``logits`` and, when targets/labels were given, the mean cross-entropy ``loss``."""
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 for stability under bf16."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Cos/sin tables for rotary embeddings (rotate-half convention), cached up to ``max_len``."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        # Not persistent: derived from the config, so checkpoints stay small and portable.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, seqlen: int) -> Rope:
+        if seqlen > self.cos.shape[0]:
+            raise ValueError(f"sequence length {seqlen} exceeds the rotary table ({self.cos.shape[0]})")
+        return self.cos[:seqlen], self.sin[:seqlen]
+
+
+def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate ``x [B, T, H, D]`` by position (float32 math, result in x's dtype)."""
+    cos, sin = (t[None, :, None, :] for t in rope)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d_model, hidden, bias=False)
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def _stream_dtype(reference: torch.Tensor) -> torch.dtype:
+    """The dtype the k/v projections produce: the autocast dtype when autocast is on."""
+    kind = reference.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return reference.dtype
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class MoDAAttention(nn.Module):
+    """GQA attention over the sequence plus the depth stream, appending its own k/v.
+
+    ``forward(x, stream, slot)`` reads depth slots ``[0, slot)``, attends, and writes its
+    rotated k and its v to ``slot`` (default: the next free slot). With ``stream=None`` it is
+    plain (causal or not) attention through the same kernel.
+    """
+
+    def __init__(self, config: MoDAConfig, causal: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.causal = causal
+        hd, hq, hk = config.head_dim, config.n_heads, config.n_kv_heads
+        self.q_proj = nn.Linear(config.d_model, hq * hd, bias=False)
+        self.k_proj = nn.Linear(config.d_model, hk * hd, bias=False)
+        self.v_proj = nn.Linear(config.d_model, hk * hd, bias=False)
+        self.o_proj = nn.Linear(hq * hd, config.d_model, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        stream: Optional[DepthStream] = None,
+        slot: Optional[int] = None,
+        rope: Optional[Rope] = None,
+    ) -> torch.Tensor:
+        from . import moda_attention
+
+        cfg = self.config
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.rope:
+            rope = rope if rope is not None else _rope_tables(cfg, T, x.device)
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        depth_k = depth_v = None
+        if stream is not None:
+            slot = stream.length if slot is None else slot
+            # The kernel wants one dtype; under autocast the projections already match.
+            q, k, v = q.to(stream.dtype), k.to(stream.dtype), v.to(stream.dtype)
+            if slot > 0:  # the first block has no depth yet: skip the empty depth pass
+                depth_k, depth_v = stream.read(slot)
+        out = moda_attention(q, k, v, depth_k, depth_v, causal=self.causal, depth_chunk=cfg.depth_chunk,
+                             backend=cfg.backend)
+        if stream is not None:
+            stream.append(k, v, slot=slot)
+        return self.o_proj(out.reshape(B, T, cfg.n_heads * cfg.head_dim).to(x.dtype))
+
+
+def _rope_tables(cfg: MoDAConfig, seqlen: int, device: torch.device) -> Rope:
+    """Rotary tables for a module used on its own (models share one cached table)."""
+    inv_freq = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim)
+    angles = torch.outer(torch.arange(seqlen, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+class MoDABlock(nn.Module):
+    """Attention + SwiGLU MLP; with depth on, the MLP input is also projected to k/v for the stream.
+
+    Pre-norm: ``h = x + attn(n1(x)); y = h + mlp(n2(h))``, FFN k/v from ``n2(h)``.
+    Post-norm: ``h = n1(x + attn(x)); y = n2(h + mlp(h))``, FFN k/v from ``h``.
+    """
+
+    def __init__(self, config: MoDAConfig, layer_idx: int, causal: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.attn = MoDAAttention(config, causal=causal)
+        self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
+        self.norm1 = RMSNorm(config.d_model, config.norm_eps)
+        self.norm2 = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn_kv = None
+        if config.use_depth and config.ffn_kv:
+            # "Light": one projection to Hk heads of k and v, no MLP of its own.
+            self.ffn_kv = nn.Linear(config.d_model, 2 * config.n_kv_heads * config.head_dim, bias=False)
+
+    def _append_ffn_kv(self, h: torch.Tensor, stream: DepthStream, rope: Optional[Rope]) -> None:
+        cfg = self.config
+        B, T, _ = h.shape
+        k, v = self.ffn_kv(h).view(B, T, 2, cfg.n_kv_heads, cfg.head_dim).unbind(2)
+        if cfg.rope:
+            # Depth keys sit at their own position s: rotating them like sequence keys keeps
+            # q_t . k_s a function of t - s (exactly position-free for depth_chunk = 1).
+            k = apply_rotary(k, rope if rope is not None else _rope_tables(cfg, T, h.device))
+        stream.append(k.to(stream.dtype), v.to(stream.dtype), slot=self.layer_idx * cfg.slots_per_layer + 1)
+
+    def forward(self, x: torch.Tensor, stream: Optional[DepthStream] = None, rope: Optional[Rope] = None) -> torch.Tensor:
+        """``x [B, T, d_model]`` -> same shape; reads/writes ``stream`` when given."""
+        slot = None
+        if stream is not None:
+            slot = self.layer_idx * self.config.slots_per_layer
+        if self.config.norm == "pre":
+            h = x + self.attn(self.norm1(x), stream, slot, rope)
+            m = self.norm2(h)
+            if stream is not None and self.ffn_kv is not None:
+                self._append_ffn_kv(m, stream, rope)
+            return h + self.mlp(m)
+        h = self.norm1(x + self.attn(x, stream, slot, rope))
+        if stream is not None and self.ffn_kv is not None:
+            self._append_ffn_kv(h, stream, rope)
+        return self.norm2(h + self.mlp(h))
+
+
+MoDADecoderLayer = MoDABlock
+
+
+class _Trunk(nn.Module):
+    """The stack of blocks with its depth stream, shared by the LM and the ViT."""
+
+    def __init__(self, config: MoDAConfig, causal: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.blocks = nn.ModuleList(MoDABlock(config, i, causal=causal) for i in range(config.n_layers))
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: Optional[Rope]) -> torch.Tensor:
+        cfg = self.config
+        stream = None
+        if cfg.use_depth:
+            B, T, _ = x.shape
+            # One stream per forward: backward of this graph may still read it, so it is
+            # never reused across steps (a new one costs one allocation, no memset needed).
+            stream = DepthStream(B, T, cfg.depth_slots, cfg.n_kv_heads, cfg.head_dim,
+                                 dtype=_stream_dtype(x), device=x.device)
+        use_ckpt = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_ckpt:
+                x = checkpoint(block, x, stream, rope, use_reentrant=False)
+            else:
+                x = block(x, stream, rope)
+        return self.final_norm(x)
+
+
+def _init_weights(module: nn.Module, std: float) -> None:
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class MoDAForCausalLM(nn.Module):
+    """A small decoder-only LM: token embedding, MoDA blocks, RMSNorm, (tied) LM head."""
+
+    def __init__(self, config: MoDAConfig) -> None:
+        super().__init__()
+        if config.causal is False:
+            raise ValueError("MoDAForCausalLM is causal: leave config.causal as None or True")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.trunk = _Trunk(config, causal=True)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta) if config.rope else None
+        _init_weights(self, config.init_std)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None) -> ModelOutput:
+        """``input_ids [B, T]`` -> logits ``[B, T, vocab]``; ``targets [B, T]`` (the next tokens,
+        already shifted; -100 is ignored) add the mean cross-entropy loss."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
+        T = input_ids.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        rope = self.rotary(T) if self.rotary is not None else None
+        h = self.trunk(self.embed(input_ids), rope)
+        logits = self.lm_head(h)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return ModelOutput(logits, loss)
+
+
+class MoDAViT(nn.Module):
+    """A ViT classifier with non-causal MoDA: patches + [CLS] token, learned positions."""
+
+    def __init__(self, config: MoDAConfig) -> None:
+        super().__init__()
+        if config.causal:
+            raise ValueError("MoDAViT attends bidirectionally: leave config.causal as None or False")
+        self.config = config
+        p, c = config.patch_size, config.in_channels
+        self.n_patches = (config.image_size // p) ** 2
+        self.patch_embed = nn.Linear(c * p * p, config.d_model)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.d_model))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.n_patches + 1, config.d_model))
+        self.trunk = _Trunk(config, causal=False)
+        self.head = nn.Linear(config.d_model, config.num_classes)
+        self.rotary = RotaryEmbedding(config.head_dim, self.n_patches + 1, config.rope_theta) if config.rope else None
+        _init_weights(self, config.init_std)
+        nn.init.normal_(self.pos_embed, std=config.init_std)
+
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> ModelOutput:
+        """``images [B, C, H, W]`` -> class logits ``[B, num_classes]`` (+ loss with ``labels [B]``)."""
+        cfg = self.config
+        expected = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must be [B, {', '.join(map(str, expected))}], got {list(images.shape)}")
+        p = cfg.patch_size
+        patches = F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)  # [B, N, C*p*p]
+        x = self.patch_embed(patches)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + self.pos_embed.to(x.dtype)
+        rope = self.rotary(x.shape[1]) if self.rotary is not None else None
+        logits = self.head(self.trunk(x, rope)[:, 0])
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return ModelOutput(logits, loss)

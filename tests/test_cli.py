@@ -1,0 +1,20 @@
+"""The command line: ``python -m moda_cuda`` (demo) and ``python -m moda_cuda info``."""
+
+import subprocess
+import sys
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "moda_cuda", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_demo_checks_against_reference():
+    res = run("demo", "--seqlen", "64")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "backend" in res.stdout and "result     OK" in res.stdout
+
+
+def test_info():
+    res = run("info")
+    assert res.returncode == 0, res.stderr
+    assert "reference" in res.stdout and "torch" in res.stdout

@@ -1,0 +1,213 @@
+"""DepthStream: gradients equal the stack-per-layer formulation, reads never copy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+from moda_cuda import DepthStream, depth_stream, moda_attention
+
+F64 = torch.float64
+B, T, HQ, HK, D = 2, 7, 4, 2, 8
+
+
+def _params(n_layers: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, HQ * D, generator=g, dtype=F64, requires_grad=True)
+    w = [torch.randn(HQ * D, (HQ + 2 * HK) * D, generator=g, dtype=F64).mul_(0.3).requires_grad_() for _ in range(n_layers)]
+    return x, w
+
+
+def _layer(h, w, depth, causal, chunk):
+    """One toy layer: projections of h, MoDA over (own k/v, depth), residual. Returns (h, k, v)."""
+    q, k, v = (h @ w).split([HQ * D, HK * D, HK * D], dim=-1)
+    q, k, v = q.reshape(B, T, HQ, D), k.reshape(B, T, HK, D), v.reshape(B, T, HK, D)
+    dk, dv = depth
+    out = moda_attention(q, k, v, dk, dv, causal=causal, depth_chunk=chunk)
+    return h + out.reshape(B, T, HQ * D), k, v
+
+
+def _run(mode: str, n_layers: int, causal: bool, chunk: int, ckpt: bool = False, chain: bool = True):
+    """Forward+backward of a stack; returns grads of x, every weight and every appended k/v.
+
+    ``chain=False`` feeds every layer the same input, so that the autograd engine is free to
+    run the readers of a slot in any order relative to its producer's other consumers.
+    """
+    x, ws = _params(n_layers)
+    stream = DepthStream(B, T, n_layers, HK, D, dtype=F64) if mode == "stream" else None
+    ks, vs, outs = [], [], []
+    h = x
+    for i, w in enumerate(ws):
+        if mode == "stream":
+            def body(h_in, w_in, i=i):
+                dk, dv = stream.read(i)
+                h_out, k, v = _layer(h_in, w_in, (dk, dv), causal, chunk)
+                stream.append(k, v, slot=i)
+                return h_out, k, v
+        else:
+            def body(h_in, w_in, prev_k=list(ks), prev_v=list(vs)):
+                # Bound now: a checkpoint recompute must see the same previous layers.
+                depth = (torch.stack(prev_k, dim=2), torch.stack(prev_v, dim=2)) if prev_k else (None, None)
+                return _layer(h_in, w_in, depth, causal, chunk)
+        inp = h if chain else x
+        h_new, k, v = checkpoint(body, inp, w, use_reentrant=False) if ckpt else body(inp, w)
+        k.retain_grad()
+        v.retain_grad()
+        ks.append(k)
+        vs.append(v)
+        outs.append(h_new)
+        h = h_new
+    loss = sum((o * torch.linspace(-1, 1, o.shape[-1], dtype=F64)).sin().sum() for o in outs)
+    loss.backward()
+    return [x.grad] + [w.grad for w in ws] + [k.grad for k in ks] + [v.grad for v in vs]
+
+
+def _assert_same(got, want):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a is not None and b is not None, f"gradient {i} missing"
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"gradient {i} differs")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_grads_equal_stack_per_layer(causal, chunk):
+    want = _run("stack", 4, causal, chunk)
+    got = _run("stream", 4, causal, chunk)
+    _assert_same(got, want)
+    # Depth really contributes: the last layer's input gradients differ without it.
+    assert any(g.abs().max() > 0 for g in got[1 + 4 : 1 + 4 + 3])
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_grads_equal_without_chain(chunk):
+    _assert_same(_run("stream", 5, True, chunk, chain=False), _run("stack", 5, True, chunk, chain=False))
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_activation_checkpointing_same_grads(chunk, early_stop, monkeypatch):
+    # Without early stop the recomputation runs each layer to its end, append included.
+    replays = []
+    real = depth_stream._in_backward
+    monkeypatch.setattr(depth_stream, "_in_backward", lambda: replays.append(1) or real())
+    want = _run("stack", 4, True, chunk)
+    with set_checkpoint_early_stop(early_stop):
+        _assert_same(_run("stream", 4, True, chunk, ckpt=True), want)
+        _assert_same(_run("stack", 4, True, chunk, ckpt=True), want)
+    assert len(replays) == (0 if early_stop else 4)
+
+
+def _filled(n: int, max_layers: int = 4, dtype=torch.float32):
+    s = DepthStream(B, T, max_layers, HK, D, dtype=dtype)
+    for _ in range(n):
+        s.append(torch.randn(B, T, HK, D, dtype=dtype), torch.randn(B, T, HK, D, dtype=dtype))
+    return s
+
+
+@pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode, torch.enable_grad])
+def test_reads_are_views_of_the_buffers(ctx):
+    with ctx():
+        s = DepthStream(B, T, 4, HK, D)
+        for i in range(3):
+            k = torch.randn(B, T, HK, D, requires_grad=torch.is_grad_enabled())
+            s.append(k, k * 2)
+            dk, dv = s.read()
+            assert dk.shape == (B, T, i + 1, HK, D)
+            assert dk.data_ptr() == s.k_buffer.data_ptr() and dv.data_ptr() == s.v_buffer.data_ptr()
+            assert dk.stride() == s.k_buffer.stride()
+            torch.testing.assert_close(dk[:, :, i], k.detach())
+            torch.testing.assert_close(dv[:, :, i], 2 * k.detach())
+        if not torch.is_grad_enabled():
+            assert s._k_slots == [None] * 4  # nothing kept alive for autograd
+    empty_k, _ = s.read(0)
+    assert empty_k.shape == (B, T, 0, HK, D)
+
+
+def test_no_grad_forward_matches_stack():
+    s = DepthStream(B, T, 3, HK, D, dtype=F64)
+    ks = [torch.randn(B, T, HK, D, dtype=F64) for _ in range(3)]
+    q = torch.randn(B, T, HQ, D, dtype=F64)
+    with torch.no_grad():
+        for k in ks:
+            s.append(k, -k)
+        got = moda_attention(q, ks[0], ks[0], *s.read(), depth_chunk=2)
+    stacked = torch.stack(ks, dim=2)
+    torch.testing.assert_close(got, moda_attention(q, ks[0], ks[0], stacked, -stacked, depth_chunk=2))
+
+
+def test_slots_appended_without_grad_get_none():
+    s = DepthStream(B, T, 3, HK, D)
+    k0 = torch.randn(B, T, HK, D)
+    s.append(k0, k0)  # constant slot
+    k1 = torch.randn(B, T, HK, D, requires_grad=True)
+    s.append(k1, k1.detach())  # only its key is differentiable
+    dk, dv = s.read()
+    assert dk.requires_grad and not dv.requires_grad
+    (dk * torch.arange(2.0).view(1, 1, 2, 1, 1)).sum().backward()
+    torch.testing.assert_close(k1.grad, torch.ones_like(k1))
+
+
+def test_reset_reuses_buffers_and_invalidates_old_graphs():
+    s = DepthStream(B, T, 2, HK, D)
+    ptr = s.k_buffer.data_ptr()
+    k = torch.randn(B, T, HK, D, requires_grad=True)
+    s.append(k, k)
+    q = torch.randn(B, T, HQ, D)
+    out = moda_attention(q, None, None, *s.read())
+    s.reset()
+    assert s.length == 0 and s.k_buffer.data_ptr() == ptr
+    s.append(torch.zeros(B, T, HK, D), torch.zeros(B, T, HK, D))  # overwrites what `out` read
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    # The new generation works normally.
+    k2 = torch.randn(B, T, HK, D, requires_grad=True)
+    s.append(k2, k2)
+    moda_attention(q, None, None, *s.read()).sum().backward()
+    assert k2.grad is not None and k2.grad.abs().sum() > 0
+
+
+def test_appends_after_a_read_do_not_break_backward():
+    s = DepthStream(B, T, 3, HK, D, dtype=F64)
+    k = torch.randn(B, T, HK, D, dtype=F64, requires_grad=True)
+    s.append(k, k)
+    q = torch.randn(B, T, HQ, D, dtype=F64)
+    out = moda_attention(q, None, None, *s.read())
+    s.append(torch.randn(B, T, HK, D, dtype=F64), torch.randn(B, T, HK, D, dtype=F64))
+    s.append(torch.randn(B, T, HK, D, dtype=F64), torch.randn(B, T, HK, D, dtype=F64))
+    out.sum().backward()
+    kk = k.detach().clone().requires_grad_()
+    moda_attention(q, None, None, kk[:, :, None], kk[:, :, None]).sum().backward()
+    torch.testing.assert_close(k.grad, kk.grad)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="max_layers"):
+        DepthStream(1, 4, 0, 1, 8)
+    with pytest.raises(TypeError, match="seqlen"):
+        DepthStream(1, 4.0, 2, 1, 8)
+    with pytest.raises(TypeError, match="dtype"):
+        DepthStream(1, 4, 2, 1, 8, dtype=torch.int32)
+    s = _filled(2, max_layers=2)
+    good = torch.randn(B, T, HK, D)
+    with pytest.raises(ValueError, match="full"):
+        s.append(good, good)
+    s = _filled(1)
+    with pytest.raises(ValueError, match="shape"):
+        s.append(torch.randn(B, T, HK + 1, D), good)
+    with pytest.raises(ValueError, match="shape"):
+        s.append(good, torch.randn(B, T, D))
+    with pytest.raises(TypeError, match="dtype"):
+        s.append(good.double(), good)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        s.append(good, None)
+    with pytest.raises(ValueError, match="already written"):
+        s.append(good, good, slot=0)
+    with pytest.raises(ValueError, match="out of order"):
+        s.append(good, good, slot=3)
+    with pytest.raises(ValueError, match="only 1 are written"):
+        s.read(2)
+    with pytest.raises(TypeError, match="int"):
+        s.read(1.0)
+    assert s.length == 1 and len(s) == 1 and "length=1" in repr(s)

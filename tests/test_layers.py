@@ -1,0 +1,243 @@
+"""moda_cuda.layers: shapes, the baseline switch, causality, checkpointing, a loss that falls."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moda_cuda
+from moda_cuda.layers import (
+    MoDAAttention,
+    MoDABlock,
+    MoDAConfig,
+    MoDADecoderLayer,
+    MoDAForCausalLM,
+    MoDAViT,
+    apply_rotary,
+    count_parameters,
+)
+
+F64 = torch.float64
+
+
+def tiny(**kw) -> MoDAConfig:
+    base = dict(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=64, vocab_size=50)
+    base.update(kw)
+    return MoDAConfig(**base)
+
+
+def sdpa_gqa(q, k, v, causal):
+    """Plain attention, [B, T, H, D] layout, GQA by repeating k/v heads."""
+    g = q.shape[2] // k.shape[2]
+    k, v = (x.repeat_interleave(g, dim=2) for x in (k, v))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+    return out.transpose(1, 2)
+
+
+def _rope(cfg, T):
+    inv = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    ang = torch.outer(torch.arange(T, dtype=torch.float32), inv)
+    return ang.cos(), ang.sin()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("rope", [True, False])
+def test_attention_without_depth_is_plain_attention(causal, rope):
+    torch.manual_seed(0)
+    cfg = tiny(rope=rope)
+    attn = MoDAAttention(cfg, causal=causal).double()
+    x = torch.randn(2, 9, cfg.d_model, dtype=F64)
+    B, T, _ = x.shape
+    q = attn.q_proj(x).view(B, T, 4, -1)
+    k = attn.k_proj(x).view(B, T, 2, -1)
+    v = attn.v_proj(x).view(B, T, 2, -1)
+    if rope:
+        q, k = apply_rotary(q, _rope(cfg, T)), apply_rotary(k, _rope(cfg, T))
+    want = attn.o_proj(sdpa_gqa(q, k, v, causal).reshape(B, T, -1))
+    torch.testing.assert_close(attn(x), want)
+    # An empty depth stream changes nothing either, and the layer appends its k/v.
+    stream = moda_cuda.DepthStream(B, T, 2, 2, cfg.head_dim, dtype=F64)
+    torch.testing.assert_close(attn(x, stream), want)
+    assert stream.length == 1
+    torch.testing.assert_close(stream.read()[0][:, :, 0], k)
+
+
+def _manual_block(block: MoDABlock, x, causal=True):
+    """The baseline block written out with SDPA."""
+    cfg = block.config
+    a = block.attn
+    B, T, _ = x.shape
+
+    def attn(h):
+        q = apply_rotary(a.q_proj(h).view(B, T, cfg.n_heads, -1), _rope(cfg, T))
+        k = apply_rotary(a.k_proj(h).view(B, T, cfg.n_kv_heads, -1), _rope(cfg, T))
+        v = a.v_proj(h).view(B, T, cfg.n_kv_heads, -1)
+        return a.o_proj(sdpa_gqa(q, k, v, causal).reshape(B, T, -1))
+
+    if cfg.norm == "pre":
+        h = x + attn(block.norm1(x))
+        return h + block.mlp(block.norm2(h))
+    h = block.norm1(x + attn(x))
+    return block.norm2(h + block.mlp(h))
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_baseline_block_matches_manual(norm):
+    torch.manual_seed(1)
+    cfg = tiny(use_depth=False, norm=norm)
+    block = MoDADecoderLayer(cfg, 0).double()
+    assert block.ffn_kv is None
+    x = torch.randn(2, 8, cfg.d_model, dtype=F64)
+    torch.testing.assert_close(block(x), _manual_block(block, x))
+
+
+def test_baseline_model_never_passes_depth(monkeypatch):
+    torch.manual_seed(2)
+    model = MoDAForCausalLM(tiny(use_depth=False)).double()
+    ids = torch.randint(0, 50, (2, 12))
+    want = model(ids).logits
+    seen = []
+
+    def plain(q, k, v, depth_k=None, depth_v=None, *, causal=True, **kw):
+        seen.append(depth_k)
+        return sdpa_gqa(q, k, v, causal)
+
+    monkeypatch.setattr(moda_cuda, "moda_attention", plain)
+    torch.testing.assert_close(model(ids).logits, want)
+    assert seen == [None] * 3
+
+
+def test_depth_changes_the_model_but_not_its_first_layer():
+    torch.manual_seed(3)
+    cfg = tiny()
+    moda = MoDAForCausalLM(cfg).double()
+    base = MoDAForCausalLM(dataclasses.replace(cfg, use_depth=False)).double()
+    missing, unexpected = base.load_state_dict(moda.state_dict(), strict=False)
+    assert not missing and all("ffn_kv" in name for name in unexpected)
+    ids = torch.randint(0, 50, (2, 10))
+    x = moda.embed(ids)
+    stream = moda_cuda.DepthStream(2, 10, cfg.depth_slots, 2, cfg.head_dim, dtype=F64)
+    torch.testing.assert_close(moda.trunk.blocks[0](x, stream), base.trunk.blocks[0](x))
+    assert stream.length == 2  # attention k/v and FFN k/v
+    assert not torch.allclose(moda(ids).logits, base(ids).logits)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_lm_shapes_causality_and_grads(chunk, norm):
+    torch.manual_seed(4)
+    model = MoDAForCausalLM(tiny(depth_chunk=chunk, norm=norm)).double()
+    ids = torch.randint(0, 50, (2, 11))
+    out = model(ids, targets=ids)
+    assert out.logits.shape == (2, 11, 50) and out.loss.dim() == 0
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # Changing tokens after position t leaves logits up to t unchanged (depth chunks too).
+    t = 4
+    ids2 = ids.clone()
+    ids2[:, t + 1 :] = (ids2[:, t + 1 :] + 7) % 50
+    with torch.no_grad():
+        a, b = model(ids).logits, model(ids2).logits
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1])
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+
+
+def test_gradient_checkpointing_same_grads():
+    torch.manual_seed(5)
+    cfg = tiny(depth_chunk=2)
+    model = MoDAForCausalLM(cfg).double()
+    ids = torch.randint(0, 50, (2, 9))
+
+    def grads(ckpt):
+        model.config.gradient_checkpointing = ckpt
+        model.zero_grad()
+        model(ids, targets=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_no_grad_and_autocast():
+    torch.manual_seed(6)
+    model = MoDAForCausalLM(tiny())
+    ids = torch.randint(0, 50, (2, 8))
+    with torch.inference_mode():
+        assert model(ids).logits.shape == (2, 8, 50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, targets=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.trunk.blocks[0].ffn_kv.weight.grad is not None
+
+
+@pytest.mark.parametrize("use_depth", [True, False])
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_tiny_lm_loss_decreases(use_depth, norm):
+    torch.manual_seed(7)
+    model = MoDAForCausalLM(tiny(use_depth=use_depth, norm=norm, n_layers=2))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = torch.arange(0, 48).remainder(12).repeat(4, 1)  # a periodic sequence
+    losses = []
+    for _ in range(25):
+        loss = model(data[:, :-1], targets=data[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_vit_shapes_noncausal_and_learns():
+    torch.manual_seed(8)
+    cfg = MoDAConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, image_size=8, patch_size=2, num_classes=3)
+    model = MoDAViT(cfg)
+    assert model.trunk.blocks[0].attn.causal is False
+    images = torch.randn(6, 1, 8, 8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    out = model(images, labels)
+    assert out.logits.shape == (6, 3) and out.loss.dim() == 0
+    # The [CLS] token sits at position 0: it only sees the last patch without causal masking.
+    changed = images.clone()
+    changed[:, :, -2:, -2:] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(model(images).logits, model(changed).logits)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = out.loss.item()
+    for _ in range(20):
+        loss = model(images, labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_matched_baseline_parameter_count():
+    cfg = MoDAConfig(d_model=256, n_layers=6, n_heads=8, n_kv_heads=2)
+    base = cfg.matched_baseline()
+    assert not base.use_depth and base.mlp_hidden > cfg.mlp_hidden
+    n_moda, n_base = count_parameters(MoDAForCausalLM(cfg)), count_parameters(MoDAForCausalLM(base))
+    assert abs(n_moda - n_base) / n_moda < 1e-3, (n_moda, n_base)
+
+
+def test_config_and_input_errors():
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        MoDAConfig(n_heads=6, n_kv_heads=4)
+    with pytest.raises(ValueError, match="norm"):
+        MoDAConfig(norm="sandwich")
+    with pytest.raises(ValueError, match="d_model"):
+        MoDAConfig(d_model=0)
+    with pytest.raises(ValueError, match="causal"):
+        MoDAViT(MoDAConfig(d_model=32, n_heads=4, causal=True))
+    with pytest.raises(ValueError, match="causal"):
+        MoDAForCausalLM(tiny(causal=False))
+    model = MoDAForCausalLM(tiny(max_seq_len=8))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        model(torch.zeros(9, dtype=torch.long))
+    with pytest.raises(ValueError, match="images"):
+        MoDAViT(MoDAConfig(d_model=32, n_heads=4))(torch.zeros(2, 1, 7, 7))
