@@ -17,11 +17,15 @@ How this stays correct under autograd
    slot is written once per generation and every read only covers slots that were already
    written (``read(n)`` needs ``n <= length``), so no append ever changes data a reader saw.
 2. *Gradient routing.* The alias carries no autograd history, so reads go through
-   :class:`_DepthRead`, a custom autograd Function that takes the appended k/v tensors of
-   the slots it covers as inputs and whose backward splits the incoming ``[B, T, n, Hk, D]``
-   gradient into per-slot views. Every reader is thus a consumer of each slot tensor it
-   covers, and autograd's dependency counting runs a slot's producer only after *all* its
-   readers (and its own layer) have contributed: the gradients equal those of stacking.
+   :class:`_DepthRead`, a custom autograd Function. ``read(n)`` takes as inputs the
+   outputs of the previous read ``read(m)``, ``m <= n``, and the appended k/v tensors of
+   the new slots ``[m, n)``; its backward hands ``grad[:, :, :m]`` to the previous read and
+   ``grad[:, :, i]`` (a view, no copy) to slot ``i``. The reads thus form a chain, and
+   autograd's dependency counting does the rest: a read runs backward only after every
+   consumer of its output (its layer's attention and the next read, which carries the sum
+   of all later readers) has contributed, so each slot gets the sum over *all* its readers
+   before its producer runs, exactly as with stacking. Gradients are accumulated with one
+   add per read (``[B, T, n]`` at once) instead of one per slot and reader.
 3. *Reuse.* :meth:`DepthStream.reset` starts a new generation: it bumps the old alias'
    version counter (``torch.autograd.graph.increment_version``), so a backward through a
    graph built before the reset fails loudly instead of reading overwritten slots, and
@@ -54,16 +58,18 @@ def _in_backward() -> bool:
 
 
 class _DepthRead(torch.autograd.Function):
-    """``(alias_k[:, :, :n], alias_v[:, :, :n])`` with gradients routed to the slot tensors.
+    """``(alias_k[:, :, :n], alias_v[:, :, :n])``, differentiable through a chain of reads.
 
-    Inputs after the two aliases are the tracked slot tensors: the k tensors of slots
-    ``k_idx`` followed by the v tensors of slots ``v_idx`` (slots appended without grad
-    are left out and receive nothing).
+    Inputs: the two aliases; ``n``; ``m``, the slot count of the previous read in the chain
+    (0 without one); the slots ``k_idx``/``v_idx`` in ``[m, n)`` whose appended tensors carry
+    autograd history; the previous read's outputs ``prev_k``/``prev_v`` (or None); then the
+    k tensors of ``k_idx`` followed by the v tensors of ``v_idx``.
     """
 
     @staticmethod
-    def forward(ctx, alias_k, alias_v, n: int, k_idx: Tuple[int, ...], v_idx: Tuple[int, ...], *slots):
-        ctx.k_idx, ctx.v_idx = k_idx, v_idx
+    def forward(ctx, alias_k, alias_v, n: int, m: int, k_idx: Tuple[int, ...], v_idx: Tuple[int, ...],
+                prev_k: Optional[torch.Tensor], prev_v: Optional[torch.Tensor], *slots: torch.Tensor):
+        ctx.m, ctx.k_idx, ctx.v_idx = m, k_idx, v_idx
         ctx.set_materialize_grads(False)
         # Slices of the aliases, not of the buffers: they share the alias' version counter,
         # which appends never touch (see the module docstring). `.detach()` makes them plain
@@ -71,20 +77,24 @@ class _DepthRead(torch.autograd.Function):
         # Function rather than as views of its inputs, whose in-place rules would reject
         # the version bump of a later reset() with a confusing message.
         out_k, out_v = alias_k[:, :, :n].detach(), alias_v[:, :, :n].detach()
-        if not k_idx:
+        if not k_idx and not (prev_k is not None and prev_k.requires_grad):
             ctx.mark_non_differentiable(out_k)
-        if not v_idx:
+        if not v_idx and not (prev_v is not None and prev_v.requires_grad):
             ctx.mark_non_differentiable(out_v)
         return out_k, out_v
 
     @staticmethod
     def backward(ctx, grad_k, grad_v):
-        def split(grad: Optional[torch.Tensor], idx: Tuple[int, ...]) -> List[Optional[torch.Tensor]]:
-            if grad is None:
-                return [None] * len(idx)
-            return [grad[:, :, i] for i in idx]
+        m = ctx.m
 
-        return (None, None, None, None, None, *split(grad_k, ctx.k_idx), *split(grad_v, ctx.v_idx))
+        def split(grad: Optional[torch.Tensor], idx: Tuple[int, ...]):
+            if grad is None:
+                return None, [None] * len(idx)
+            return (grad[:, :, :m] if m > 0 else None), [grad[:, :, i] for i in idx]
+
+        prev_gk, slot_gk = split(grad_k, ctx.k_idx)
+        prev_gv, slot_gv = split(grad_v, ctx.v_idx)
+        return (None,) * 6 + (prev_gk, prev_gv, *slot_gk, *slot_gv)
 
 
 class DepthStream:
@@ -186,6 +196,8 @@ class DepthStream:
         # Appended tensors that carry autograd history, per slot (None: appended without grad).
         self._k_slots: List[Optional[torch.Tensor]] = [None] * self.max_layers
         self._v_slots: List[Optional[torch.Tensor]] = [None] * self.max_layers
+        # Differentiable reads so far, (n, depth_k, depth_v): the chain of _DepthRead.
+        self._reads: List[Tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def reset(self) -> None:
         """Forget all slots so the buffers can be refilled (e.g. for the next batch).
@@ -260,9 +272,18 @@ class DepthStream:
             raise TypeError(f"n must be an int or None, got {type(n).__name__}")
         if n < 0 or n > self._length:
             raise ValueError(f"cannot read {n} slots: only {self._length} are written")
-        k_idx = tuple(i for i in range(n) if self._k_slots[i] is not None)
-        v_idx = tuple(i for i in range(n) if self._v_slots[i] is not None)
-        if not torch.is_grad_enabled() or not (k_idx or v_idx):
+        if not torch.is_grad_enabled():
             return self._alias_k[:, :, :n], self._alias_v[:, :, :n]
+        # Chain onto the largest earlier differentiable read that this one covers.
+        m, prev_k, prev_v = 0, None, None
+        for r in self._reads:
+            if m <= r[0] <= n:
+                m, prev_k, prev_v = r
+        k_idx = tuple(i for i in range(m, n) if self._k_slots[i] is not None)
+        v_idx = tuple(i for i in range(m, n) if self._v_slots[i] is not None)
+        if prev_k is None and not (k_idx or v_idx):
+            return self._alias_k[:, :, :n], self._alias_v[:, :, :n]  # nothing differentiable
         tracked: Sequence[torch.Tensor] = [self._k_slots[i] for i in k_idx] + [self._v_slots[i] for i in v_idx]
-        return _DepthRead.apply(self._alias_k, self._alias_v, n, k_idx, v_idx, *tracked)
+        out_k, out_v = _DepthRead.apply(self._alias_k, self._alias_v, n, m, k_idx, v_idx, prev_k, prev_v, *tracked)
+        self._reads.append((n, out_k, out_v))
+        return out_k, out_v

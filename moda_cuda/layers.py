@@ -8,6 +8,9 @@ read as depth keys (same position, or same depth chunk) in the one softmax of
 * an extra light k/v projection of the MLP input (the "FFN KV projection"), slot
   ``2 * layer_idx + 1``.
 
+The last block writes nothing (no later block would read it), so it has no FFN k/v
+projection: every parameter receives a gradient, as DDP expects.
+
 ``MoDAConfig(use_depth=False)`` is the plain-attention baseline: the same modules and the
 same kernel call, with no depth stream and no FFN k/v projection.
 :meth:`MoDAConfig.matched_baseline` widens the baseline's MLP so that both models have
@@ -32,6 +35,7 @@ __all__ = [
     "MoDAConfig",
     "RMSNorm",
     "RotaryEmbedding",
+    "rotary_tables",
     "apply_rotary",
     "MoDAAttention",
     "SwiGLU",
@@ -121,16 +125,19 @@ class MoDAConfig:
 
     @property
     def depth_slots(self) -> int:
-        """Lmax of the model's depth stream."""
-        return self.n_layers * self.slots_per_layer
+        """Lmax of the model's depth stream: every block but the last writes."""
+        return (self.n_layers - 1) * self.slots_per_layer
 
     def matched_baseline(self) -> "MoDAConfig":
         """The plain-attention baseline with the MLP widened to match this model's parameters.
 
         The only parameters MoDA adds are the FFN k/v projections (``2 * Hk * head_dim`` per
-        input feature and block); a SwiGLU hidden unit costs ``3 * d_model``.
+        input feature, in all blocks but the last); a SwiGLU hidden unit costs ``3 * d_model``
+        in each of the ``n_layers`` blocks.
         """
-        extra = round(2 * self.n_kv_heads * self.head_dim / 3) if (self.use_depth and self.ffn_kv) else 0
+        extra = 0
+        if self.use_depth and self.ffn_kv:
+            extra = round(2 * self.n_kv_heads * self.head_dim * (self.n_layers - 1) / (3 * self.n_layers))
         return dataclasses.replace(self, use_depth=False, mlp_hidden=self.mlp_hidden + extra)
 
 
@@ -163,16 +170,22 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
+def rotary_tables(head_dim: int, seqlen: int, theta: float = 10000.0, device=None) -> Rope:
+    """``cos, sin [seqlen, head_dim // 2]`` (float32) for :func:`apply_rotary`."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(seqlen, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
+
+
 class RotaryEmbedding(nn.Module):
     """Cos/sin tables for rotary embeddings (rotate-half convention), cached up to ``max_len``."""
 
     def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0) -> None:
         super().__init__()
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        cos, sin = rotary_tables(head_dim, max_len, theta)
         # Not persistent: derived from the config, so checkpoints stay small and portable.
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, seqlen: int) -> Rope:
         if seqlen > self.cos.shape[0]:
@@ -215,8 +228,8 @@ class MoDAAttention(nn.Module):
     """GQA attention over the sequence plus the depth stream, appending its own k/v.
 
     ``forward(x, stream, slot)`` reads depth slots ``[0, slot)``, attends, and writes its
-    rotated k and its v to ``slot`` (default: the next free slot). With ``stream=None`` it is
-    plain (causal or not) attention through the same kernel.
+    rotated k and its v to ``slot`` (default: the next free slot; ``append=False`` skips the
+    write). With ``stream=None`` it is plain (causal or not) attention through the same kernel.
     """
 
     def __init__(self, config: MoDAConfig, causal: bool = True) -> None:
@@ -235,8 +248,18 @@ class MoDAAttention(nn.Module):
         stream: Optional[DepthStream] = None,
         slot: Optional[int] = None,
         rope: Optional[Rope] = None,
+        *,
+        append: bool = True,
     ) -> torch.Tensor:
-        from . import moda_attention
+        """``x [B, T, d_model]`` -> ``[B, T, d_model]``.
+
+        Args:
+            stream: depth stream to read and write (None: no depth).
+            slot: this layer's slot; depth slots ``[0, slot)`` are read.
+            rope: shared ``(cos, sin)`` tables; computed here when None and rope is on.
+            append: write this layer's k/v to ``slot`` (False for a last layer).
+        """
+        from . import moda_attention  # looked up per call: the public op, whatever patches it
 
         cfg = self.config
         B, T, _ = x.shape
@@ -255,16 +278,14 @@ class MoDAAttention(nn.Module):
                 depth_k, depth_v = stream.read(slot)
         out = moda_attention(q, k, v, depth_k, depth_v, causal=self.causal, depth_chunk=cfg.depth_chunk,
                              backend=cfg.backend)
-        if stream is not None:
+        if stream is not None and append:
             stream.append(k, v, slot=slot)
         return self.o_proj(out.reshape(B, T, cfg.n_heads * cfg.head_dim).to(x.dtype))
 
 
 def _rope_tables(cfg: MoDAConfig, seqlen: int, device: torch.device) -> Rope:
     """Rotary tables for a module used on its own (models share one cached table)."""
-    inv_freq = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim)
-    angles = torch.outer(torch.arange(seqlen, dtype=torch.float32, device=device), inv_freq)
-    return angles.cos(), angles.sin()
+    return rotary_tables(cfg.head_dim, seqlen, cfg.rope_theta, device)
 
 
 class MoDABlock(nn.Module):
@@ -282,8 +303,9 @@ class MoDABlock(nn.Module):
         self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
         self.norm1 = RMSNorm(config.d_model, config.norm_eps)
         self.norm2 = RMSNorm(config.d_model, config.norm_eps)
+        self.writes_depth = config.use_depth and layer_idx < config.n_layers - 1
         self.ffn_kv = None
-        if config.use_depth and config.ffn_kv:
+        if self.writes_depth and config.ffn_kv:
             # "Light": one projection to Hk heads of k and v, no MLP of its own.
             self.ffn_kv = nn.Linear(config.d_model, 2 * config.n_kv_heads * config.head_dim, bias=False)
 
@@ -303,12 +325,12 @@ class MoDABlock(nn.Module):
         if stream is not None:
             slot = self.layer_idx * self.config.slots_per_layer
         if self.config.norm == "pre":
-            h = x + self.attn(self.norm1(x), stream, slot, rope)
+            h = x + self.attn(self.norm1(x), stream, slot, rope, append=self.writes_depth)
             m = self.norm2(h)
             if stream is not None and self.ffn_kv is not None:
                 self._append_ffn_kv(m, stream, rope)
             return h + self.mlp(m)
-        h = self.norm1(x + self.attn(x, stream, slot, rope))
+        h = self.norm1(x + self.attn(x, stream, slot, rope, append=self.writes_depth))
         if stream is not None and self.ffn_kv is not None:
             self._append_ffn_kv(h, stream, rope)
         return self.norm2(h + self.mlp(h))
@@ -329,7 +351,7 @@ class _Trunk(nn.Module):
     def forward(self, x: torch.Tensor, rope: Optional[Rope]) -> torch.Tensor:
         cfg = self.config
         stream = None
-        if cfg.use_depth:
+        if cfg.depth_slots > 0:
             B, T, _ = x.shape
             # One stream per forward: backward of this graph may still read it, so it is
             # never reused across steps (a new one costs one allocation, no memset needed).

@@ -99,6 +99,49 @@ def test_activation_checkpointing_same_grads(chunk, early_stop, monkeypatch):
     assert len(replays) == (0 if early_stop else 4)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_irregular_reads_match_stack(seed):
+    """Reads at any points (repeated, skipping slots, smaller after larger), some slots or
+    values without grad: every appended tensor still gets the stack formulation's gradient."""
+    g = torch.Generator().manual_seed(seed)
+    n_slots = 6
+    ks = [torch.randn(B, T, HK, D, generator=g, dtype=F64) for _ in range(n_slots)]
+    vs = [torch.randn(B, T, HK, D, generator=g, dtype=F64) for _ in range(n_slots)]
+    diff_k = [bool(torch.rand(1, generator=g) < 0.8) for _ in range(n_slots)]
+    diff_v = [bool(torch.rand(1, generator=g) < 0.8) for _ in range(n_slots)]
+    # After appending slot i (i.e. length i + 1), read these slot counts.
+    plan = [torch.randint(0, i + 2, (int(torch.randint(0, 3, (1,), generator=g)),), generator=g).tolist()
+            for i in range(n_slots)]
+    qs = [torch.randn(B, T, HQ, D, generator=g, dtype=F64) for _ in range(sum(map(len, plan)))]
+
+    def run(mode):
+        k_in = [k.clone().requires_grad_(d) for k, d in zip(ks, diff_k)]
+        v_in = [v.clone().requires_grad_(d) for v, d in zip(vs, diff_v)]
+        k_used = [x * 1.5 if x.requires_grad else x for x in k_in]  # non-leaf, like a projection
+        v_used = [x * 0.5 if x.requires_grad else x for x in v_in]
+        s = DepthStream(B, T, n_slots, HK, D, dtype=F64)
+        loss, q_iter = 0, iter(qs)
+        for i in range(n_slots):
+            s.append(k_used[i], v_used[i])
+            for n in plan[i]:
+                if n == 0:
+                    continue
+                dk, dv = s.read(n) if mode == "stream" else (torch.stack(k_used[:n], 2), torch.stack(v_used[:n], 2))
+                out = moda_attention(next(q_iter), None, None, dk, dv, depth_chunk=2)
+                loss = loss + (out * out).sum()
+        if not torch.is_tensor(loss) or not loss.requires_grad:
+            return []
+        loss.backward()
+        return [x.grad for x in k_in + v_in]
+
+    got, want = run("stream"), run("stack")
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def _filled(n: int, max_layers: int = 4, dtype=torch.float32):
     s = DepthStream(B, T, max_layers, HK, D, dtype=dtype)
     for _ in range(n):

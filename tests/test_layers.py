@@ -38,9 +38,25 @@ def sdpa_gqa(q, k, v, causal):
 
 
 def _rope(cfg, T):
+    """Rotary tables written out independently of the module under test."""
     inv = cfg.rope_theta ** (-torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
     ang = torch.outer(torch.arange(T, dtype=torch.float32), inv)
     return ang.cos(), ang.sin()
+
+
+def test_rotary_is_relative():
+    """q_t . k_s after rotation depends on t - s only (what lets depth keys carry positions)."""
+    cfg = tiny()
+    cos, sin = _rope(cfg, 16)
+    q, k = torch.randn(1, 1, 1, cfg.head_dim), torch.randn(1, 1, 1, cfg.head_dim)
+
+    def dot(t, s):
+        rq = apply_rotary(q, (cos[t : t + 1], sin[t : t + 1]))
+        rk = apply_rotary(k, (cos[s : s + 1], sin[s : s + 1]))
+        return (rq * rk).sum()
+
+    torch.testing.assert_close(dot(5, 3), dot(12, 10))
+    torch.testing.assert_close(dot(7, 7), (q * k).sum())
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -122,6 +138,7 @@ def test_depth_changes_the_model_but_not_its_first_layer():
     stream = moda_cuda.DepthStream(2, 10, cfg.depth_slots, 2, cfg.head_dim, dtype=F64)
     torch.testing.assert_close(moda.trunk.blocks[0](x, stream), base.trunk.blocks[0](x))
     assert stream.length == 2  # attention k/v and FFN k/v
+    assert moda.trunk.blocks[-1].ffn_kv is None  # nothing reads the last block's k/v
     assert not torch.allclose(moda(ids).logits, base(ids).logits)
 
 

@@ -1,0 +1,214 @@
+"""Byte-level language model on the Python standard library's own sources: MoDA vs baseline.
+
+No downloads: the text is the ``.py`` files of the running interpreter's standard library.
+Both models share every hyper-parameter; the baseline (plain attention, same code path with
+the depth stream off) gets a slightly wider MLP so that the parameter counts match. Both see
+the same batches in the same order and the same learning-rate schedule.
+
+Writes ``lm_results.json`` (config, parameter counts, curves, tokens/s, final validation
+loss) and ``lm_loss.png`` to ``--out``.
+
+    python examples/train_lm.py --smoke --out /tmp/lm                # CPU, seconds
+    torchrun --nproc_per_node=1 examples/train_lm.py --minutes 4 --out bench/results/lm
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sysconfig
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import _common as C
+import torch
+
+from moda_cuda.layers import MoDAConfig, MoDAForCausalLM, count_parameters
+
+
+def load_stdlib_bytes(max_bytes: int) -> bytes:
+    """Concatenated ``.py`` sources of the standard library (sorted paths: deterministic)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks: List[bytes] = []
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(n for n in dirnames if n not in ("site-packages", "dist-packages", "__pycache__"))
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            try:
+                data = (Path(dirpath) / name).read_bytes()
+            except OSError:
+                continue
+            chunks.append(data)
+            total += len(data)
+            if total >= max_bytes:
+                return b"".join(chunks)[:max_bytes]
+    if total < 1024:
+        raise SystemExit(f"found only {total} bytes of Python sources under {root}")
+    return b"".join(chunks)
+
+
+def batch_sampler(data: torch.Tensor, batch: int, seqlen: int, seed: int, device: torch.device) -> Callable:
+    """Random windows of ``seqlen + 1`` bytes; inputs and next-byte targets."""
+    gen = torch.Generator().manual_seed(seed)
+    offsets = torch.arange(seqlen + 1)
+
+    def next_batch():
+        starts = torch.randint(0, len(data) - seqlen - 1, (batch,), generator=gen)
+        window = data[starts[:, None] + offsets].to(device, non_blocking=True)
+        return window[:, :-1], window[:, 1:]
+
+    return next_batch
+
+
+def make_evaluator(d: C.Dist, val: torch.Tensor, batch: int, seqlen: int, n_batches: int) -> Callable:
+    """Mean next-byte loss over fixed validation windows (sharded over ranks)."""
+    gen = torch.Generator().manual_seed(1234)
+    starts = torch.randint(0, len(val) - seqlen - 1, (n_batches, batch), generator=gen)
+    offsets = torch.arange(seqlen + 1)
+
+    def evaluate(model) -> Dict[str, float]:
+        total, count = 0.0, 0
+        for i in range(d.rank, n_batches, d.world_size):
+            window = val[starts[i][:, None] + offsets].to(d.device)
+            total += model(window[:, :-1], window[:, 1:]).loss.item()
+            count += 1
+        total, count = C.all_reduce_sum(d, [total, count])
+        loss = total / max(count, 1)
+        return {"loss": loss, "bits_per_byte": loss / math.log(2)}
+
+    return evaluate
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("out/lm"), help="folder for lm_results.json and lm_loss.png")
+    p.add_argument("--smoke", action="store_true", help="tiny model, a few steps, CPU: a sanity check")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (torchrun: each rank takes its GPU)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32), fp32, bf16, fp16 (autocast)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--minutes", type=float, default=None,
+                   help="train the MoDA model for about this long and the baseline for as many steps")
+    p.add_argument("--models", default="moda,baseline", help="comma list of moda, baseline")
+    p.add_argument("--batch", type=int, default=16, help="sequences per rank and step")
+    p.add_argument("--seqlen", type=int, default=1024)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--depth-chunk", type=int, default=1)
+    p.add_argument("--norm", choices=["pre", "post"], default="pre")
+    p.add_argument("--no-ffn-kv", action="store_true", help="only attention k/v go to the depth stream")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--backend", default="auto", help="moda_attention backend")
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%% of the steps)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--eval-every", type=int, default=None, help="default: 10 evaluations per run")
+    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--data-mb", type=float, default=24.0, help="bytes of stdlib source to use (MB)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.device = "cpu" if args.device == "auto" else args.device
+        args.steps = min(args.steps, 6) if args.minutes is None else args.steps
+        args.minutes = None
+        args.batch, args.seqlen, args.d_model, args.layers = 4, 32, 32, 2
+        args.heads, args.kv_heads, args.eval_batches, args.data_mb = 4, 2, 2, 0.25
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    args = parse_args(argv)
+    d = C.setup(args.device)
+    amp = C.resolve_dtype(args.dtype, d.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        data = torch.frombuffer(bytearray(load_stdlib_bytes(int(args.data_mb * 2**20))), dtype=torch.uint8).long()
+        n_val = max(len(data) // 20, args.seqlen * 4)
+        train_data, val_data = data[:-n_val], data[-n_val:]
+        log(d, f"data: {len(train_data) / 2**20:.2f} MB train, {len(val_data) / 2**20:.2f} MB validation "
+            f"(stdlib .py sources); world size {d.world_size}, device {C.device_name(d.device)}, autocast {amp}")
+
+        moda_cfg = MoDAConfig(
+            d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
+            depth_chunk=args.depth_chunk, norm=args.norm, ffn_kv=not args.no_ffn_kv, vocab_size=256,
+            max_seq_len=args.seqlen, gradient_checkpointing=args.checkpointing, backend=args.backend,
+        )
+        configs = {"moda": moda_cfg, "baseline": moda_cfg.matched_baseline()}
+        names = [n.strip() for n in args.models.split(",") if n.strip()]
+        if not names or any(n not in configs for n in names):
+            raise SystemExit(f"--models must list moda and/or baseline, got {args.models!r}")
+
+        def build(name: str) -> MoDAForCausalLM:
+            torch.manual_seed(args.seed)  # same initialisation stream for both models
+            return MoDAForCausalLM(configs[name]).to(d.device)
+
+        def sampler():
+            return batch_sampler(train_data, args.batch, args.seqlen, args.seed * 1000 + d.rank, d.device)
+
+        spec = C.TrainSpec(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
+                           timing_warmup=2 if args.smoke else 10)
+        if args.minutes is not None:
+            spec.steps = C.steps_for_minutes(d, args.minutes, lambda: build(names[0]), spec, sampler(), amp)
+            log(d, f"--minutes {args.minutes}: {spec.steps} steps per model")
+        spec.warmup = args.warmup if args.warmup is not None else max(1, spec.steps // 20)
+        spec.eval_every = args.eval_every or max(1, spec.steps // 10)
+        spec.log_every = max(1, spec.eval_every // 2)
+        evaluate = make_evaluator(d, val_data, args.batch, args.seqlen, args.eval_batches)
+
+        results: Dict[str, Dict] = {}
+        for name in names:
+            model = build(name)
+            n_params = count_parameters(model)
+            log(d, f"[{name}] {n_params / 1e6:.3f}M parameters, {spec.steps} steps of "
+                f"{args.batch * d.world_size} x {args.seqlen} tokens")
+            run = C.train(d, name, model, spec, sampler(), evaluate, amp, args.batch * args.seqlen)
+            run["tokens_per_s"] = run.pop("items_per_s")
+            results[name] = {"config": dataclasses.asdict(configs[name]), "parameters": n_params, **run}
+            log(d, f"[{name}] {run['tokens_per_s']:,.0f} tokens/s, final val loss "
+                f"{run['final_val'].get('loss', float('nan')):.4f}")
+            del model
+            if d.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+        report = {
+            "example": "byte-level LM on Python stdlib sources",
+            "device": C.device_name(d.device),
+            "world_size": d.world_size,
+            "autocast_dtype": str(amp),
+            "torch": torch.__version__,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "tokens_per_step": args.batch * args.seqlen * d.world_size,
+            "steps": spec.steps,
+            "models": results,
+            "summary": {n: {"parameters": r["parameters"], "tokens_per_s": r["tokens_per_s"],
+                            "final_val_loss": r["final_val"].get("loss")} for n, r in results.items()},
+        }
+        if d.is_main:
+            C.write_json(args.out / "lm_results.json", report)
+            panels = [
+                ("training loss (EMA)", "loss (nats/byte)",
+                 {n: ([s for s, _ in r["train_curve"]], C.smooth([v for _, v in r["train_curve"]]))
+                  for n, r in results.items()}),
+                ("validation loss", "loss (nats/byte)",
+                 {n: ([e["step"] for e in r["val_curve"]], [e["loss"] for e in r["val_curve"]])
+                  for n, r in results.items()}),
+            ]
+            C.plot_panels(args.out / "lm_loss.png", "byte-level LM: MoDA vs plain attention", panels)
+            for n, s in report["summary"].items():
+                print(f"{n:>9}: {s['parameters'] / 1e6:7.3f}M params  {s['tokens_per_s']:12,.0f} tokens/s  "
+                      f"final val loss {s['final_val_loss']:.4f}")
+            print(f"wrote {args.out / 'lm_results.json'}")
+        return report
+    finally:
+        C.teardown(d)
+
+
+log = C.log
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Smoke runs of the training examples and the depth-stream benchmark (CPU, tiny sizes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def run(args, tmp_path, timeout=180):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    # Own process group: a timeout also ends the workers that torchrun started.
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{args} timed out after {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    assert proc.returncode == 0, f"{args} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return stdout
+
+
+def check_report(path: Path, rate_key: str) -> dict:
+    report = json.loads(path.read_text())
+    models = report["models"]
+    assert set(models) == {"moda", "baseline"}
+    for name, r in models.items():
+        assert r["steps"] >= 6 and len(r["train_curve"]) == r["steps"], name
+        assert r["val_curve"] and r["final_val"]["loss"] > 0, name
+        assert r[rate_key] > 0, name
+        losses = [v for _, v in r["train_curve"]]
+        assert all(v == v for v in losses)  # no NaN
+    # Matched parameter counts (within 1%) and the baseline switch really switched depth off.
+    p_moda, p_base = models["moda"]["parameters"], models["baseline"]["parameters"]
+    assert abs(p_moda - p_base) / p_moda < 0.01
+    assert models["moda"]["config"]["use_depth"] and not models["baseline"]["config"]["use_depth"]
+    return report
+
+
+def test_lm_smoke(tmp_path):
+    out = tmp_path / "lm"
+    stdout = run([sys.executable, str(ROOT / "examples/train_lm.py"), "--smoke", "--out", str(out)], tmp_path)
+    report = check_report(out / "lm_results.json", "tokens_per_s")
+    for r in report["models"].values():
+        curve = [v for _, v in r["train_curve"]]
+        assert curve[-1] < curve[0]  # a few steps already help on real text
+    assert (out / "lm_loss.png").exists() == HAS_MATPLOTLIB
+    assert "tokens/s" in stdout
+
+
+def test_lm_smoke_under_torchrun(tmp_path):
+    out = tmp_path / "lm"
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+         str(ROOT / "examples/train_lm.py"), "--smoke", "--steps", "6", "--models", "moda,baseline", "--out", str(out)],
+        tmp_path)
+    assert check_report(out / "lm_results.json", "tokens_per_s")["world_size"] == 1
+
+
+def test_vit_smoke(tmp_path):
+    out = tmp_path / "vit"
+    data = "digits" if HAS_SKLEARN else "synthetic"
+    run([sys.executable, str(ROOT / "examples/train_vit.py"), "--smoke", "--data", data, "--out", str(out)], tmp_path)
+    report = check_report(out / "vit_results.json", "images_per_s")
+    for r in report["models"].values():
+        assert 0.0 <= r["final_val"]["accuracy"] <= 1.0
+    assert (out / "vit_curves.png").exists() == HAS_MATPLOTLIB
+
+
+def test_bench_smoke(tmp_path):
+    stdout = run([sys.executable, str(ROOT / "bench/bench_depth_stream.py"), "--smoke", "--out", str(tmp_path)],
+                 tmp_path)
+    report = json.loads((tmp_path / "depth_stream_smoke.json").read_text())
+    assert set(report["variants"]) == {"stream", "stack", "none"}
+    assert report["correctness"]["max_rel_grad_diff"] < 1e-5
+    assert report["summary"]["depth_state_memory_ratio_analytic"] == pytest.approx((4 * 3 / 2) / 3)
+    assert "speedup_step" in stdout
