@@ -37,6 +37,7 @@ def moda_attention(
     causal: bool = True,
     depth_chunk: int = 1,
     return_lse: bool = False,
+    deterministic: bool = False,
     backend: str = "auto",
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Mixture-of-Depths attention.
@@ -51,6 +52,9 @@ def moda_attention(
         depth_chunk: ``C``; query ``t`` sees the depth rows of every position ``s`` with
             ``s // C == t // C`` (and ``s <= t`` when causal). 1 = its own position only.
         return_lse: also return ``lse [B, Hq, T]`` (float32, natural log).
+        deterministic: ask for bitwise-repeatable gradients. The Triton and reference
+            backwards always are (every gradient element is reduced by one program in a
+            fixed order); the flag is part of the op for backends that may use atomics.
         backend: ``"auto"`` (fastest available that serves the input; ``MODA_BACKEND``
             overrides), or one of :func:`available_backends`, which then must serve it.
 
@@ -62,7 +66,9 @@ def moda_attention(
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     check_backend_name(backend)
-    out, lse = _ops.attention_op(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, backend)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    out, lse = _ops.attention_op(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend)
     return (out, lse) if return_lse else out
 
 

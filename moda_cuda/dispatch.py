@@ -43,7 +43,8 @@ def _ref_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk):
                               return_lse=True)
 
 
-def _ref_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk):
+def _ref_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
+                  deterministic):
     return moda_attention_ref_backward(grad_out, q, k, v, depth_k, depth_v, out, lse, scale=scale, causal=causal,
                                        depth_chunk=depth_chunk, grad_lse=grad_lse)
 
@@ -73,8 +74,9 @@ def _triton_refuses(q: torch.Tensor, shape: MoDAShape, tensors) -> Optional[str]
     if shape.head_dim > 256:
         return f"head_dim {shape.head_dim} > 256"
     for t in tensors:
-        if t is not None and t.numel() and t[0].numel() * max(t.element_size(), 4) > _MAX_INT32:
-            return "a single batch entry exceeds 2**31 elements (int32 offsets)"
+        # Kernels offset the batch in int64 and everything inside one batch entry in int32.
+        if t is not None and sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) > _MAX_INT32:
+            return "one batch entry spans more than 2**31 elements (int32 offsets)"
     return None
 
 
@@ -90,11 +92,13 @@ def _triton_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk):
     return moda_fwd(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
 
 
-def _triton_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk):
+def _triton_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
+                     deterministic):
     from .triton_ref import moda_bwd
 
     tensors = (grad_out, q, k, v, depth_k, depth_v, out)
     grad_out, q, k, v, depth_k, depth_v, out = map(_last_dim_contiguous, tensors)
+    # The Triton backward is deterministic by construction (no atomics), whatever is asked.
     return moda_bwd(grad_out, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk, grad_lse=grad_lse)
 
 

@@ -5,6 +5,9 @@
   asks for one explicitly (``moda_attention(..., backend="triton")``).
 * ``moda::attention_backward`` -- gradients of both, run by the backend that ran the forward.
 
+``deterministic=True`` asks for bitwise-repeatable gradients; the Triton and reference
+backwards are deterministic by construction, so for them it changes nothing.
+
 The kernels are registered for CPU and CUDA; each resolves its backend at run time, so
 ``torch.compile`` sees one opaque op with a fake implementation and no graph break.
 """
@@ -20,11 +23,11 @@ from ._spec import check_inputs, default_scale
 from .reference import _empty_result
 
 _ARGS = "Tensor q, Tensor? k, Tensor? v, Tensor? depth_k, Tensor? depth_v, float? scale=None, " \
-        "bool causal=True, int depth_chunk=1"
+        "bool causal=True, int depth_chunk=1, bool deterministic=False"
 _FWD_OUT = "(Tensor out, Tensor lse)"
 _BWD_SCHEMA = (
     "(Tensor grad_out, Tensor grad_lse, Tensor q, Tensor? k, Tensor? v, Tensor? depth_k, Tensor? depth_v, "
-    "Tensor out, Tensor lse, float? scale, bool causal, int depth_chunk, str backend) -> "
+    "Tensor out, Tensor lse, float? scale, bool causal, int depth_chunk, bool deterministic, str backend) -> "
     "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_depth_k, Tensor grad_depth_v)"
 )
 
@@ -38,7 +41,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _forward(q, k, v, depth_k, depth_v, scale=None, causal=True, depth_chunk=1, backend="auto"):
+def _forward(q, k, v, depth_k, depth_v, scale=None, causal=True, depth_chunk=1, deterministic=False, backend="auto"):
     shape = check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
     if shape.has_keys:
         impl = dispatch.resolve(backend, q, shape, (q, k, v, depth_k, depth_v))
@@ -49,34 +52,39 @@ def _forward(q, k, v, depth_k, depth_v, scale=None, causal=True, depth_chunk=1, 
     return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
 
 
-def _fake_forward(q, k, v, depth_k, depth_v, scale=None, causal=True, depth_chunk=1, backend="auto"):
+def _fake_forward(q, k, v, depth_k, depth_v, scale=None, causal=True, depth_chunk=1, deterministic=False,
+                  backend="auto"):
     B, T, Hq, D = q.shape
     return q.new_empty((B, T, Hq, D)), q.new_empty((B, Hq, T), dtype=_lse_dtype(q.dtype))
 
 
-def _backward_impl(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk, backend):
+def _backward_impl(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
+                   deterministic, backend):
     shape = check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
     if shape.has_keys:
         impl = dispatch.resolve(backend, q, shape, (q, k, v, depth_k, depth_v))
         sc = default_scale(shape.head_dim, scale)
-        grads = impl.backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, sc, causal, depth_chunk)
+        grads = impl.backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, sc, causal, depth_chunk,
+                              deterministic)
     else:  # nothing was visible: the output is a constant 0
         grads = (torch.zeros_like(q), None, None, torch.zeros_like(depth_k), torch.zeros_like(depth_v))
     # The schema returns Tensors only: an absent input gets an empty placeholder.
     return tuple(q.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
-def _fake_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk, backend):
+def _fake_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
+                   deterministic, backend):
     like = (q, k, v, depth_k, depth_v)
     return tuple(q.new_empty(0) if t is None else t.new_empty(t.shape) for t in like)
 
 
-_DEFAULTS = (None, True, 1, "auto")  # scale, causal, depth_chunk, backend
+_DEFAULTS = (None, True, 1, False, "auto")  # scale, causal, depth_chunk, deterministic, backend
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, depth_k, depth_v = inputs[:5]
-    ctx.scale, ctx.causal, ctx.depth_chunk, ctx.backend = tuple(inputs[5:]) + _DEFAULTS[len(inputs) - 5:]
+    options = tuple(inputs[5:]) + _DEFAULTS[len(inputs) - 5:]
+    ctx.scale, ctx.causal, ctx.depth_chunk, ctx.deterministic, ctx.backend = options
     out, lse = output
     ctx.save_for_backward(q, k, v, depth_k, depth_v, out, lse)
     ctx.n_inputs = len(inputs)
@@ -85,7 +93,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, depth_k, depth_v, out, lse = ctx.saved_tensors
     grads = torch.ops.moda.attention_backward(
-        grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, ctx.scale, ctx.causal, ctx.depth_chunk, ctx.backend
+        grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, ctx.scale, ctx.causal, ctx.depth_chunk,
+        ctx.deterministic, ctx.backend,
     )
     grads = tuple(None if t is None else g for g, t in zip(grads, (q, k, v, depth_k, depth_v)))
     return grads + (None,) * (ctx.n_inputs - 5)
@@ -99,8 +108,10 @@ torch.library.register_kernel("moda::attention_backward", ("cpu", "cuda"), _back
 torch.library.register_fake("moda::attention_backward")(_fake_backward)
 
 
-def attention_op(q, k, v, depth_k, depth_v, scale: Optional[float], causal: bool, depth_chunk: int, backend: str):
+def attention_op(q, k, v, depth_k, depth_v, scale: Optional[float], causal: bool, depth_chunk: int,
+                 deterministic: bool, backend: str):
     """Call the op that matches ``backend`` ("auto" -> the public ``moda::attention``)."""
+    args = (q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic)
     if backend == "auto":
-        return torch.ops.moda.attention(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
-    return torch.ops.moda.attention_with_backend(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, backend)
+        return torch.ops.moda.attention(*args)
+    return torch.ops.moda.attention_with_backend(*args, backend)

@@ -52,7 +52,7 @@ def test_opcheck(case):
     leaves = _leaves(inputs)
     torch.library.opcheck(torch.ops.moda.attention.default, (*leaves, None, case.causal, case.chunk))
     torch.library.opcheck(torch.ops.moda.attention_with_backend.default,
-                          (*leaves, None, case.causal, case.chunk, "reference"))
+                          (*leaves, None, case.causal, case.chunk, False, "reference"))
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -51,8 +51,8 @@ def test_triton_gradients_are_deterministic():
 
     leaves = [None if t is None else t.requires_grad_() for t in make_inputs(case, torch.float32, DEVICE)]
     runs = []
-    for _ in range(2):
-        out = moda_cuda.moda_attention(*leaves, depth_chunk=2, backend="triton")
+    for deterministic in (False, True):
+        out = moda_cuda.moda_attention(*leaves, depth_chunk=2, backend="triton", deterministic=deterministic)
         runs.append(torch.autograd.grad(out.square().sum(), leaves))
     for a, b in zip(*runs):
         assert torch.equal(a, b)

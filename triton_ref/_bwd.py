@@ -86,7 +86,7 @@ def _kv_rows(dk, dv, k, v, Qb, DOb, LSE, DELTA, b, hk, s_key, r_lo, r_hi, T, HK,
 
 
 @triton.autotune(configs=_configs.BWD_KV_CONFIGS, key=_configs.SHAPE_KEY + ["IS_DEPTH"],
-                 prune_configs_by={"early_config_prune": _configs.prune})
+                 prune_configs_by={"early_config_prune": _configs.pruner("N")})
 @triton.jit
 def _bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, GK, GV,
@@ -179,7 +179,7 @@ def _dq_tiles(dq, q, do, lse, delta, t_row, Kb, Vb, stride_kt, stride_kl, stride
 
 
 @triton.autotune(configs=_configs.BWD_Q_CONFIGS, key=_configs.SHAPE_KEY,
-                 prune_configs_by={"early_config_prune": _configs.prune})
+                 prune_configs_by={"early_config_prune": _configs.pruner("M")})
 @triton.jit
 def _bwd_q_kernel(
     Q, K, V, DK, DV, DO, LSE, DELTA, GQ,
@@ -250,6 +250,9 @@ def _bwd_q_kernel(
 
 def moda_bwd(dout, q, k, v, depth_k, depth_v, out, lse, sm_scale: float, causal: bool, depth_chunk: int,
              grad_lse=None):
+    # dQ has its own pass rather than float32 atomics from the dK/dV pass: on an H200 the
+    # atomic variant measured 10-18% slower end to end, and this way gradients are bitwise
+    # reproducible without a separate deterministic mode.
     """Gradients (dq, dk, dv, d depth_k, d depth_v); entries for absent inputs are None.
 
     Gradients come back contiguous in their input's shape; inputs may be strided views.

@@ -9,8 +9,8 @@ rows a query tile needs are those of the few consecutive positions its rows cove
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-MASKED: tl.constexpr = -1.0e30  # finite: a fully masked block can never make exp2 see inf - inf
+LOG2E = tl.constexpr(1.4426950408889634)
+MASKED = tl.constexpr(-1.0e30)  # finite: a fully masked block can never make exp2 see inf - inf
 
 
 @triton.jit

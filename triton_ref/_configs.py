@@ -38,41 +38,55 @@ def _cfg(m: int, n: int, warps: int, stages: int) -> triton.Config:
 def _space(candidates):
     if INTERPRET:
         return [_cfg(16, 16, 1, 1)]
-    return [_cfg(*c) for c in (candidates if TUNING else candidates[:1])]
+    return [_cfg(*c) for c in candidates]
 
 
 # (BLOCK_M query rows, BLOCK_N keys, warps, stages). Query rows are G-folded: a 128-row
 # tile of G = 8 covers 16 positions, so K/V tiles are shared by all heads of a kv head.
 FWD_CONFIGS = _space([
     (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4),
-    (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4), (128, 64, 8, 2),
+    (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4), (128, 64, 8, 2), (64, 32, 4, 2),
 ])
 # dK/dV: BLOCK_N keys held in registers, BLOCK_M query rows streamed.
 BWD_KV_CONFIGS = _space([
     (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4),
-    (16, 128, 4, 3), (16, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 4),
+    (16, 128, 4, 3), (16, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 4), (32, 32, 4, 2),
 ])
 # dQ: BLOCK_M query rows held, BLOCK_N keys streamed.
 BWD_Q_CONFIGS = _space([
     (128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 4, 3),
-    (64, 32, 4, 4), (128, 128, 8, 2),
+    (64, 32, 4, 4), (128, 128, 8, 2), (64, 32, 4, 2),
 ])
 
 
-def _regs_ok(m: int, n: int, head_dim: int, warps: int) -> bool:
-    """Drop tiles whose fp32 accumulators would obviously spill at large head dims."""
-    per_thread = (m * head_dim + m * n) / (32 * warps)
-    return per_thread <= 192
+_SMEM_BYTES = 220 * 1024  # what a Hopper block may use, less a margin for Triton's scratch
+_ACC_REGS = 192  # fp32 accumulator registers per thread before spills become likely
 
 
-def prune(configs, named_args, **kwargs):
-    if INTERPRET:
-        return configs
-    head_dim = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM"))
-    kept = [
-        c
-        for c in configs
-        if _regs_ok(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], head_dim, c.num_warps)
-        and (head_dim <= 128 or c.num_stages <= 2 or min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= 32)
-    ]
-    return kept or configs[-1:]
+def _fits(cfg: triton.Config, head_dim: int, held: str) -> bool:
+    """Rough shared-memory and register budget of a config at this head dim.
+
+    ``held`` names the tile kept in registers for the whole program ("M": query rows, as in
+    the forward and dQ; "N": keys, as in dK/dV); the other one is streamed through
+    ``num_stages`` shared-memory buffers of two operands each (K and V, or Q and dO).
+    """
+    m, n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    held_rows, streamed_rows = (m, n) if held == "M" else (n, m)
+    smem = 2 * head_dim * (cfg.num_stages * 2 * streamed_rows + held_rows)  # bf16 tiles
+    accumulators = (1 if held == "M" else 2) * held_rows * head_dim  # acc / dq, or dk + dv
+    regs = (accumulators + m * n) / (32 * cfg.num_warps)
+    return smem <= _SMEM_BYTES and regs <= _ACC_REGS
+
+
+def pruner(held: str):
+    """An ``early_config_prune`` hook; with tuning off it keeps the first config that fits."""
+
+    def prune(configs, named_args, **kwargs):
+        if INTERPRET:
+            return configs
+        head_dim = named_args.get("HEAD_DIM", kwargs.get("HEAD_DIM"))
+        kept = [c for c in configs if _fits(c, head_dim, held)]
+        kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        return kept if TUNING else kept[:1]
+
+    return prune

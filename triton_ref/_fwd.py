@@ -62,7 +62,7 @@ def _fwd_tiles(acc, l_i, m_i, q, t_row, Kb, Vb, stride_kt, stride_kl, stride_vt,
 
 
 @triton.autotune(configs=_configs.FWD_CONFIGS, key=_configs.SHAPE_KEY,
-                 prune_configs_by={"early_config_prune": _configs.prune})
+                 prune_configs_by={"early_config_prune": _configs.pruner("M")})
 @triton.jit
 def _moda_fwd_kernel(
     Q, K, V, DK, DV, O, LSE,
