@@ -84,7 +84,9 @@ class Stack:
                 vs.append(v)
             elif variant == "stream" and l < a.layers - 1:
                 stream.append(k, v)
-            x = x + out
+            # Residual scaled by 1/layers: with a plain x + out, x roughly doubles per layer and
+            # a deep bf16 stack overflows (loss ~1e19, NaN gradients) long before layer 32.
+            x = x + out * (1.0 / a.layers)
         return x.float().square().mean()
 
     def step(self, variant: str) -> List[torch.Tensor]:

@@ -37,7 +37,7 @@ def test_variants(case, dtype):
 
 
 
-@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("D", [64, 96, 128, 192, 256])
 @pytest.mark.parametrize("causal", [True, False])
 def test_head_dims(D, causal):
     check_backend(B.but(B=1, T=777, Hq=8, Hk=2, D=D, L=4, causal=causal), torch.bfloat16, "cuda", "triton")
