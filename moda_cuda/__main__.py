@@ -82,10 +82,20 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="run and check a MoDA problem (default)")
     d.add_argument("--seqlen", type=int, default=0, help="override T")
     d.add_argument("--seed", type=int, default=0)
-    sub.add_parser("info", help="versions, devices and backends")
+    i = sub.add_parser("info", help="versions, devices and backends")
+    i.add_argument("--shape", default=None, help="B,T,Hq,Hk,D,L: also say which backend runs this problem")
+    i.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32", "float64"])
     args = parser.parse_args(argv)
     if args.command == "info":
-        moda_cuda.info()
+        shape = None
+        if args.shape:
+            try:
+                shape = [int(x) for x in args.shape.split(",")]
+            except ValueError:
+                parser.error(f"--shape wants B,T,Hq,Hk,D,L, got {args.shape!r}")
+            if len(shape) != 6:
+                parser.error(f"--shape wants six integers B,T,Hq,Hk,D,L, got {args.shape!r}")
+        moda_cuda.info(shape=shape, dtype=args.dtype)
         return 0
     if args.command is None:
         args = parser.parse_args(["demo", *(argv or [])])

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+from typing import Optional, Sequence
 
 import torch
 
 from . import dispatch
+from ._spec import check_inputs
 from ._version import __version__
 
 
@@ -19,8 +21,27 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def info(print_it: bool = True) -> dict:
-    """Versions, devices and backends; printed as a short report unless ``print_it=False``."""
+def _backend_for(shape: Sequence[int], dtype: str) -> str:
+    """Which backend ``backend="auto"`` picks for a problem of this shape on this machine."""
+    B, T, Hq, Hk, D, L = shape
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    meta = dict(device="meta", dtype=getattr(torch, dtype))
+    q = torch.empty(B, T, Hq, D, **meta)
+    k = torch.empty(B, T, Hk, D, **meta)
+    dk = torch.empty(B, T, L, Hk, D, **meta)
+    spec = check_inputs(q, k, k, dk, dk, None, True, 1)
+    # The policy looks at q's device and dtype and at every tensor's extent: a one-element
+    # tensor stands in for q on the real device, meta tensors for the rest of the problem.
+    q_dev = torch.empty(1, device=device, dtype=q.dtype)
+    return dispatch.resolve("auto", q_dev, spec, (q, k, k, dk, dk)).name
+
+
+def info(print_it: bool = True, shape: Optional[Sequence[int]] = None, dtype: str = "bfloat16") -> dict:
+    """Versions, devices and backends; printed as a short report unless ``print_it=False``.
+
+    With ``shape = (B, T, Hq, Hk, D, L)`` it also says which backend runs that problem
+    (forward and backward use the same one).
+    """
     report = {
         "moda_cuda": __version__,
         "python": platform.python_version(),
@@ -33,6 +54,8 @@ def info(print_it: bool = True) -> dict:
         },
         "MODA_BACKEND": dispatch.os.environ.get(dispatch.ENV_VAR, "") or "(unset: auto)",
     }
+    if shape is not None:
+        report[f"backend for {tuple(shape)} {dtype}"] = _backend_for(shape, dtype)
     if print_it:
         width = max(map(len, report))
         for key, value in report.items():

@@ -18,3 +18,12 @@ def test_info():
     res = run("info")
     assert res.returncode == 0, res.stderr
     assert "reference" in res.stdout and "torch" in res.stdout
+
+
+def test_info_names_the_backend_for_a_shape():
+    res = run("info", "--shape", "1,16384,64,8,64,64", "--dtype", "float64")
+    assert res.returncode == 0, res.stderr
+    assert "backend for (1, 16384, 64, 8, 64, 64) float64" in res.stdout
+    assert res.stdout.rstrip().endswith("reference")  # float64 is reference-only
+    bad = run("info", "--shape", "1,2,3")
+    assert bad.returncode != 0 and "six integers" in bad.stderr

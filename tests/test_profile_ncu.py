@@ -1,0 +1,32 @@
+"""The Nsight Compute harness's parsing and table (the profiling itself needs a GPU and ncu)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import profile_ncu  # noqa: E402
+
+RAW = '''==PROF== Connected to process 123
+"ID","Kernel Name","gpu__time_duration.sum","launch__registers_per_thread"
+"","","nsecond","register/thread"
+"0","_moda_fwd_kernel(float *, int)","5843870","168"
+"1","_bwd_kv_kernel(float *)","16718834","255"
+'''
+
+
+def test_parse_and_table():
+    rows = profile_ncu.parse_ncu_csv(RAW)
+    assert [r["Kernel Name"] for r in rows] == ["_moda_fwd_kernel(float *, int)", "_bwd_kv_kernel(float *)"]
+    assert rows[0]["gpu__time_duration.sum__unit"] == "nsecond"
+    text = profile_ncu.table(rows, ["gpu__time_duration.sum", "launch__registers_per_thread"])
+    assert "| _moda_fwd_kernel | 5843.9 | 168 |" in text
+    assert "| _bwd_kv_kernel | 16718.8 | 255 |" in text
+
+
+def test_shape_argument():
+    assert profile_ncu.parse_shape("1,16384,64,8,64,64") == dict(B=1, T=16384, Hq=64, Hk=8, D=64, L=64)
+    with pytest.raises(argparse.ArgumentTypeError, match="six integers"):
+        profile_ncu.parse_shape("1,2,3")
