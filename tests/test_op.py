@@ -108,7 +108,7 @@ def test_available_backends_and_reference_always_present():
     assert names[-1] == "reference"
 
 
-def test_explicit_reference_backend(monkeypatch):
+def test_explicit_reference_backend():
     inputs = make_inputs(Case(T=5, D=8), torch.float32)
     out = moda_cuda.moda_attention(*inputs, backend="reference")
     assert rel_err(out, moda_attention_ref(*as_double(inputs))) < 1e-6

@@ -5,7 +5,8 @@ The shape class is (group size, head dim, which parts exist, causality, and powe
 buckets of T and L), so a model whose layers differ only in L reuses a few tunings.
 Under ``TRITON_INTERPRET=1`` (CPU testing) one small config is used so that tiles are
 smaller than the odd test sizes and every loop and mask path runs. ``MODA_TRITON_TUNING=off``
-skips tuning (first config of each space): quick compiles for correctness suites.
+skips tuning (the first config of each space that fits the head dim): quick compiles for
+correctness suites.
 """
 
 from __future__ import annotations
