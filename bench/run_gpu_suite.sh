@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's worth of checks and measurements, logs and JSON under --out:
+# One GPU run's worth of checks and measurements, logs and JSON under --out:
 #   tests   the cuda-marked tests and the kernel tests (autotuning off: quick compiles)
 #   bench   bench_moda.py on the issue shapes, with the per-kernel breakdown
 #   stream  bench_depth_stream.py (32-layer stack, depth stream vs stack-per-layer)
