@@ -138,6 +138,10 @@ def resolve(requested: str, q: torch.Tensor, shape: MoDAShape, tensors) -> Backe
     if requested == "auto":
         requested = os.environ.get(ENV_VAR, "").strip() or "auto"
     if requested != "auto":
+        _named(requested)  # an unknown name is an error even where no kernel would run
+    if not shape.has_keys:  # depth-only with L = 0: nothing visible, the reference's zeros / -inf
+        return REFERENCE
+    if requested != "auto":
         backend = _named(requested)
         reason = backend.unavailable() or backend.refuses(q, shape, tensors)
         if reason:

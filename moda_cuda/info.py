@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
 from typing import Optional, Sequence
 
@@ -52,7 +53,7 @@ def info(print_it: bool = True, shape: Optional[Sequence[int]] = None, dtype: st
         "backends": {
             name: (b.unavailable() or "available") for name, b in dispatch.BACKENDS.items()
         },
-        "MODA_BACKEND": dispatch.os.environ.get(dispatch.ENV_VAR, "") or "(unset: auto)",
+        "MODA_BACKEND": os.environ.get(dispatch.ENV_VAR, "") or "(unset: auto)",
     }
     if shape is not None:
         report[f"backend for {tuple(shape)} {dtype}"] = _backend_for(shape, dtype)

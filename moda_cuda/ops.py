@@ -20,7 +20,6 @@ import torch
 
 from . import dispatch
 from ._spec import check_inputs, default_scale
-from .reference import _empty_result
 
 _ARGS = "Tensor q, Tensor? k, Tensor? v, Tensor? depth_k, Tensor? depth_v, float? scale=None, " \
         "bool causal=True, int depth_chunk=1, bool deterministic=False"
@@ -43,11 +42,8 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _forward(q, k, v, depth_k, depth_v, scale=None, causal=True, depth_chunk=1, deterministic=False, backend="auto"):
     shape = check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
-    if shape.has_keys:
-        impl = dispatch.resolve(backend, q, shape, (q, k, v, depth_k, depth_v))
-        out, lse = impl.forward(q, k, v, depth_k, depth_v, default_scale(shape.head_dim, scale), causal, depth_chunk)
-    else:
-        out, lse = _empty_result(q, shape)
+    impl = dispatch.resolve(backend, q, shape, (q, k, v, depth_k, depth_v))
+    out, lse = impl.forward(q, k, v, depth_k, depth_v, default_scale(shape.head_dim, scale), causal, depth_chunk)
     # Outputs are contiguous whatever the backend: the fake implementation promises it.
     return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
 
@@ -61,13 +57,10 @@ def _fake_forward(q, k, v, depth_k, depth_v, scale=None, causal=True, depth_chun
 def _backward_impl(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
                    deterministic, backend):
     shape = check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
-    if shape.has_keys:
-        impl = dispatch.resolve(backend, q, shape, (q, k, v, depth_k, depth_v))
-        sc = default_scale(shape.head_dim, scale)
-        grads = impl.backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, sc, causal, depth_chunk,
-                              deterministic)
-    else:  # nothing was visible: the output is a constant 0
-        grads = (torch.zeros_like(q), None, None, torch.zeros_like(depth_k), torch.zeros_like(depth_v))
+    impl = dispatch.resolve(backend, q, shape, (q, k, v, depth_k, depth_v))
+    sc = default_scale(shape.head_dim, scale)
+    grads = impl.backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, sc, causal, depth_chunk,
+                          deterministic)
     # The schema returns Tensors only: an absent input gets an empty placeholder.
     return tuple(q.new_empty(0) if g is None else g.contiguous() for g in grads)
 

@@ -162,3 +162,15 @@ def test_info_reports_backends(capsys):
     report = moda_cuda.info()
     assert report["backends"]["reference"] == "available"
     assert "reference" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+def test_depth_only_without_depth_through_the_op(backend):
+    """Nothing is visible: out 0, lse -inf, zero gradients, whichever backend was asked for."""
+    case = Case(T=5, D=8, L=0, seq=False)
+    q, _, _, dk, dv = make_inputs(case, torch.float32)
+    leaves = [t.requires_grad_() for t in (q, dk, dv)]
+    out, lse = moda_cuda.moda_attention(leaves[0], None, None, leaves[1], leaves[2], return_lse=True, backend=backend)
+    assert torch.equal(out, torch.zeros_like(q)) and torch.isneginf(lse).all()
+    grads = torch.autograd.grad(out.sum(), leaves)
+    assert all(torch.equal(g, torch.zeros_like(t)) for g, t in zip(grads, leaves))
