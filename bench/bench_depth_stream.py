@@ -145,6 +145,21 @@ def analytic_depth_bytes(a: argparse.Namespace, variant: str, itemsize: int) -> 
     return 0
 
 
+def kernel_profile(stack: Stack, variant: str, top: int = 6) -> List[Dict]:
+    """CUDA time per kernel name over one no-grad forward of ``variant``, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        stack.forward(variant)  # warm: compiles and autotunes outside the trace
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            stack.forward(variant)
+            torch.cuda.synchronize()
+    rows = [{"kernel": e.key[:70], "calls": e.count, "cuda_ms": e.device_time_total / 1e3}
+            for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r["cuda_ms"])[:top]
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON")
@@ -164,6 +179,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup-ms", type=int, default=300, help="do_bench warmup budget (ms)")
     p.add_argument("--rep-ms", type=int, default=2000, help="do_bench measuring budget (ms)")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--profile", action="store_true",
+                   help="also print each variant's top CUDA kernels of one no-grad forward (torch.profiler)")
     a = p.parse_args(argv)
     if a.smoke:
         a.device = "cpu" if a.device == "auto" else a.device
@@ -204,6 +221,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             held, base = row["held_after_forward_bytes"], rows["none"]["held_after_forward_bytes"]
             row["depth_state_bytes_measured"] = None if held is None else held - base
 
+    profiles = {v: kernel_profile(stack, v) for v in variants} if a.profile and device.type == "cuda" else {}
+
     summary = {}
     if "stream" in rows and "stack" in rows:
         s, k = rows["stream"], rows["stack"]
@@ -228,6 +247,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         "correctness": check,
         "variants": rows,
         "summary": summary,
+        "kernel_profile": profiles,
     }
     name = a.name or ("depth_stream_smoke" if a.smoke else "depth_stream")
     a.out.mkdir(parents=True, exist_ok=True)
@@ -244,6 +264,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
               f"{mib(r['depth_state_bytes_analytic']):>9}")
     for key, value in {**summary, **check}.items():
         print(f"{key}: {value:.3g}")
+    for v, prof in profiles.items():
+        print(f"{v}: " + "; ".join(f"{r['kernel']} x{r['calls']} {r['cuda_ms']:.2f} ms" for r in prof))
     print(f"wrote {path}")
     return report
 

@@ -32,7 +32,7 @@ step() {  # name, command...: run, log, remember failures, print the tail
 want tests && step tests env MODA_TRITON_TUNING=off python3 -m pytest -q -n 12 -p no:benchmark \
     tests/test_cuda.py tests/test_triton_kernels.py tests/test_op.py tests/test_cli.py
 want bench && step bench python3 bench/bench_moda.py --breakdown --out "$out"
-want stream && step stream env MODA_TRITON_TUNING=off python3 bench/bench_depth_stream.py --out "$out"
+want stream && step stream env MODA_TRITON_TUNING=off python3 bench/bench_depth_stream.py --profile --out "$out"
 want lm && step lm torchrun --standalone --nproc_per_node=1 examples/train_lm.py --minutes "$lm_minutes" \
     --out "$out/lm"
 want ncu && step ncu python3 bench/profile_ncu.py --backend triton --shape 1,16384,64,8,64,64 --out "$out"
