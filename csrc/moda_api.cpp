@@ -1,0 +1,109 @@
+// Python binding of the CUDA kernels: checks torch tensors, fills the plain parameter
+// structs, launches on the current stream. The kernels never see a torch type.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "moda_params.h"
+
+#ifndef MODA_COMPILED_ARCHS
+#define MODA_COMPILED_ARCHS "sm_90a"
+#endif
+
+namespace {
+
+void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t dim) {
+    TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+    TORCH_CHECK(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device());
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " has dtype ", t.scalar_type(), " but q has ",
+                q.scalar_type());
+    TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim());
+    TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
+}
+
+void fwd(const at::Tensor& q, const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
+         const std::optional<at::Tensor>& depth_k, const std::optional<at::Tensor>& depth_v, at::Tensor& out,
+         at::Tensor& lse, double scale, bool causal, int64_t depth_chunk) {
+    check_tensor(q, "q", q, 4);
+    TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                "the CUDA kernel takes float16 or bfloat16, got ", q.scalar_type());
+    TORCH_CHECK(k.has_value() == v.has_value(), "k and v must be given together");
+    TORCH_CHECK(depth_k.has_value() == depth_v.has_value(), "depth_k and depth_v must be given together");
+    check_tensor(out, "out", q, 4);
+    TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape");
+    TORCH_CHECK(lse.is_cuda() && lse.scalar_type() == at::kFloat && lse.is_contiguous(),
+                "lse must be a contiguous float32 CUDA tensor");
+
+    moda::FwdParams p{};
+    p.dtype = q.scalar_type() == at::kBFloat16 ? moda::DType::kBFloat16 : moda::DType::kFloat16;
+    p.batch = q.size(0);
+    p.seqlen = q.size(1);
+    p.q_heads = q.size(2);
+    p.head_dim = q.size(3);
+    p.causal = causal;
+    p.depth_chunk = depth_chunk;
+    p.scale = static_cast<float>(scale);
+    p.q = q.data_ptr();
+    p.q_batch_stride = q.stride(0);
+    p.q_seq_stride = q.stride(1);
+    p.q_head_stride = q.stride(2);
+    p.out = out.data_ptr();
+    p.out_batch_stride = out.stride(0);
+    p.out_seq_stride = out.stride(1);
+    p.out_head_stride = out.stride(2);
+    p.lse = lse.data_ptr<float>();
+    TORCH_CHECK(lse.numel() == q.size(0) * q.size(2) * q.size(1), "lse must have shape [B, Hq, T]");
+
+    p.has_seq = k.has_value();
+    if (p.has_seq) {
+        check_tensor(*k, "k", q, 4);
+        check_tensor(*v, "v", q, 4);
+        TORCH_CHECK(k->sizes() == v->sizes(), "k and v must have the same shape");
+        p.kv_heads = k->size(2);
+        p.k = k->data_ptr();
+        p.v = v->data_ptr();
+        p.k_batch_stride = k->stride(0), p.k_seq_stride = k->stride(1), p.k_head_stride = k->stride(2);
+        p.v_batch_stride = v->stride(0), p.v_seq_stride = v->stride(1), p.v_head_stride = v->stride(2);
+    }
+    if (depth_k.has_value()) {
+        check_tensor(*depth_k, "depth_k", q, 5);
+        check_tensor(*depth_v, "depth_v", q, 5);
+        TORCH_CHECK(depth_k->sizes() == depth_v->sizes(), "depth_k and depth_v must have the same shape");
+        p.kv_heads = depth_k->size(3);
+        p.depth = depth_k->size(2);
+        if (p.depth > 0) {
+            p.depth_k = depth_k->data_ptr();
+            p.depth_v = depth_v->data_ptr();
+        }
+        p.dk_batch_stride = depth_k->stride(0), p.dk_seq_stride = depth_k->stride(1);
+        p.dk_slot_stride = depth_k->stride(2), p.dk_head_stride = depth_k->stride(3);
+        p.dv_batch_stride = depth_v->stride(0), p.dv_seq_stride = depth_v->stride(1);
+        p.dv_slot_stride = depth_v->stride(2), p.dv_head_stride = depth_v->stride(3);
+    }
+    TORCH_CHECK(p.has_seq || depth_k.has_value(), "give k/v, depth_k/depth_v, or both");
+
+    c10::cuda::CUDAGuard guard(q.device());
+    const char* error = moda::run_fwd(p, at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(error[0] == '\0', "moda_cuda CUDA forward: ", error);
+}
+
+std::vector<std::string> compiled_archs() { return {MODA_COMPILED_ARCHS}; }
+
+std::string cuda_version() {
+    return std::to_string(CUDA_VERSION / 1000) + "." + std::to_string(CUDA_VERSION % 1000 / 10);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.doc() = "moda_cuda CUDA kernels (Hopper)";
+    m.def("fwd", &fwd, "MoDA forward: writes out [B, T, Hq, D] and lse [B, Hq, T] (natural log)", py::arg("q"),
+          py::arg("k"), py::arg("v"), py::arg("depth_k"), py::arg("depth_v"), py::arg("out"), py::arg("lse"),
+          py::arg("scale"), py::arg("causal"), py::arg("depth_chunk"));
+    m.def("compiled_archs", &compiled_archs, "GPU architectures the kernels were compiled for");
+    m.def("cuda_version", &cuda_version, "CUDA toolkit version the extension was built with");
+}

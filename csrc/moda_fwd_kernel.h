@@ -1,0 +1,380 @@
+// MoDA forward for Hopper (sm_90a): TMA loads on an mbarrier pipeline, wgmma, one producer
+// warpgroup and two consumer warpgroups.
+//
+// One CTA owns kBlockM = 128 G-folded query rows of one (batch, kv head): folded row
+// R = t * G + g is query head hk * G + g at position t, so the CTA covers the 128 / G
+// positions [t_lo, t_hi] with all their G heads, and every key/value tile it loads serves all
+// G heads at once. Consumer warpgroup w owns rows [64 w, 64 w + 64).
+//
+// The CTA walks one list of key tiles into ONE online softmax:
+//   1. sequence tiles, last (causal diagonal, masked) first, then the fully visible ones;
+//   2. depth tiles: the contiguous block of depth rows its own positions (and their depth
+//      chunks) wrote. A depth tile is a [Tb positions x Lb slots] box of the depth tensor
+//      (Lb = L rounded up to a power of two, capped at kBlockN; Tb = kBlockN / Lb), so it
+//      reads only rows this CTA can see. A warpgroup skips the matmuls of a depth tile that
+//      none of its rows can see (with G = 8, half of them), and of causal sequence tiles
+//      that lie wholly after its rows.
+// The producer issues every tile through the same two pipelines (K, then V), so the
+// consumers see a single stream of [kBlockN x D] tiles whatever their source.
+#pragma once
+
+#include <cuda.h>
+
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "moda_fwd_traits.h"
+
+namespace moda {
+
+using namespace cute;
+
+// Everything the kernel reads, passed by value as a __grid_constant__ parameter (the TMA
+// unit reads the tensor maps straight from parameter space).
+struct FwdKernelParams {
+    // Five-dimensional maps, innermost first (moda_fwd_launch.h builds them):
+    CUtensorMap tma_q;   // q as [D, G, Hk, T, B]; box [64, G, 1, 128 / G, 1] -> rows t * G + g
+    CUtensorMap tma_k;   // k as [D, Hk, T, B, 1]; box [64, 1, kBlockN, 1, 1]
+    CUtensorMap tma_v;
+    CUtensorMap tma_dk;  // depth_k as [D, Hk, L, T, B]; box [64, 1, Lb, Tb, 1] -> rows t * Lb + l
+    CUtensorMap tma_dv;
+    void* out;
+    float* lse;
+    int64_t out_batch_stride, out_seq_stride, out_head_stride;
+    int seqlen, kv_heads, group, depth, depth_chunk;
+    int depth_box_slots;      // Lb
+    int depth_box_slots_log2;
+    int depth_box_positions;  // Tb
+    int depth_slot_blocks;    // ceil(L / Lb)
+    int num_m_blocks;
+    int has_seq;
+    float scale_log2;         // softmax scale * log2(e): scores are exponentiated with exp2
+};
+
+// The list of key tiles one CTA walks; producer and consumers derive it identically.
+struct TileSchedule {
+    int n_seq;         // sequence tiles, walked from n_seq - 1 down to 0
+    int first_masked;  // sequence tiles >= this one need the causal / ragged-end mask
+    int n_depth;       // depth tiles after them
+    int s_lo, s_hi;    // depth rows of positions [s_lo, s_hi) may be visible
+
+    template <bool kCausal, int kBlockN>
+    __device__ static TileSchedule make(FwdKernelParams const& p, int t_lo, int t_hi) {
+        TileSchedule s{};
+        if (p.has_seq) {
+            int seq_end = kCausal ? t_hi + 1 : p.seqlen;
+            s.n_seq = (seq_end + kBlockN - 1) / kBlockN;
+            s.first_masked = kCausal ? (t_lo + 1) / kBlockN : p.seqlen / kBlockN;
+        }
+        if (p.depth > 0) {
+            int C = p.depth_chunk;
+            s.s_lo = t_lo / C * C;
+            s.s_hi = kCausal ? t_hi + 1 : min((t_hi / C + 1) * C, p.seqlen);
+            int position_blocks = (s.s_hi - s.s_lo + p.depth_box_positions - 1) / p.depth_box_positions;
+            s.n_depth = position_blocks * p.depth_slot_blocks;
+        }
+        return s;
+    }
+    __device__ int size() const { return n_seq + n_depth; }
+};
+
+// Depth tile d of a schedule: first position and first slot of its box.
+struct DepthTile {
+    int s0, l0;
+    __device__ DepthTile(FwdKernelParams const& p, TileSchedule const& sched, int d)
+        : s0(sched.s_lo + d / p.depth_slot_blocks * p.depth_box_positions),
+          l0(d % p.depth_slot_blocks * p.depth_box_slots) {}
+};
+
+// May a query at position t read the depth rows written at position s?
+template <bool kCausal>
+__device__ __forceinline__ bool depth_visible(int t, int s, int chunk) {
+    if (chunk == 1) return s == t;
+    return s / chunk == t / chunk && (!kCausal || s <= t);
+}
+
+// Could any query at positions [t0, t1] read depth rows of positions [s0, s1]? (May answer
+// yes when the answer is no; never the reverse.)
+template <bool kCausal>
+__device__ __forceinline__ bool depth_block_visible(int t0, int t1, int s0, int s1, int chunk) {
+    if (chunk == 1) return max(s0, t0) <= min(s1, t1);
+    return s0 / chunk <= t1 / chunk && s1 / chunk >= t0 / chunk && (!kCausal || s0 <= t1);
+}
+
+template <int N, int D, class Element>
+__device__ __forceinline__ void tma_load_rows(CUtensorMap const* map, uint64_t* bar, Element* smem, int c1, int c2,
+                                              int c3, int c4) {
+    // One box per 64 head-dim columns; box j lands kRows x 64 elements after box j-1.
+    constexpr uint64_t kHint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < D / 64; ++j) {
+        SM90_TMA_LOAD_5D::copy(map, bar, kHint, smem + j * N * 64, j * 64, c1, c2, c3, c4);
+    }
+}
+
+// C (+)= A * B on one warpgroup's wgmma; B from shared memory, A from shared memory
+// (descriptors) or, with kRegisterA, from registers (which then need their own fences).
+template <bool kZeroInit, bool kRegisterA, class TiledMma, class TA, class TB, class TC>
+__device__ __forceinline__ void wgmma(TiledMma& mma, TA const& a, TB const& b, TC& c) {
+    if constexpr (kRegisterA) warpgroup_fence_operand(const_cast<TA&>(a));
+    warpgroup_fence_operand(c);
+    warpgroup_arrive();
+    if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTLASS_PRAGMA_UNROLL
+    for (int k = 0; k < size<2>(a); ++k) {
+        cute::gemm(mma, a(_, _, k), b(_, _, k), c);
+        mma.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(c);
+    if constexpr (kRegisterA) warpgroup_fence_operand(const_cast<TA&>(a));
+}
+
+template <class T>
+__device__ __forceinline__ T quad_allreduce_max(T x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+}
+
+template <class T>
+__device__ __forceinline__ T quad_allreduce_sum(T x) {
+    x += __shfl_xor_sync(0xffffffff, x, 1);
+    return x + __shfl_xor_sync(0xffffffff, x, 2);
+}
+
+// Register fragments of wgmma accumulators hold, per thread, two rows (lane / 4 and
+// lane / 4 + 8 of its warp's 16) and pairs of adjacent columns: flat element i is row half
+// (i >> 1) & 1, column 8 (i >> 2) + 2 (lane % 4) + (i & 1).
+__device__ __forceinline__ int frag_row_half(int i) { return (i >> 1) & 1; }
+__device__ __forceinline__ int frag_col(int i, int lane) { return 8 * (i >> 2) + 2 * (lane & 3) + (i & 1); }
+
+template <class Traits, bool kCausal>
+__global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_constant__ const FwdKernelParams p) {
+    using Element = typename Traits::Element;
+    using Pipeline = typename Traits::Pipeline;
+    using PipelineState = typename Pipeline::PipelineState;
+    using Barrier = cutlass::arch::ClusterTransactionBarrier;
+    constexpr int kBlockM = Traits::kBlockM;
+    constexpr int kBlockN = Traits::kBlockN;
+    constexpr int kHeadDim = Traits::kHeadDim;
+
+    extern __shared__ __align__(1024) char smem_raw[];
+    auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
+
+    const int warp_group = threadIdx.x / 128;
+    const int m_block = p.num_m_blocks - 1 - blockIdx.x;  // heaviest causal blocks first
+    const int hk = blockIdx.y;
+    const int batch = blockIdx.z;
+    const int G = p.group;
+    const int row0 = m_block * kBlockM;
+    const int t_lo = row0 / G;
+    const int t_hi = min((row0 + kBlockM - 1) / G, p.seqlen - 1);
+    const TileSchedule sched = TileSchedule::make<kCausal, kBlockN>(p, t_lo, t_hi);
+
+    // Pipelines: the producer thread arrives on "full" with the tile's byte count, TMA
+    // completes it; all 256 consumer threads arrive on "empty" when done with a stage.
+    typename Pipeline::Params pipe_params;
+    pipe_params.transaction_bytes = Traits::kTileBytes;
+    pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+    pipe_params.is_leader = threadIdx.x == 0;
+    pipe_params.num_consumers = 128 * Traits::kConsumerWGs;
+    Pipeline pipe_k(smem.pipe_k, pipe_params, Shape<_1, _1, _1>{});
+    Pipeline pipe_v(smem.pipe_v, pipe_params, Shape<_1, _1, _1>{});
+    if (threadIdx.x == 0) {
+        Barrier::init(&smem.q_full, 1);
+        cutlass::arch::fence_barrier_init();
+    }
+    __syncthreads();
+
+    Element* sQ_ptr = smem.q.data();
+    Element* sK_ptr = smem.k.data();
+    Element* sV_ptr = smem.v.data();
+
+    if (warp_group == 0) {
+        // ------------------------------------------------------------------ producer
+        cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
+        if (threadIdx.x != 0) return;
+        prefetch_tma_descriptor(&p.tma_q);
+        if (p.has_seq) {
+            prefetch_tma_descriptor(&p.tma_k);
+            prefetch_tma_descriptor(&p.tma_v);
+        }
+        if (p.depth > 0) {
+            prefetch_tma_descriptor(&p.tma_dk);
+            prefetch_tma_descriptor(&p.tma_dv);
+        }
+        Barrier::arrive_and_expect_tx(&smem.q_full, Traits::kQBytes);
+        tma_load_rows<kBlockM, kHeadDim>(&p.tma_q, &smem.q_full, sQ_ptr, 0, hk, t_lo, batch);
+
+        PipelineState write = cutlass::make_producer_start_state<Pipeline>();
+        for (int i = 0; i < sched.size(); ++i) {
+            const int stage_offset = write.index() * kBlockN * kHeadDim;
+            const bool is_seq = i < sched.n_seq;
+            const int n = sched.n_seq - 1 - i;
+            const DepthTile dt(p, sched, i - sched.n_seq);
+            pipe_k.producer_acquire(write);
+            if (is_seq) {
+                tma_load_rows<kBlockN, kHeadDim>(&p.tma_k, pipe_k.producer_get_barrier(write), sK_ptr + stage_offset,
+                                                 hk, n * kBlockN, batch, 0);
+            } else {
+                tma_load_rows<kBlockN, kHeadDim>(&p.tma_dk, pipe_k.producer_get_barrier(write),
+                                                 sK_ptr + stage_offset, hk, dt.l0, dt.s0, batch);
+            }
+            pipe_v.producer_acquire(write);
+            if (is_seq) {
+                tma_load_rows<kBlockN, kHeadDim>(&p.tma_v, pipe_v.producer_get_barrier(write), sV_ptr + stage_offset,
+                                                 hk, n * kBlockN, batch, 0);
+            } else {
+                tma_load_rows<kBlockN, kHeadDim>(&p.tma_dv, pipe_v.producer_get_barrier(write),
+                                                 sV_ptr + stage_offset, hk, dt.l0, dt.s0, batch);
+            }
+            ++write;
+        }
+        return;
+    }
+
+    // ---------------------------------------------------------------------- consumers
+    cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
+    const int tid = threadIdx.x - 128;  // 0..255 over both consumer warpgroups
+    const int wg = tid / 128;
+    const int lane = tid % 32;
+
+    typename Traits::TiledMmaQK mma_qk;
+    typename Traits::TiledMmaPV mma_pv;
+    auto thr_qk = mma_qk.get_thread_slice(tid);
+    auto thr_pv = mma_pv.get_thread_slice(tid);
+    Tensor sQ = make_tensor(make_smem_ptr(sQ_ptr), typename Traits::SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(sK_ptr), typename Traits::SmemLayoutKV{});
+    Tensor sVt = make_tensor(make_smem_ptr(sV_ptr), typename Traits::SmemLayoutVt{});
+    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // smem descriptors
+    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, N, K, stage)
+    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, D, K, stage)
+    Tensor tSrS = partition_fragment_C(mma_qk, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+    // P as the register A operand of the PV wgmma: same flat order as the S accumulator,
+    // grouped by k = 16 columns (see frag_row_half / frag_col).
+    Tensor tOrP = make_tensor<Element>(Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>{});
+    clear(tOrO);
+
+    // This thread's two rows and their positions; this warpgroup's positions.
+    int t_row[2];
+    CUTLASS_PRAGMA_UNROLL
+    for (int h = 0; h < 2; ++h) t_row[h] = (row0 + wg * 64 + (tid % 128) / 32 * 16 + lane / 4 + 8 * h) / G;
+    const int wg_t_lo = (row0 + wg * 64) / G;
+    const int wg_t_hi = min((row0 + wg * 64 + 63) / G, p.seqlen - 1);
+    const bool wg_has_rows = wg_t_lo < p.seqlen;
+
+    float row_max[2] = {-INFINITY, -INFINITY};
+    float row_sum[2] = {0.f, 0.f};  // this thread's partial sums; reduced over the quad at the end
+    const float scale_log2 = p.scale_log2;
+
+    Barrier::wait(&smem.q_full, 0);
+    PipelineState read;
+    for (int i = 0; i < sched.size(); ++i) {
+        const int stage = read.index();
+        const bool is_seq = i < sched.n_seq;
+        const int n = sched.n_seq - 1 - i;
+        const DepthTile dt(p, sched, i - sched.n_seq);
+        bool active = wg_has_rows;
+        if (is_seq) {
+            if (kCausal) active &= n * kBlockN <= wg_t_hi;
+        } else {
+            const int s_last = min(dt.s0 + p.depth_box_positions, sched.s_hi) - 1;
+            active &= depth_block_visible<kCausal>(wg_t_lo, wg_t_hi, dt.s0, s_last, p.depth_chunk);
+        }
+
+        pipe_k.consumer_wait(read);
+        if (active) wgmma<true, false>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
+        pipe_k.consumer_release(read);
+
+        if (active) {
+            // Mask: sequence tiles on the diagonal / ragged end, and every depth tile.
+            if (!is_seq || n >= sched.first_masked) {
+                CUTLASS_PRAGMA_UNROLL
+                for (int e = 0; e < size(tSrS); ++e) {
+                    const int c = frag_col(e, lane);
+                    const int t = t_row[frag_row_half(e)];
+                    bool ok;
+                    if (is_seq) {
+                        const int s = n * kBlockN + c;
+                        ok = s < p.seqlen && (!kCausal || s <= t);
+                    } else {
+                        const int s = dt.s0 + (c >> p.depth_box_slots_log2);
+                        const int l = dt.l0 + (c & (p.depth_box_slots - 1));
+                        ok = l < p.depth && s < sched.s_hi && depth_visible<kCausal>(t, s, p.depth_chunk);
+                    }
+                    if (!ok) tSrS(e) = -INFINITY;
+                }
+            }
+            // Online softmax in base 2: running max m (raw score units), running sum l.
+            float tile_max[2] = {row_max[0], row_max[1]};
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < size(tSrS); ++e) {
+                tile_max[frag_row_half(e)] = fmaxf(tile_max[frag_row_half(e)], tSrS(e));
+            }
+            float offset[2], alpha[2];
+            CUTLASS_PRAGMA_UNROLL
+            for (int h = 0; h < 2; ++h) {
+                tile_max[h] = quad_allreduce_max(tile_max[h]);
+                // A row that has seen only masked scores keeps max -inf: exponentiate against
+                // 0 instead so that exp2(-inf - -inf) never makes a NaN.
+                offset[h] = tile_max[h] == -INFINITY ? 0.f : tile_max[h] * scale_log2;
+                alpha[h] = exp2f(row_max[h] * scale_log2 - offset[h]);
+                row_max[h] = tile_max[h];
+                row_sum[h] *= alpha[h];
+            }
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < size(tSrS); ++e) {
+                const int h = frag_row_half(e);
+                const float prob = exp2f(tSrS(e) * scale_log2 - offset[h]);
+                row_sum[h] += prob;
+                tOrP(e) = static_cast<Element>(prob);
+            }
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < size(tOrO); ++e) tOrO(e) *= alpha[frag_row_half(e)];
+        }
+
+        pipe_v.consumer_wait(read);
+        if (active) wgmma<false, true>(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
+        pipe_v.consumer_release(read);
+        ++read;
+    }
+
+    // ---------------------------------------------------------------------- epilogue
+    float inv_sum[2], lse[2];
+    CUTLASS_PRAGMA_UNROLL
+    for (int h = 0; h < 2; ++h) {
+        const float l = quad_allreduce_sum(row_sum[h]);
+        inv_sum[h] = l > 0.f ? 1.f / l : 0.f;
+        // Natural-log logsumexp of the scaled scores (-inf for a row that saw nothing).
+        lse[h] = l > 0.f ? (row_max[h] * scale_log2 + log2f(l)) * 0.6931471805599453f : -INFINITY;
+    }
+    Element* out = static_cast<Element*>(p.out);
+    CUTLASS_PRAGMA_UNROLL
+    for (int h = 0; h < 2; ++h) {
+        const int row = row0 + wg * 64 + (tid % 128) / 32 * 16 + lane / 4 + 8 * h;
+        const int t = row / G;
+        const int head = hk * G + row % G;
+        if (t >= p.seqlen) continue;
+        Element* dst = out + batch * p.out_batch_stride + t * p.out_seq_stride + head * p.out_head_stride;
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < size(tOrO); e += 4) {
+            // Elements e + 2h and e + 2h + 1 are this row's adjacent column pair: one 4-byte store.
+            cutlass::Array<Element, 2> pair;
+            pair[0] = static_cast<Element>(tOrO(e + 2 * h) * inv_sum[h]);
+            pair[1] = static_cast<Element>(tOrO(e + 2 * h + 1) * inv_sum[h]);
+            *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + frag_col(e, lane)) = pair;
+        }
+        if ((lane & 3) == 0) {
+            p.lse[(int64_t(batch) * p.kv_heads * G + head) * p.seqlen + t] = lse[h];
+        }
+    }
+}
+
+}  // namespace moda

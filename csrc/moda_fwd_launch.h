@@ -1,0 +1,103 @@
+// Host side of the Hopper forward: tensor maps, grid, shared memory, launch. Included by the
+// instantiation files (one element type and head dim each, compiled in parallel).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "moda_fwd_kernel.h"
+#include "moda_params.h"
+#include "tma_desc.h"
+
+namespace moda {
+
+// Tile sizes per head dim: kBlockN keys per stage, kStages stages (shared memory: q + 2 x
+// kStages x [kBlockN x D]).
+template <int D> struct FwdConfig;
+template <> struct FwdConfig<64> { static constexpr int kBlockN = 128, kStages = 3; };
+template <> struct FwdConfig<128> { static constexpr int kBlockN = 128, kStages = 2; };
+
+inline int next_power_of_two(int x) {
+    int p = 1;
+    while (p < x) p *= 2;
+    return p;
+}
+
+template <class Element, int D>
+std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
+    using Traits = FwdTraits<Element, D, FwdConfig<D>::kBlockN, FwdConfig<D>::kStages>;
+    constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+    constexpr uint64_t kElem = sizeof(Element);
+    const bool bf16 = a.dtype == DType::kBFloat16;
+    const int B = a.batch, T = a.seqlen, Hk = a.kv_heads, G = a.q_heads / a.kv_heads, L = a.depth;
+
+    FwdKernelParams p{};
+    std::string err;
+    // q as [D, G, Hk, T, B]: a box of G heads x 128/G positions is 128 consecutive folded rows.
+    err = make_tensor_map<5>(&p.tma_q, bf16, a.q, {uint64_t(D), uint64_t(G), uint64_t(Hk), uint64_t(T), uint64_t(B)},
+                             {a.q_head_stride * kElem, a.q_head_stride * G * kElem, a.q_seq_stride * kElem,
+                              a.q_batch_stride * kElem},
+                             {64, uint32_t(G), 1, uint32_t(kBlockM / G), 1});
+    if (!err.empty()) return "q: " + err;
+    if (a.has_seq) {
+        const void* kv[2] = {a.k, a.v};
+        const int64_t strides[2][3] = {{a.k_head_stride, a.k_seq_stride, a.k_batch_stride},
+                                       {a.v_head_stride, a.v_seq_stride, a.v_batch_stride}};
+        CUtensorMap* maps[2] = {&p.tma_k, &p.tma_v};
+        for (int i = 0; i < 2; ++i) {
+            err = make_tensor_map<5>(maps[i], bf16, kv[i], {uint64_t(D), uint64_t(Hk), uint64_t(T), uint64_t(B), 1},
+                                     {strides[i][0] * kElem, strides[i][1] * kElem, strides[i][2] * kElem,
+                                      strides[i][2] * B * kElem},
+                                     {64, 1, uint32_t(kBlockN), 1, 1});
+            if (!err.empty()) return (i ? "v: " : "k: ") + err;
+        }
+    }
+    // Depth boxes: Lb slots (L rounded up to a power of two, at most kBlockN) of Tb positions.
+    const int Lb = L > 0 ? std::min(next_power_of_two(L), kBlockN) : 1;
+    if (L > 0) {
+        const void* dkv[2] = {a.depth_k, a.depth_v};
+        const int64_t strides[2][4] = {
+            {a.dk_head_stride, a.dk_slot_stride, a.dk_seq_stride, a.dk_batch_stride},
+            {a.dv_head_stride, a.dv_slot_stride, a.dv_seq_stride, a.dv_batch_stride}};
+        CUtensorMap* maps[2] = {&p.tma_dk, &p.tma_dv};
+        for (int i = 0; i < 2; ++i) {
+            err = make_tensor_map<5>(maps[i], bf16, dkv[i],
+                                     {uint64_t(D), uint64_t(Hk), uint64_t(L), uint64_t(T), uint64_t(B)},
+                                     {strides[i][0] * kElem, strides[i][1] * kElem, strides[i][2] * kElem,
+                                      strides[i][3] * kElem},
+                                     {64, 1, uint32_t(Lb), uint32_t(kBlockN / Lb), 1});
+            if (!err.empty()) return (i ? "depth_v: " : "depth_k: ") + err;
+        }
+    }
+
+    p.out = a.out;
+    p.lse = a.lse;
+    p.out_batch_stride = a.out_batch_stride;
+    p.out_seq_stride = a.out_seq_stride;
+    p.out_head_stride = a.out_head_stride;
+    p.seqlen = T;
+    p.kv_heads = Hk;
+    p.group = G;
+    p.depth = L;
+    p.depth_chunk = a.depth_chunk;
+    p.depth_box_slots = Lb;
+    p.depth_box_slots_log2 = __builtin_ctz(Lb);
+    p.depth_box_positions = kBlockN / Lb;
+    p.depth_slot_blocks = L > 0 ? (L + Lb - 1) / Lb : 0;
+    p.num_m_blocks = (T * G + kBlockM - 1) / kBlockM;
+    p.has_seq = a.has_seq;
+    p.scale_log2 = a.scale * 1.4426950408889634f;
+
+    const size_t smem = sizeof(typename Traits::SharedStorage);
+    auto kernel = a.causal ? &moda_fwd_kernel<Traits, true> : &moda_fwd_kernel<Traits, false>;
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
+    dim3 grid(p.num_m_blocks, Hk, B);
+    kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return std::string("kernel launch: ") + cudaGetErrorString(e);
+    return {};
+}
+
+}  // namespace moda

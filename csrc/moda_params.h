@@ -1,0 +1,45 @@
+// Plain description of one MoDA forward call: what the host launcher needs, no torch types.
+//
+// Layouts (strides in elements, last dimension contiguous):
+//   q, out  [B, T, Hq, D]      k, v  [B, T, Hk, D]      depth_k, depth_v  [B, T, L, Hk, D]
+//   lse     [B, Hq, T] float32, contiguous, natural log.
+// Query head h reads kv head h / G (G = Hq / Hk). A query at position t sees sequence keys
+// s <= t (causal) or all s, and the depth rows (s, l) with s in t's depth chunk
+// (s / C == t / C, and s <= t when causal); C = depth_chunk, C = 1 means its own position.
+#pragma once
+
+#include <cstdint>
+
+namespace moda {
+
+enum class DType { kFloat16, kBFloat16 };
+
+struct FwdParams {
+    DType dtype;
+    int batch, seqlen, q_heads, kv_heads, head_dim, depth;  // B, T, Hq, Hk, D, L
+    int depth_chunk;                                           // C >= 1
+    bool causal;
+    bool has_seq;    // false: depth-only (no k, v)
+    float scale;     // softmax scale applied to q.k
+
+    const void* q;
+    const void* k;        // null when !has_seq
+    const void* v;
+    const void* depth_k;  // null when depth == 0
+    const void* depth_v;
+    void* out;
+    float* lse;
+
+    int64_t q_batch_stride, q_seq_stride, q_head_stride;
+    int64_t k_batch_stride, k_seq_stride, k_head_stride;
+    int64_t v_batch_stride, v_seq_stride, v_head_stride;
+    int64_t dk_batch_stride, dk_seq_stride, dk_slot_stride, dk_head_stride;
+    int64_t dv_batch_stride, dv_seq_stride, dv_slot_stride, dv_head_stride;
+    int64_t out_batch_stride, out_seq_stride, out_head_stride;
+};
+
+// Returns an empty string on success, else what went wrong (unsupported input, CUDA error).
+// Launches on `stream` (a cudaStream_t passed as void* to keep this header CUDA-free).
+const char* run_fwd(const FwdParams& params, void* stream);
+
+}  // namespace moda
