@@ -1,13 +1,23 @@
 """Backend registry and selection: which implementation runs a given MoDA call.
 
-Order of preference for ``backend="auto"``: the Triton kernels for CUDA tensors, then the
-pure-PyTorch reference, which serves every valid input. ``auto`` never fails on a valid input
-because a fast path does not cover it: it falls back and warns once per reason. A backend
-named explicitly (argument or ``MODA_BACKEND``) that cannot serve the input raises.
+Backends, fastest first:
+
+* ``cuda`` -- the compiled Hopper kernels (``moda_cuda._C``, CUTLASS/CuTe): forward only so
+  far; its backward runs the Triton backward, which reads the same ``lse``. Needs the
+  extension built, a compute capability 9.0 device, float16/bfloat16, D in {64, 128},
+  G in {1, 2, 4, 8, 16}, L <= 256 and TMA-friendly layouts (see ``_cuda_refuses``).
+* ``triton`` -- the Triton kernels, forward and backward, on CUDA tensors.
+* ``reference`` -- pure PyTorch; serves every valid input.
+
+``backend="auto"`` tries cuda, then triton, then takes the reference. It never fails on a
+valid input because a fast path does not cover it: it takes the next one, and when that is
+the reference it warns once per reason (a refusal that another fast path absorbs is silent).
+A backend named explicitly (argument or ``MODA_BACKEND``) that cannot serve the input raises.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -16,6 +26,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from . import _cuda_ext
 from ._spec import MoDAShape
 from .reference import moda_attention_ref, moda_attention_ref_backward
 
@@ -26,13 +37,23 @@ _warned: set = set()
 
 @dataclass(frozen=True)
 class Backend:
-    """One implementation of the op. ``unavailable``/``refuses`` return a reason, or None."""
+    """One implementation of the op. ``unavailable``/``refuses`` return a reason, or None.
+
+    ``backward_by`` names the implementation behind ``backward`` when it is another
+    backend's (the cuda backend's backward is Triton's for now).
+    """
 
     name: str
     unavailable: Callable[[], Optional[str]]
     refuses: Callable[[torch.Tensor, MoDAShape, Tuple[Optional[torch.Tensor], ...]], Optional[str]]
     forward: Callable
     backward: Callable
+    backward_by: Optional[str] = None
+
+    @property
+    def backward_name(self) -> str:
+        """Which implementation computes the gradients of this backend's forward."""
+        return self.backward_by or self.name
 
 
 # ----------------------------------------------------------------------------- reference
@@ -66,6 +87,14 @@ def _triton_unavailable() -> Optional[str]:
     return None
 
 
+def _int32_offsets_refuse(tensors) -> Optional[str]:
+    for t in tensors:
+        # The Triton kernels offset the batch in int64 and everything inside one batch entry in int32.
+        if t is not None and sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) > _MAX_INT32:
+            return "one batch entry spans more than 2**31 elements (int32 offsets)"
+    return None
+
+
 def _triton_refuses(q: torch.Tensor, shape: MoDAShape, tensors) -> Optional[str]:
     if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
         return f"inputs are on {q.device.type}; the Triton kernels need CUDA tensors"
@@ -73,11 +102,7 @@ def _triton_refuses(q: torch.Tensor, shape: MoDAShape, tensors) -> Optional[str]
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32 are)"
     if shape.head_dim > 256:
         return f"head_dim {shape.head_dim} > 256"
-    for t in tensors:
-        # Kernels offset the batch in int64 and everything inside one batch entry in int32.
-        if t is not None and sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) > _MAX_INT32:
-            return "one batch entry spans more than 2**31 elements (int32 offsets)"
-    return None
+    return _int32_offsets_refuse(tensors)
 
 
 def _last_dim_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -104,10 +129,112 @@ def _triton_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, sc
 
 TRITON = Backend("triton", _triton_unavailable, _triton_refuses, _triton_forward, _triton_backward)
 
+# ----------------------------------------------------------------------------- cuda
+# What the compiled kernels (csrc/) accept; _cuda_refuses mirrors the checks of _C.fwd.
+
+CUDA_CAPABILITY = (9, 0)  # sm_90a: wgmma and TMA
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_HEAD_DIMS = (64, 128)
+CUDA_GROUPS = (1, 2, 4, 8, 16)
+CUDA_MAX_DEPTH = 256
+_TMA_ALIGN_BYTES = 16
+_TMA_STRIDE_ELEMS = 8  # 16 bytes of float16/bfloat16
+_TENSOR_NAMES = ("q", "k", "v", "depth_k", "depth_v")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability_of(index: int) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _device_capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    """Compute capability of a CUDA device; None for any other device type."""
+    if device.type != "cuda":
+        return None
+    return _cuda_capability_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _capability_reason(cap: Tuple[int, int], where: str) -> Optional[str]:
+    if tuple(cap) == CUDA_CAPABILITY:
+        return None
+    return (f"{where} has compute capability {cap[0]}.{cap[1]}; the CUDA kernels are compiled for "
+            f"{CUDA_CAPABILITY[0]}.{CUDA_CAPABILITY[1]} (sm_90a) only")
+
+
+def _cuda_unavailable() -> Optional[str]:
+    if _cuda_ext.load() is None:
+        return f"the CUDA extension moda_cuda._C is {_cuda_ext.load_error()}" \
+            if _cuda_ext.load_error() == _cuda_ext.NOT_BUILT else f"moda_cuda._C {_cuda_ext.load_error()}"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return _capability_reason(_device_capability(torch.device("cuda")), f"device {torch.cuda.get_device_name()}")
+
+
+def _layout_refuses(name: str, t: torch.Tensor) -> Optional[str]:
+    if t.stride(-1) != 1:
+        return f"{name} has stride {t.stride(-1)} in its last dim; the CUDA kernel needs it contiguous (TMA)"
+    bad = [st for st in t.stride()[:-1] if st % _TMA_STRIDE_ELEMS != 0]
+    if bad:
+        return (f"{name} has strides {tuple(t.stride())}; the CUDA kernel needs every stride but the last to be a "
+                f"multiple of {_TMA_STRIDE_ELEMS} elements (16 bytes, TMA)")
+    if t.data_ptr() % _TMA_ALIGN_BYTES != 0:
+        return f"{name}'s data pointer is not {_TMA_ALIGN_BYTES}-byte aligned (TMA)"
+    return None
+
+
+def _cuda_refuses(q: torch.Tensor, shape: MoDAShape, tensors) -> Optional[str]:
+    cap = _device_capability(q.device)
+    if cap is None:
+        return f"inputs are on {q.device.type}; the CUDA kernels need CUDA tensors"
+    reason = _capability_reason(cap, f"device {q.device}")
+    if reason:
+        return reason
+    if q.dtype not in CUDA_DTYPES:
+        return f"dtype {q.dtype} is not supported by the CUDA kernel (float16, bfloat16 are)"
+    if shape.head_dim not in CUDA_HEAD_DIMS:
+        return (f"head_dim {shape.head_dim} is not compiled for the CUDA kernel "
+                f"({', '.join(map(str, CUDA_HEAD_DIMS))} are)")
+    if shape.group not in CUDA_GROUPS:
+        return (f"G = Hq/Hk = {shape.group} is not compiled for the CUDA kernel "
+                f"({', '.join(map(str, CUDA_GROUPS))} are)")
+    if shape.depth > CUDA_MAX_DEPTH:
+        return f"depth L = {shape.depth} > {CUDA_MAX_DEPTH}, the CUDA kernel's maximum"
+    if shape.seqlen < 1:
+        return f"T = {shape.seqlen}; the CUDA kernel needs T >= 1"
+    for name, t in zip(_TENSOR_NAMES, tensors):
+        if t is not None:
+            reason = _layout_refuses(name, t)
+            if reason:
+                return reason
+    # The backward is the Triton one for now: refuse what it cannot take, too.
+    return _int32_offsets_refuse(tensors)
+
+
+def _cuda_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk):
+    ext = _cuda_ext.load()
+    B, T, Hq, D = q.shape
+    out = torch.empty((B, T, Hq, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
+    ext.fwd(q, k, v, depth_k, depth_v, out, lse, float(scale), bool(causal), int(depth_chunk))
+    return out, lse
+
+
+def _cuda_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
+                   deterministic):
+    # No CUDA backward yet: the Triton backward consumes the CUDA forward's out and lse as they are.
+    reason = _triton_unavailable()
+    if reason:
+        raise RuntimeError(f"the cuda backend's backward runs the Triton kernels, which are unavailable: {reason}")
+    return _triton_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
+                            deterministic)
+
+
+CUDA = Backend("cuda", _cuda_unavailable, _cuda_refuses, _cuda_forward, _cuda_backward, backward_by="triton")
+
 # ----------------------------------------------------------------------------- selection
 
-BACKENDS = {b.name: b for b in (TRITON, REFERENCE)}
-_AUTO_ORDER = (TRITON,)  # fast paths tried before the reference, fastest first
+BACKENDS = {b.name: b for b in (CUDA, TRITON, REFERENCE)}
+_AUTO_ORDER = (CUDA, TRITON)  # fast paths tried before the reference, fastest first
 
 
 def available_backends() -> list:
@@ -149,12 +276,15 @@ def resolve(requested: str, q: torch.Tensor, shape: MoDAShape, tensors) -> Backe
         return backend
     if not q.is_cuda:  # the fast paths are GPU kernels (the Triton interpreter is for testing only)
         return REFERENCE
+    refusals = []
     for backend in _AUTO_ORDER:
         if backend.unavailable() is not None:
             continue
         reason = backend.refuses(q, shape, tensors)
         if reason is None:
-            return backend
-        _warn_once((backend.name, reason), f"moda_cuda: {backend.name} backend skipped ({reason}); "
-                                           "falling back to the reference implementation")
+            return backend  # a faster path's refusal is no news when another fast path serves
+        refusals.append((backend.name, reason))
+    for name, reason in refusals:
+        _warn_once((name, reason), f"moda_cuda: {name} backend skipped ({reason}); "
+                                   "falling back to the reference implementation")
     return REFERENCE
