@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import dispatch
+from . import _cuda_ext, dispatch
 from ._spec import check_inputs
 from ._version import __version__
 
@@ -22,8 +22,33 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def _backend_for(shape: Sequence[int], dtype: str) -> str:
-    """Which backend ``backend="auto"`` picks for a problem of this shape on this machine."""
+def _package_version() -> str:
+    """The installed distribution's version (with its local tag, e.g. ``+cu130torch2.11``)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return __version__
+    try:
+        installed = version("moda_cuda")
+    except PackageNotFoundError:
+        return __version__
+    # A distribution of another checkout may be visible: trust it only if it is this version.
+    return installed if installed.split("+")[0] == __version__ else __version__
+
+
+def _cuda_extension() -> dict:
+    if _cuda_ext.load() is None:
+        return {"cuda extension": _cuda_ext.load_error(), "cuda extension archs": "-",
+                "cuda extension built with": "-"}
+    return {
+        "cuda extension": "built",
+        "cuda extension archs": ", ".join(_cuda_ext.compiled_archs()) or "-",
+        "cuda extension built with": f"CUDA {_cuda_ext.cuda_version()}",
+    }
+
+
+def _backend_for(shape: Sequence[int], dtype: str) -> dispatch.Backend:
+    """The backend ``backend="auto"`` picks for a problem of this shape on this machine."""
     B, T, Hq, Hk, D, L = shape
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = dict(device="meta", dtype=getattr(torch, dtype))
@@ -34,17 +59,19 @@ def _backend_for(shape: Sequence[int], dtype: str) -> str:
     # The policy looks at q's device and dtype and at every tensor's extent: a one-element
     # tensor stands in for q on the real device, meta tensors for the rest of the problem.
     q_dev = torch.empty(1, device=device, dtype=q.dtype)
-    return dispatch.resolve("auto", q_dev, spec, (q, k, k, dk, dk)).name
+    return dispatch.resolve("auto", q_dev, spec, (q, k, k, dk, dk))
 
 
 def info(print_it: bool = True, shape: Optional[Sequence[int]] = None, dtype: str = "bfloat16") -> dict:
     """Versions, devices and backends; printed as a short report unless ``print_it=False``.
 
     With ``shape = (B, T, Hq, Hk, D, L)`` it also says which backend runs that problem
-    (forward and backward use the same one).
+    (``backend for ...``: the one dispatch picks, which runs the forward) and which
+    implementation computes its gradients (``backward for ...``; the cuda backend's backward
+    is the Triton one for now).
     """
     report = {
-        "moda_cuda": __version__,
+        "moda_cuda": _package_version(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda or "none",
@@ -53,10 +80,13 @@ def info(print_it: bool = True, shape: Optional[Sequence[int]] = None, dtype: st
         "backends": {
             name: (b.unavailable() or "available") for name, b in dispatch.BACKENDS.items()
         },
+        **_cuda_extension(),
         "MODA_BACKEND": os.environ.get(dispatch.ENV_VAR, "") or "(unset: auto)",
     }
     if shape is not None:
-        report[f"backend for {tuple(shape)} {dtype}"] = _backend_for(shape, dtype)
+        backend = _backend_for(shape, dtype)
+        report[f"backend for {tuple(shape)} {dtype}"] = backend.name
+        report[f"backward for {tuple(shape)} {dtype}"] = backend.backward_name
     if print_it:
         width = max(map(len, report))
         for key, value in report.items():
