@@ -84,7 +84,7 @@ def _cuda_extension(flags):
         name="moda_cuda._C",
         sources=sources,
         include_dirs=flags.include_dirs(ROOT, cutlass),
-        extra_compile_args={"cxx": flags.cxx_flags(cuda_version), "nvcc": flags.nvcc_flags(cuda_version)},
+        extra_compile_args={"cxx": flags.cxx_flags(), "nvcc": flags.nvcc_flags()},
     )
     torch_mm = ".".join(re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
     tag = f"cu{torch.version.cuda.replace('.', '')}torch{torch_mm}"

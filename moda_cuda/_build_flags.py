@@ -61,25 +61,19 @@ def ignored_archs(archs: str) -> List[str]:
     return [a for a in _arch_entries(archs) if a not in HOPPER_ARCHS]
 
 
-def define_flags(cuda_version: str) -> List[str]:
-    """Macros the binding reports through ``_C.compiled_archs()`` and ``_C.cuda_version()``.
-
-    Both are string literals (``MODA_COMPILED_ARCHS`` is comma-separated). Passed to the C++
-    compiler and to nvcc alike.
-    """
-    return [
-        f'-DMODA_COMPILED_ARCHS="{",".join(COMPILED_ARCHS)}"',
-        f'-DMODA_CUDA_VERSION="{cuda_version}"',
-    ]
+def define_flags() -> List[str]:
+    """``MODA_COMPILED_ARCHS``: a string literal (comma-separated) that ``_C.compiled_archs()``
+    reports. Passed to the C++ compiler and to nvcc alike."""
+    return [f'-DMODA_COMPILED_ARCHS="{",".join(COMPILED_ARCHS)}"']
 
 
-def nvcc_flags(cuda_version: str) -> List[str]:
+def nvcc_flags() -> List[str]:
     """Every nvcc flag of the build (besides include dirs and torch's own)."""
-    return NVCC_FLAGS + [GENCODE] + define_flags(cuda_version)
+    return NVCC_FLAGS + [GENCODE] + define_flags()
 
 
-def cxx_flags(cuda_version: str) -> List[str]:
-    return CXX_FLAGS + define_flags(cuda_version)
+def cxx_flags() -> List[str]:
+    return CXX_FLAGS + define_flags()
 
 
 def cutlass_include_dir() -> Optional[str]:

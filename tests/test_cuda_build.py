@@ -1,0 +1,95 @@
+"""Compile-only check of the CUDA sources (no GPU needed): nvcc on the host launcher and on
+one kernel instantiation, with the flags setup.py builds the extension with.
+
+nvcc missing is a failure, not a skip (a kernel that does not compile must never pass
+unnoticed); set MODA_ALLOW_NO_NVCC=1 to skip on a machine without the CUDA toolkit.
+"""
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.nvcc
+
+
+def _build_flags():
+    # The checkout's flag list, loaded by path: the same file setup.py loads.
+    spec = importlib.util.spec_from_file_location("_moda_build_flags", ROOT / "moda_cuda" / "_build_flags.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+flags = _build_flags()
+
+
+def _nvcc() -> str:
+    nvcc = shutil.which("nvcc")
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if nvcc is None and home and Path(home, "bin", "nvcc").is_file():
+        nvcc = str(Path(home, "bin", "nvcc"))
+    if nvcc is None:
+        if os.environ.get("MODA_ALLOW_NO_NVCC") == "1":
+            pytest.skip("nvcc not found (MODA_ALLOW_NO_NVCC=1)")
+        pytest.fail("nvcc not found on PATH (or in CUDA_HOME): the CUDA sources cannot be compile-checked. "
+                    "Install the CUDA toolkit, or set MODA_ALLOW_NO_NVCC=1 to skip this check.")
+    return nvcc
+
+
+def _cutlass() -> str:
+    include = flags.cutlass_include_dir()
+    if include is None:
+        pytest.fail("CUTLASS headers not found (the nvidia-cutlass pip package): run scripts/setup.sh")
+    return include
+
+
+def _torch_nvcc_flags():
+    # What torch's BuildExtension puts before ours (its __CUDA_NO_* macros, which ours undo).
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    return list(COMMON_NVCC_FLAGS) + ["--compiler-options", "-fPIC"]
+
+
+def _one_instantiation() -> Path:
+    files = [Path(p) for p in flags.sources(ROOT)["instantiations"]]
+    if not files:
+        pytest.fail(f"no kernel instantiations found: {ROOT / 'csrc' / 'instantiations'}/*.cu")
+    preferred = [f for f in files if re.search(r"bf16.*(?<!\d)64(?!\d)", f.name)]
+    return (preferred or files)[0]
+
+
+def _compile(source: Path, tmp_path: Path) -> None:
+    nvcc, cutlass = _nvcc(), _cutlass()
+    obj = tmp_path / (source.stem + ".o")
+    includes = [f"-I{d}" for d in flags.include_dirs(ROOT, cutlass)]
+    cmd = [nvcc, *_torch_nvcc_flags(), *flags.nvcc_flags(), *includes, "-c", str(source), "-o", str(obj)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, (f"nvcc failed on {source} (rc {res.returncode}):\n"
+                                 f"{' '.join(cmd)}\n{res.stderr[-20000:]}{res.stdout[-5000:]}")
+    assert obj.is_file() and obj.stat().st_size > 0
+
+
+def test_kernel_instantiation_compiles(tmp_path):
+    _compile(_one_instantiation(), tmp_path)
+
+
+def test_host_launcher_compiles(tmp_path):
+    host = flags.sources(ROOT)["host"]
+    if not host:
+        pytest.fail(f"{ROOT / 'csrc' / 'moda_fwd.cu'} not found")
+    _compile(Path(host[0]), tmp_path)
+
+
+def test_flags_target_hopper_only():
+    assert flags.nvcc_flags().count(flags.GENCODE) == 1
+    assert flags.wants_hopper("9.0a") and flags.wants_hopper("8.0;9.0+PTX") and flags.wants_hopper("9.0 10.0")
+    assert not flags.wants_hopper("8.0;8.6") and not flags.wants_hopper("10.0a")
+    assert flags.arch_list({}) == flags.arch_list({"TORCH_CUDA_ARCH_LIST": " "}) == "9.0a"
+    assert flags.ignored_archs("8.0;9.0a") == ["8.0"]
