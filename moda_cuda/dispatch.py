@@ -173,11 +173,11 @@ def _cuda_unavailable() -> Optional[str]:
 def _layout_refuses(name: str, t: torch.Tensor) -> Optional[str]:
     if t.stride(-1) != 1:
         return f"{name} has stride {t.stride(-1)} in its last dim; the CUDA kernel needs it contiguous (TMA)"
-    bad = [st for st in t.stride()[:-1] if st % _TMA_STRIDE_ELEMS != 0]
-    if bad:
+    if any(st % _TMA_STRIDE_ELEMS != 0 for st in t.stride()[:-1]):
         return (f"{name} has strides {tuple(t.stride())}; the CUDA kernel needs every stride but the last to be a "
                 f"multiple of {_TMA_STRIDE_ELEMS} elements (16 bytes, TMA)")
-    if t.data_ptr() % _TMA_ALIGN_BYTES != 0:
+    # An empty depth tensor (L = 0) is never read: the kernel ignores its pointer.
+    if t.numel() > 0 and t.data_ptr() % _TMA_ALIGN_BYTES != 0:
         return f"{name}'s data pointer is not {_TMA_ALIGN_BYTES}-byte aligned (TMA)"
     return None
 

@@ -18,6 +18,8 @@ def test_info():
     res = run("info")
     assert res.returncode == 0, res.stderr
     assert "reference" in res.stdout and "torch" in res.stdout
+    assert "cuda extension" in res.stdout and "cuda extension archs" in res.stdout
+    assert "cuda extension built with" in res.stdout
 
 
 def test_info_names_the_backend_for_a_shape():
@@ -25,5 +27,6 @@ def test_info_names_the_backend_for_a_shape():
     assert res.returncode == 0, res.stderr
     assert "backend for (1, 16384, 64, 8, 64, 64) float64" in res.stdout
     assert res.stdout.rstrip().endswith("reference")  # float64 is reference-only
+    assert "backward for (1, 16384, 64, 8, 64, 64) float64" in res.stdout
     bad = run("info", "--shape", "1,2,3")
     assert bad.returncode != 0 and "six integers" in bad.stderr
