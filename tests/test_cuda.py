@@ -1,8 +1,15 @@
 """GPU checks (marked ``cuda``): every variant, fp16/bf16, D in {64, 128, 256}, T up to 4096.
 
 Each compares the forward and all five gradients with the float64 reference on fresh random
-inputs, with output buffers poisoned (NaN) first.
+inputs, with output buffers poisoned (NaN) first. Every check runs on the Triton backend and,
+where the compiled kernels cover the case (fp16/bf16, D in {64, 128}, G in {1, 2, 4, 8, 16},
+L <= 256), on the cuda backend too (its backward is the Triton one). The cuda runs skip when
+the backend is unavailable (extension not built, not a compute capability 9.0 device), or
+fail instead with MODA_REQUIRE_CUDA_EXT=1.
 """
+
+import os
+import warnings
 
 import pytest
 import torch
@@ -10,8 +17,40 @@ import torch
 import moda_cuda
 from helpers import Case, make_inputs, rel_err
 from kernel_checks import check_backend
+from moda_cuda import dispatch
 
 pytestmark = pytest.mark.cuda
+
+
+def cuda_covers(case, dtype) -> bool:
+    """The cases the compiled kernels exist for (independent of dispatch's own constants)."""
+    return (dtype in (torch.float16, torch.bfloat16) and case.D in (64, 128)
+            and case.Hq // case.Hk in (1, 2, 4, 8, 16) and case.L <= 256)
+
+
+def require_cuda_backend():
+    reason = dispatch.CUDA.unavailable()
+    if reason:
+        if os.environ.get("MODA_REQUIRE_CUDA_EXT") == "1":
+            pytest.fail(f"MODA_REQUIRE_CUDA_EXT=1 but the cuda backend is unavailable: {reason}")
+        pytest.skip(f"cuda backend unavailable: {reason}")
+
+
+def check(case, dtype, backend, **kw):
+    if backend == "cuda":
+        require_cuda_backend()
+    check_backend(case, dtype, "cuda", backend, **kw)
+
+
+def with_backends(params, dtype_of=lambda p: torch.bfloat16, case_of=lambda p: p):
+    """Each parameter once per backend: triton always, cuda where the kernels cover it."""
+    out = []
+    for p in params:
+        p = p if isinstance(p, tuple) else (p,)
+        for backend in ("triton", "cuda"):
+            if backend == "triton" or cuda_covers(case_of(p), dtype_of(p)):
+                out.append(pytest.param(*p, backend, id=f"{'-'.join(map(str, p))}-{backend}"))
+    return out
 
 B = Case(B=2, T=1000, Hq=16, Hk=2, D=64, L=8)  # T not a multiple of any tile
 VARIANTS = [
@@ -30,42 +69,102 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", VARIANTS, ids=str)
-def test_variants(case, dtype):
-    check_backend(case, dtype, "cuda", "triton")
+DTYPES = [torch.bfloat16, torch.float16]
 
 
-
-@pytest.mark.parametrize("D", [64, 96, 128, 192, 256])
-@pytest.mark.parametrize("causal", [True, False])
-def test_head_dims(D, causal):
-    check_backend(B.but(B=1, T=777, Hq=8, Hk=2, D=D, L=4, causal=causal), torch.bfloat16, "cuda", "triton")
-
-
-@pytest.mark.parametrize("T", [1, 17, 129, 4096])
-def test_lengths(T):
-    check_backend(Case(B=1, T=T, Hq=8, Hk=1, D=128, L=16, chunk=2), torch.bfloat16, "cuda", "triton")
+@pytest.mark.parametrize("case,dtype,backend",
+                         with_backends([(c, d) for c in VARIANTS for d in DTYPES], dtype_of=lambda p: p[1],
+                                       case_of=lambda p: p[0]))
+def test_variants(case, dtype, backend):
+    check(case, dtype, backend)
 
 
-def test_long_sequence_paper_layout():
-    check_backend(Case(B=1, T=4096, Hq=64, Hk=8, D=64, L=64), torch.bfloat16, "cuda", "triton")
+def head_dim_case(D, causal):
+    return B.but(B=1, T=777, Hq=8, Hk=2, D=D, L=4, causal=causal)
 
 
-def test_strided_depth_views():
-    check_backend(B.but(L=6, chunk=2), torch.bfloat16, "cuda", "triton", depth_slots=24)
+@pytest.mark.parametrize("D,causal,backend",
+                         with_backends([(D, c) for D in (64, 96, 128, 192, 256) for c in (True, False)],
+                                       case_of=lambda p: head_dim_case(*p)))
+def test_head_dims(D, causal, backend):
+    check(head_dim_case(D, causal), torch.bfloat16, backend)
+
+
+def length_case(T):
+    return Case(B=1, T=T, Hq=8, Hk=1, D=128, L=16, chunk=2)
+
+
+@pytest.mark.parametrize("T,backend", with_backends([1, 17, 129, 4096], case_of=lambda p: length_case(*p)))
+def test_lengths(T, backend):
+    check(length_case(T), torch.bfloat16, backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_long_sequence_paper_layout(backend):
+    check(Case(B=1, T=4096, Hq=64, Hk=8, D=64, L=64), torch.bfloat16, backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_strided_depth_views(backend):
+    check(B.but(L=6, chunk=2), torch.bfloat16, backend, depth_slots=24)
+
+
+def test_cuda_reads_head_major_qkv_without_copies():
+    """q/k/v as transposed views of [B, H, T, D] tensors: strides the TMA maps take as they are."""
+    require_cuda_backend()
+    case = B.but(T=300, L=3)
+    q, k, v, dk, dv = make_inputs(case, torch.bfloat16, "cuda")
+    strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)] + [dk, dv]
+    assert not strided[0].is_contiguous()
+    shape = moda_cuda.check_inputs(*strided, None, True, 1)
+    assert dispatch.resolve("auto", strided[0], shape, strided) is dispatch.CUDA
+    want = moda_cuda.moda_attention(q, k, v, dk, dv, backend="triton")
+    got = moda_cuda.moda_attention(*strided, backend="cuda")
+    assert rel_err(got, want) < 2e-2
+
+
+def test_cuda_refuses_misaligned_input_explicitly():
+    require_cuda_backend()
+    q, k, v, dk, dv = make_inputs(B, torch.bfloat16, "cuda")
+    q_off = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")[1:].view(q.shape).copy_(q)
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run this input: q's data pointer is not 16-byte"):
+        moda_cuda.moda_attention(q_off, k, v, dk, dv, backend="cuda")
+    out = moda_cuda.moda_attention(q_off, k, v, dk, dv)  # auto: Triton takes it, silently
+    assert rel_err(out, moda_cuda.moda_attention(q, k, v, dk, dv, backend="triton")) < 1e-2
 
 
 def test_float32_is_accurate():
     check_backend(B.but(T=300), torch.float32, "cuda", "triton")
 
 
-def test_auto_picks_triton_on_cuda():
+def test_auto_picks_the_fastest_backend_on_cuda():
     inputs = make_inputs(B, torch.bfloat16, "cuda")
     shape = moda_cuda.check_inputs(*inputs, None, True, 1)
-    from moda_cuda import dispatch
+    expected = "triton" if dispatch.CUDA.unavailable() else "cuda"
+    assert dispatch.resolve("auto", inputs[0], shape, inputs).name == expected
 
-    assert dispatch.resolve("auto", inputs[0], shape, inputs).name == "triton"
+
+def test_auto_picks_cuda_on_h200():
+    """With the extension built, a compute capability 9.0 device runs the compiled forward."""
+    require_cuda_backend()
+    assert torch.cuda.get_device_capability() == (9, 0)
+    inputs = make_inputs(B, torch.bfloat16, "cuda")
+    shape = moda_cuda.check_inputs(*inputs, None, True, 1)
+    backend = dispatch.resolve("auto", inputs[0], shape, inputs)
+    assert backend is dispatch.CUDA and backend.backward_name == "triton"
+    report = moda_cuda.info(print_it=False, shape=(1, 4096, 64, 8, 64, 64))
+    assert report["backend for (1, 4096, 64, 8, 64, 64) bfloat16"] == "cuda"
+    assert report["backward for (1, 4096, 64, 8, 64, 64) bfloat16"] == "triton"
+    assert report["cuda extension"] == "built" and "sm_90a" in report["cuda extension archs"]
+
+
+def test_auto_takes_triton_where_cuda_refuses():
+    """D = 96 is not compiled: Triton serves it, with no warning."""
+    inputs = make_inputs(head_dim_case(96, True), torch.bfloat16, "cuda")
+    shape = moda_cuda.check_inputs(*inputs, None, True, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.resolve("auto", inputs[0], shape, inputs) is dispatch.TRITON
 
 
 def test_auto_falls_back_for_float64_on_cuda():
