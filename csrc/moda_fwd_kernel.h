@@ -117,10 +117,11 @@ __device__ __forceinline__ void tma_load_rows(CUtensorMap const* map, uint64_t* 
     }
 }
 
-// C (+)= A * B on one warpgroup's wgmma; B from shared memory, A from shared memory
-// (descriptors) or, with kRegisterA, from registers (which then need their own fences).
+// Issue C (+)= A * B on one warpgroup's wgmma as one commit group, without waiting. B comes
+// from shared memory; A from shared memory (descriptors) or, with kRegisterA, from registers,
+// which must then stay untouched until the group completes.
 template <bool kZeroInit, bool kRegisterA, class TiledMma, class TA, class TB, class TC>
-__device__ __forceinline__ void wgmma(TiledMma& mma, TA const& a, TB const& b, TC& c) {
+__device__ __forceinline__ void wgmma_issue(TiledMma& mma, TA const& a, TB const& b, TC& c) {
     if constexpr (kRegisterA) warpgroup_fence_operand(const_cast<TA&>(a));
     warpgroup_fence_operand(c);
     warpgroup_arrive();
@@ -131,9 +132,15 @@ __device__ __forceinline__ void wgmma(TiledMma& mma, TA const& a, TB const& b, T
         mma.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
-    warpgroup_wait<0>();
     warpgroup_fence_operand(c);
-    if constexpr (kRegisterA) warpgroup_fence_operand(const_cast<TA&>(a));
+}
+
+// Wait until at most kInFlight commit groups of this warpgroup are still running (groups
+// complete in issue order); `c` is the accumulator the caller reads next.
+template <int kInFlight, class TC>
+__device__ __forceinline__ void wgmma_wait(TC& c) {
+    warpgroup_wait<kInFlight>();
+    warpgroup_fence_operand(c);
 }
 
 template <class T>
@@ -154,7 +161,7 @@ __device__ __forceinline__ T quad_allreduce_sum(T x) {
 __device__ __forceinline__ int frag_row_half(int i) { return (i >> 1) & 1; }
 __device__ __forceinline__ int frag_col(int i, int lane) { return 8 * (i >> 2) + 2 * (lane & 3) + (i & 1); }
 
-template <class Traits, bool kCausal>
+template <class Traits, bool kCausal, bool kOverlap>
 __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_constant__ const FwdKernelParams p) {
     using Element = typename Traits::Element;
     using Pipeline = typename Traits::Pipeline;
@@ -274,10 +281,74 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     float row_sum[2] = {0.f, 0.f};  // this thread's partial sums; reduced over the quad at the end
     const float scale_log2 = p.scale_log2;
 
+    // Scores -> -inf where a key is not visible: sequence tiles on the causal diagonal or
+    // past the end of T, and every depth tile (other positions, other chunks, slots >= L).
+    auto apply_mask = [&](bool is_seq, int n, DepthTile const& dt) {
+        if (is_seq && n < sched.first_masked) return;
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < size(tSrS); ++e) {
+            const int c = frag_col(e, lane);
+            const int t = t_row[frag_row_half(e)];
+            bool ok;
+            if (is_seq) {
+                const int s = n * kBlockN + c;
+                ok = s < p.seqlen && (!kCausal || s <= t);
+            } else {
+                const int s = dt.s0 + (c >> p.depth_box_slots_log2);
+                const int l = dt.l0 + (c & (p.depth_box_slots - 1));
+                ok = l < p.depth && s < sched.s_hi && depth_visible<kCausal>(t, s, p.depth_chunk);
+            }
+            if (!ok) tSrS(e) = -INFINITY;
+        }
+    };
+    // Online softmax in base 2 over the scores in tSrS: updates the running max and sum,
+    // turns tSrS into probabilities (fp32, in place) and returns the factor by which the
+    // output accumulated so far must be rescaled.
+    auto softmax_step = [&](float (&alpha)[2]) {
+        float tile_max[2] = {row_max[0], row_max[1]};
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < size(tSrS); ++e) {
+            tile_max[frag_row_half(e)] = fmaxf(tile_max[frag_row_half(e)], tSrS(e));
+        }
+        float offset[2];
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+            tile_max[h] = quad_allreduce_max(tile_max[h]);
+            // A row that has seen only masked scores keeps max -inf: exponentiate against 0
+            // instead, so that exp2(-inf - -inf) never makes a NaN.
+            offset[h] = tile_max[h] == -INFINITY ? 0.f : tile_max[h] * scale_log2;
+            alpha[h] = exp2f(row_max[h] * scale_log2 - offset[h]);
+            row_max[h] = tile_max[h];
+            row_sum[h] *= alpha[h];
+        }
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < size(tSrS); ++e) {
+            const int h = frag_row_half(e);
+            tSrS(e) = exp2f(tSrS(e) * scale_log2 - offset[h]);
+            row_sum[h] += tSrS(e);
+        }
+    };
+    auto rescale_and_convert = [&](float const (&alpha)[2]) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < size(tOrO); ++e) tOrO(e) *= alpha[frag_row_half(e)];
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < size(tSrS); ++e) tOrP(e) = static_cast<Element>(tSrS(e));
+    };
+
     Barrier::wait(&smem.q_full, 0);
-    PipelineState read;
+    PipelineState read;     // the tile whose scores are computed next
+    PipelineState pending;  // with kOverlap: the tile whose P V product is still to be issued
+    bool has_pending = false;
+    // O += P V for the pending tile, waited for, its V stage released.
+    auto flush_pending = [&]() {
+        pipe_v.consumer_wait(pending);
+        wgmma_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, pending.index()), tOrO);
+        wgmma_wait<0>(tOrO);
+        pipe_v.consumer_release(pending);
+        has_pending = false;
+    };
+
     for (int i = 0; i < sched.size(); ++i) {
-        const int stage = read.index();
         const bool is_seq = i < sched.n_seq;
         const int n = sched.n_seq - 1 - i;
         const DepthTile dt(p, sched, i - sched.n_seq);
@@ -288,63 +359,54 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             const int s_last = min(dt.s0 + p.depth_box_positions, sched.s_hi) - 1;
             active &= depth_block_visible<kCausal>(wg_t_lo, wg_t_hi, dt.s0, s_last, p.depth_chunk);
         }
-
-        pipe_k.consumer_wait(read);
-        if (active) wgmma<true, false>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
-        pipe_k.consumer_release(read);
-
-        if (active) {
-            // Mask: sequence tiles on the diagonal / ragged end, and every depth tile.
-            if (!is_seq || n >= sched.first_masked) {
-                CUTLASS_PRAGMA_UNROLL
-                for (int e = 0; e < size(tSrS); ++e) {
-                    const int c = frag_col(e, lane);
-                    const int t = t_row[frag_row_half(e)];
-                    bool ok;
-                    if (is_seq) {
-                        const int s = n * kBlockN + c;
-                        ok = s < p.seqlen && (!kCausal || s <= t);
-                    } else {
-                        const int s = dt.s0 + (c >> p.depth_box_slots_log2);
-                        const int l = dt.l0 + (c & (p.depth_box_slots - 1));
-                        ok = l < p.depth && s < sched.s_hi && depth_visible<kCausal>(t, s, p.depth_chunk);
-                    }
-                    if (!ok) tSrS(e) = -INFINITY;
-                }
-            }
-            // Online softmax in base 2: running max m (raw score units), running sum l.
-            float tile_max[2] = {row_max[0], row_max[1]};
-            CUTLASS_PRAGMA_UNROLL
-            for (int e = 0; e < size(tSrS); ++e) {
-                tile_max[frag_row_half(e)] = fmaxf(tile_max[frag_row_half(e)], tSrS(e));
-            }
-            float offset[2], alpha[2];
-            CUTLASS_PRAGMA_UNROLL
-            for (int h = 0; h < 2; ++h) {
-                tile_max[h] = quad_allreduce_max(tile_max[h]);
-                // A row that has seen only masked scores keeps max -inf: exponentiate against
-                // 0 instead so that exp2(-inf - -inf) never makes a NaN.
-                offset[h] = tile_max[h] == -INFINITY ? 0.f : tile_max[h] * scale_log2;
-                alpha[h] = exp2f(row_max[h] * scale_log2 - offset[h]);
-                row_max[h] = tile_max[h];
-                row_sum[h] *= alpha[h];
-            }
-            CUTLASS_PRAGMA_UNROLL
-            for (int e = 0; e < size(tSrS); ++e) {
-                const int h = frag_row_half(e);
-                const float prob = exp2f(tSrS(e) * scale_log2 - offset[h]);
-                row_sum[h] += prob;
-                tOrP(e) = static_cast<Element>(prob);
-            }
-            CUTLASS_PRAGMA_UNROLL
-            for (int e = 0; e < size(tOrO); ++e) tOrO(e) *= alpha[frag_row_half(e)];
+        if (!active) {
+            // Nothing this warpgroup can see: hand both stages back untouched. A pending
+            // product goes first, so that its V stage is never held across skipped tiles
+            // (the producer may need that stage to fill the ones we wait on).
+            if (has_pending) flush_pending();
+            pipe_k.consumer_wait(read);
+            pipe_k.consumer_release(read);
+            pipe_v.consumer_wait(read);
+            pipe_v.consumer_release(read);
+            ++read;
+            continue;
         }
 
-        pipe_v.consumer_wait(read);
-        if (active) wgmma<false, true>(mma_pv, tOrP, tOrV(_, _, _, stage), tOrO);
-        pipe_v.consumer_release(read);
+        pipe_k.consumer_wait(read);
+        wgmma_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+        if constexpr (kOverlap) {
+            // The previous tile's P V runs on the tensor cores while this tile's softmax runs.
+            if (has_pending) {
+                pipe_v.consumer_wait(pending);
+                wgmma_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, pending.index()), tOrO);
+                wgmma_wait<1>(tSrS);  // S is ready; P V may still run
+            } else {
+                wgmma_wait<0>(tSrS);
+            }
+            pipe_k.consumer_release(read);
+            apply_mask(is_seq, n, dt);
+            float alpha[2];
+            softmax_step(alpha);
+            if (has_pending) {
+                wgmma_wait<0>(tOrO);
+                pipe_v.consumer_release(pending);
+            }
+            rescale_and_convert(alpha);
+            pending = read;
+            has_pending = true;
+        } else {
+            wgmma_wait<0>(tSrS);
+            pipe_k.consumer_release(read);
+            apply_mask(is_seq, n, dt);
+            float alpha[2];
+            softmax_step(alpha);
+            rescale_and_convert(alpha);
+            pending = read;
+            flush_pending();
+        }
         ++read;
     }
+    if (has_pending) flush_pending();
 
     // ---------------------------------------------------------------------- epilogue
     float inv_sum[2], lse[2];

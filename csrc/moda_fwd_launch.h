@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "moda_fwd_kernel.h"
@@ -90,7 +91,11 @@ std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
     p.scale_log2 = a.scale * 1.4426950408889634f;
 
     const size_t smem = sizeof(typename Traits::SharedStorage);
-    auto kernel = a.causal ? &moda_fwd_kernel<Traits, true> : &moda_fwd_kernel<Traits, false>;
+    // MODA_CUDA_FWD_SERIAL=1 runs each tile's softmax and matmuls back to back (no overlap).
+    const char* serial_env = std::getenv("MODA_CUDA_FWD_SERIAL");
+    const bool overlap = !(serial_env && serial_env[0] == '1');
+    auto kernel = a.causal ? (overlap ? &moda_fwd_kernel<Traits, true, true> : &moda_fwd_kernel<Traits, true, false>)
+                           : (overlap ? &moda_fwd_kernel<Traits, false, true> : &moda_fwd_kernel<Traits, false, false>);
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
     dim3 grid(p.num_m_blocks, Hk, B);
