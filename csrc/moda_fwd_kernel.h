@@ -249,7 +249,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     // ---------------------------------------------------------------------- consumers
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
     const int tid = threadIdx.x - 128;  // 0..255 over both consumer warpgroups
-    const int wg = tid / 128;
+    // Broadcast from lane 0: the compiler then knows `wg`, and every branch derived from it,
+    // is uniform across the warp; otherwise it serializes the wgmmas inside those branches.
+    const int wg = __shfl_sync(0xffffffff, tid / 128, 0);
     const int lane = tid % 32;
 
     typename Traits::TiledMmaQK mma_qk;

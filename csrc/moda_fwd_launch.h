@@ -4,7 +4,6 @@
 
 #include <cuda_runtime.h>
 
-#include <cstdlib>
 #include <string>
 
 #include "moda_fwd_kernel.h"
@@ -14,10 +13,12 @@
 namespace moda {
 
 // Tile sizes per head dim: kBlockN keys per stage, kStages stages (shared memory: q + 2 x
-// kStages x [kBlockN x D]).
+// kStages x [kBlockN x D]). kOverlap: issue tile i's softmax while tile i-1's P V runs. It
+// measured slower than the serial order on the H200 (10.3 vs 8.2 ms at T=16384, D=64; see
+// bench/NOTES.md), so the serial order is what is built until that is understood.
 template <int D> struct FwdConfig;
-template <> struct FwdConfig<64> { static constexpr int kBlockN = 128, kStages = 3; };
-template <> struct FwdConfig<128> { static constexpr int kBlockN = 128, kStages = 2; };
+template <> struct FwdConfig<64> { static constexpr int kBlockN = 128, kStages = 3; static constexpr bool kOverlap = false; };
+template <> struct FwdConfig<128> { static constexpr int kBlockN = 128, kStages = 2; static constexpr bool kOverlap = false; };
 
 inline int next_power_of_two(int x) {
     int p = 1;
@@ -91,11 +92,8 @@ std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
     p.scale_log2 = a.scale * 1.4426950408889634f;
 
     const size_t smem = sizeof(typename Traits::SharedStorage);
-    // MODA_CUDA_FWD_SERIAL=1 runs each tile's softmax and matmuls back to back (no overlap).
-    const char* serial_env = std::getenv("MODA_CUDA_FWD_SERIAL");
-    const bool overlap = !(serial_env && serial_env[0] == '1');
-    auto kernel = a.causal ? (overlap ? &moda_fwd_kernel<Traits, true, true> : &moda_fwd_kernel<Traits, true, false>)
-                           : (overlap ? &moda_fwd_kernel<Traits, false, true> : &moda_fwd_kernel<Traits, false, false>);
+    constexpr bool kOverlap = FwdConfig<D>::kOverlap;
+    auto kernel = a.causal ? &moda_fwd_kernel<Traits, true, kOverlap> : &moda_fwd_kernel<Traits, false, kOverlap>;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
     dim3 grid(p.num_m_blocks, Hk, B);

@@ -117,7 +117,7 @@ def test_cuda_reads_head_major_qkv_without_copies():
     strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)] + [dk, dv]
     assert not strided[0].is_contiguous()
     shape = moda_cuda.check_inputs(*strided, None, True, 1)
-    assert dispatch.resolve("auto", strided[0], shape, strided) is dispatch.CUDA
+    assert dispatch.CUDA.refuses(strided[0], shape, strided) is None
     want = moda_cuda.moda_attention(q, k, v, dk, dv, backend="triton")
     got = moda_cuda.moda_attention(*strided, backend="cuda")
     assert rel_err(got, want) < 2e-2
@@ -138,23 +138,22 @@ def test_float32_is_accurate():
 
 
 def test_auto_picks_the_fastest_backend_on_cuda():
+    """Triton: the compiled forward is exact but still measures slower (bench/NOTES.md)."""
     inputs = make_inputs(B, torch.bfloat16, "cuda")
     shape = moda_cuda.check_inputs(*inputs, None, True, 1)
-    expected = "triton" if dispatch.CUDA.unavailable() else "cuda"
-    assert dispatch.resolve("auto", inputs[0], shape, inputs).name == expected
+    assert dispatch.resolve("auto", inputs[0], shape, inputs) is dispatch.TRITON
 
 
-def test_auto_picks_cuda_on_h200():
-    """With the extension built, a compute capability 9.0 device runs the compiled forward."""
+def test_cuda_backend_on_h200():
+    """With the extension built, a compute capability 9.0 device can run the compiled forward."""
     require_cuda_backend()
     assert torch.cuda.get_device_capability() == (9, 0)
     inputs = make_inputs(B, torch.bfloat16, "cuda")
     shape = moda_cuda.check_inputs(*inputs, None, True, 1)
-    backend = dispatch.resolve("auto", inputs[0], shape, inputs)
-    assert backend is dispatch.CUDA and backend.backward_name == "triton"
+    assert dispatch.resolve("cuda", inputs[0], shape, inputs) is dispatch.CUDA
+    assert dispatch.CUDA.backward_name == "triton"
     report = moda_cuda.info(print_it=False, shape=(1, 4096, 64, 8, 64, 64))
-    assert report["backend for (1, 4096, 64, 8, 64, 64) bfloat16"] == "cuda"
-    assert report["backward for (1, 4096, 64, 8, 64, 64) bfloat16"] == "triton"
+    assert report["backend for (1, 4096, 64, 8, 64, 64) bfloat16"] == "triton"
     assert report["cuda extension"] == "built" and "sm_90a" in report["cuda extension archs"]
 
 
