@@ -16,6 +16,12 @@
 //      that lie wholly after its rows.
 // The producer issues every tile through the same two pipelines (K, then V), so the
 // consumers see a single stream of [kBlockN x D] tiles whatever their source.
+//
+// Both consumer warpgroups wait on the same "full" barrier for each tile, so left alone they
+// run in lockstep: both issue their matmuls at once, then both exponentiate at once, and the
+// tensor cores idle during the softmax. With kPingPong they take turns (two named barriers,
+// one per warpgroup): a warpgroup issues its matmuls only on its turn and hands the turn over
+// right after issuing, so one warpgroup's softmax runs while the other's matmuls do.
 #pragma once
 
 #include <cuda.h>
@@ -155,13 +161,28 @@ __device__ __forceinline__ T quad_allreduce_sum(T x) {
     return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
 
+// Turn-taking of the two consumer warpgroups around their matmul issue (see the top of the
+// file). Named barrier kTurnBarrier + w means "warpgroup w may issue"; it completes when w's
+// 128 threads wait on it and the other warpgroup's 128 threads have arrived.
+constexpr uint32_t kTurnBarrier = 0;  // user ids 0, 1 (CUTLASS offsets them past its reserved ones)
+constexpr uint32_t kTurnThreads = 256;
+
+template <bool kEnabled>
+__device__ __forceinline__ void wait_for_turn(int wg) {
+    if constexpr (kEnabled) cutlass::arch::NamedBarrier::sync(kTurnThreads, kTurnBarrier + wg);
+}
+template <bool kEnabled>
+__device__ __forceinline__ void pass_turn(int wg) {
+    if constexpr (kEnabled) cutlass::arch::NamedBarrier::arrive(kTurnThreads, kTurnBarrier + (1 - wg));
+}
+
 // Register fragments of wgmma accumulators hold, per thread, two rows (lane / 4 and
 // lane / 4 + 8 of its warp's 16) and pairs of adjacent columns: flat element i is row half
 // (i >> 1) & 1, column 8 (i >> 2) + 2 (lane % 4) + (i & 1).
 __device__ __forceinline__ int frag_row_half(int i) { return (i >> 1) & 1; }
 __device__ __forceinline__ int frag_col(int i, int lane) { return 8 * (i >> 2) + 2 * (lane & 3) + (i & 1); }
 
-template <class Traits, bool kCausal, bool kOverlap>
+template <class Traits, bool kCausal, bool kOverlap, bool kPingPong>
 __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_constant__ const FwdKernelParams p) {
     using Element = typename Traits::Element;
     using Pipeline = typename Traits::Pipeline;
@@ -338,6 +359,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     };
 
     Barrier::wait(&smem.q_full, 0);
+    if (wg == 1) pass_turn<kPingPong>(wg);  // warpgroup 0 issues first
     PipelineState read;     // the tile whose scores are computed next
     PipelineState pending;  // with kOverlap: the tile whose P V product is still to be issued
     bool has_pending = false;
@@ -362,10 +384,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             active &= depth_block_visible<kCausal>(wg_t_lo, wg_t_hi, dt.s0, s_last, p.depth_chunk);
         }
         if (!active) {
-            // Nothing this warpgroup can see: hand both stages back untouched. A pending
-            // product goes first, so that its V stage is never held across skipped tiles
-            // (the producer may need that stage to fill the ones we wait on).
+            // Nothing this warpgroup can see: hand both stages back untouched (and the turn:
+            // both warpgroups take exactly one turn per tile). A pending product goes first,
+            // so that its V stage is never held across skipped tiles (the producer may need
+            // that stage to fill the ones we wait on).
             if (has_pending) flush_pending();
+            wait_for_turn<kPingPong>(wg);
+            pass_turn<kPingPong>(wg);
             pipe_k.consumer_wait(read);
             pipe_k.consumer_release(read);
             pipe_v.consumer_wait(read);
@@ -375,12 +400,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         }
 
         pipe_k.consumer_wait(read);
-        wgmma_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);
         if constexpr (kOverlap) {
             // The previous tile's P V runs on the tensor cores while this tile's softmax runs.
+            if (has_pending) pipe_v.consumer_wait(pending);
+            wait_for_turn<kPingPong>(wg);
+            wgmma_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+            if (has_pending) wgmma_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, pending.index()), tOrO);
+            pass_turn<kPingPong>(wg);
             if (has_pending) {
-                pipe_v.consumer_wait(pending);
-                wgmma_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, pending.index()), tOrO);
                 wgmma_wait<1>(tSrS);  // S is ready; P V may still run
             } else {
                 wgmma_wait<0>(tSrS);
@@ -397,6 +424,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             pending = read;
             has_pending = true;
         } else {
+            wait_for_turn<kPingPong>(wg);
+            wgmma_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+            pass_turn<kPingPong>(wg);
             wgmma_wait<0>(tSrS);
             pipe_k.consumer_release(read);
             apply_mask(is_seq, n, dt);
@@ -409,6 +439,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         ++read;
     }
     if (has_pending) flush_pending();
+    if (wg == 0) wait_for_turn<kPingPong>(wg);  // take warpgroup 1's last hand-over: no arrival left pending
 
     // ---------------------------------------------------------------------- epilogue
     float inv_sum[2], lse[2];

@@ -12,13 +12,20 @@
 
 namespace moda {
 
-// Tile sizes per head dim: kBlockN keys per stage, kStages stages (shared memory: q + 2 x
-// kStages x [kBlockN x D]). kOverlap: issue tile i's softmax while tile i-1's P V runs. It
-// measured slower than the serial order on the H200 (10.3 vs 8.2 ms at T=16384, D=64; see
-// bench/NOTES.md), so the serial order is what is built until that is understood.
+// Tile sizes and schedule per head dim: kBlockN keys per stage, kStages stages (shared
+// memory: q + 2 x kStages x [kBlockN x D]); kOverlap: run tile i's softmax while tile i-1's
+// P V product runs; kPingPong: the consumer warpgroups take turns issuing their matmuls.
+// Measured on the H200 (bench/NOTES.md): with neither, 8.2 ms at T=16384, D=64; with
+// kOverlap alone, 10.3 ms. kPingPong is not measured yet, so it stays off.
 template <int D> struct FwdConfig;
-template <> struct FwdConfig<64> { static constexpr int kBlockN = 128, kStages = 3; static constexpr bool kOverlap = false; };
-template <> struct FwdConfig<128> { static constexpr int kBlockN = 128, kStages = 2; static constexpr bool kOverlap = false; };
+template <> struct FwdConfig<64> {
+    static constexpr int kBlockN = 128, kStages = 3;
+    static constexpr bool kOverlap = false, kPingPong = false;
+};
+template <> struct FwdConfig<128> {
+    static constexpr int kBlockN = 128, kStages = 2;
+    static constexpr bool kOverlap = false, kPingPong = false;
+};
 
 inline int next_power_of_two(int x) {
     int p = 1;
@@ -92,8 +99,9 @@ std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
     p.scale_log2 = a.scale * 1.4426950408889634f;
 
     const size_t smem = sizeof(typename Traits::SharedStorage);
-    constexpr bool kOverlap = FwdConfig<D>::kOverlap;
-    auto kernel = a.causal ? &moda_fwd_kernel<Traits, true, kOverlap> : &moda_fwd_kernel<Traits, false, kOverlap>;
+    using Config = FwdConfig<D>;
+    auto kernel = a.causal ? &moda_fwd_kernel<Traits, true, Config::kOverlap, Config::kPingPong>
+                           : &moda_fwd_kernel<Traits, false, Config::kOverlap, Config::kPingPong>;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
     dim3 grid(p.num_m_blocks, Hk, B);
