@@ -400,29 +400,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         }
 
         pipe_k.consumer_wait(read);
-        if constexpr (kOverlap) {
+        float alpha[2];
+        if (kOverlap && has_pending) {
             // The previous tile's P V runs on the tensor cores while this tile's softmax runs.
-            if (has_pending) pipe_v.consumer_wait(pending);
+            // Every issue and wait of this path is unconditional, so ptxas can see that the
+            // accumulators are never touched while their wgmma is in flight.
+            pipe_v.consumer_wait(pending);
             wait_for_turn<kPingPong>(wg);
             wgmma_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);
-            if (has_pending) wgmma_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, pending.index()), tOrO);
+            wgmma_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, pending.index()), tOrO);
             pass_turn<kPingPong>(wg);
-            if (has_pending) {
-                wgmma_wait<1>(tSrS);  // S is ready; P V may still run
-            } else {
-                wgmma_wait<0>(tSrS);
-            }
+            wgmma_wait<1>(tSrS);  // S is ready; P V may still run
             pipe_k.consumer_release(read);
             apply_mask(is_seq, n, dt);
-            float alpha[2];
             softmax_step(alpha);
-            if (has_pending) {
-                wgmma_wait<0>(tOrO);
-                pipe_v.consumer_release(pending);
-            }
-            rescale_and_convert(alpha);
-            pending = read;
-            has_pending = true;
+            wgmma_wait<0>(tOrO);
+            pipe_v.consumer_release(pending);
         } else {
             wait_for_turn<kPingPong>(wg);
             wgmma_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);
@@ -430,12 +423,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             wgmma_wait<0>(tSrS);
             pipe_k.consumer_release(read);
             apply_mask(is_seq, n, dt);
-            float alpha[2];
             softmax_step(alpha);
-            rescale_and_convert(alpha);
-            pending = read;
-            flush_pending();
         }
+        rescale_and_convert(alpha);
+        pending = read;
+        has_pending = true;
+        if (!kOverlap) flush_pending();  // serial order: this tile's P V right away
         ++read;
     }
     if (has_pending) flush_pending();

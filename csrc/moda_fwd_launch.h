@@ -16,7 +16,8 @@ namespace moda {
 // memory: q + 2 x kStages x [kBlockN x D]); kOverlap: run tile i's softmax while tile i-1's
 // P V product runs; kPingPong: the consumer warpgroups take turns issuing their matmuls.
 // Measured on the H200 (bench/NOTES.md): with neither, 8.2 ms at T=16384, D=64; with
-// kOverlap alone, 10.3 ms. kPingPong is not measured yet, so it stays off.
+// kOverlap alone, 10.3 ms, in a build that ptxas serialized (C7515/C7517; since fixed).
+// Both are off until measured again.
 template <int D> struct FwdConfig;
 template <> struct FwdConfig<64> {
     static constexpr int kBlockN = 128, kStages = 3;
