@@ -40,6 +40,15 @@ METRICS = {
     "launch__block_size": "block",
 }
 
+# With --stalls: why warps did not issue, as warps stalled per issued instruction (ncu's
+# "warp state" breakdown). "sleeping" and "barrier" are mbarrier / named-barrier waits,
+# "long_scoreboard" global loads, "math_pipe_throttle" a busy unit (MUFU, tensor cores), "wait"
+# fixed-latency dependencies (wgmma waits land here and in "barrier").
+STALL_REASONS = ("barrier", "sleeping", "long_scoreboard", "wait", "math_pipe_throttle", "short_scoreboard",
+                 "mio_throttle", "dispatch_stall", "no_instruction", "membar", "branch_resolving", "selected")
+STALL_METRICS = {f"smsp__average_warps_issue_stalled_{r}_per_issue_active.ratio": f"stall {r}"
+                 for r in STALL_REASONS}
+
 
 def parse_shape(text: str) -> Dict[str, int]:
     try:
@@ -89,12 +98,16 @@ def run_workload(args: argparse.Namespace) -> None:
 
 
 def known_metrics(ncu: str, wanted: Sequence[str]) -> List[str]:
-    """The wanted metrics this ncu can collect on this GPU (base names before the rollup)."""
+    """The wanted metrics this ncu can collect on this GPU (base names before the rollup).
+
+    Launch attributes (``launch__*``) are always collected but not listed by
+    ``--query-metrics``, so they are kept without asking.
+    """
     res = subprocess.run([ncu, "--query-metrics", "--csv"], capture_output=True, text=True)
     if res.returncode != 0:
         return list(wanted)  # cannot tell: let ncu itself complain
     bases = {row[0].strip('"') for row in csv.reader(io.StringIO(res.stdout)) if row}
-    kept = [m for m in wanted if m.split(".")[0] in bases]
+    kept = [m for m in wanted if m.startswith("launch__") or m.split(".")[0] in bases]
     if not kept:  # an output format this parser does not know: let ncu itself judge
         return list(wanted)
     for m in wanted:
@@ -105,7 +118,8 @@ def known_metrics(ncu: str, wanted: Sequence[str]) -> List[str]:
 
 def table(rows: List[Dict[str, str]], metrics: Sequence[str]) -> str:
     """Markdown: one row per kernel (ncu's 'ID' order), short names, the chosen columns."""
-    head = ["kernel"] + [METRICS[m] for m in metrics]
+    names = {**METRICS, **STALL_METRICS}
+    head = ["kernel"] + [names[m] for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         name = row["Kernel Name"].split("(")[0][:48]
@@ -145,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="non-causal")
     p.add_argument("--depth-chunk", type=int, default=1)
     p.add_argument("--out", default=None, help="directory for the CSV and the table (required unless --worker)")
+    p.add_argument("--stalls", action="store_true", help="add the warp stall reasons (why warps did not issue)")
     p.add_argument("--ncu", default=shutil.which("ncu") or "ncu")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the profiled child
     args = p.parse_args(argv)
@@ -154,7 +169,7 @@ def main(argv=None) -> int:
     if not args.out:
         p.error("--out is required")
 
-    metrics = known_metrics(args.ncu, list(METRICS))
+    metrics = known_metrics(args.ncu, list(METRICS) + (list(STALL_METRICS) if args.stalls else []))
     child = [sys.executable, os.path.abspath(__file__), "--worker", "--backend", args.backend,
              "--shape", ",".join(str(v) for v in args.shape.values()), "--direction", args.direction,
              "--depth-chunk", str(args.depth_chunk)] + (["--full"] if args.full else [])

@@ -35,5 +35,5 @@ want bench && step bench python3 bench/bench_moda.py --breakdown --out "$out"
 want stream && step stream env MODA_TRITON_TUNING=off python3 bench/bench_depth_stream.py --profile --out "$out"
 want lm && step lm torchrun --standalone --nproc_per_node=1 examples/train_lm.py --minutes "$lm_minutes" \
     --out "$out/lm"
-want ncu && step ncu python3 bench/profile_ncu.py --backend triton --shape 1,16384,64,8,64,64 --out "$out"
+want ncu && step ncu python3 bench/profile_ncu.py --stalls --backend triton --shape 1,16384,64,8,64,64 --out "$out"
 exit $status

@@ -30,3 +30,17 @@ def test_shape_argument():
     assert profile_ncu.parse_shape("1,16384,64,8,64,64") == dict(B=1, T=16384, Hq=64, Hk=8, D=64, L=64)
     with pytest.raises(argparse.ArgumentTypeError, match="six integers"):
         profile_ncu.parse_shape("1,2,3")
+
+
+def test_known_metrics_keeps_launch_attributes(tmp_path):
+    """--query-metrics lists hardware metrics only; launch__* attributes are always there."""
+    fake = tmp_path / "ncu"
+    fake.write_text('#!/bin/sh\necho \'"Metric Name","Description"\'\n'
+                    'echo \'"gpu__time_duration","time"\'\n'
+                    'echo \'"smsp__average_warps_issue_stalled_barrier_per_issue_active","stall"\'\n')
+    fake.chmod(0o755)
+    wanted = ["gpu__time_duration.sum", "launch__registers_per_thread", "dram__throughput.avg.pct_of_peak",
+              "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio"]
+    assert profile_ncu.known_metrics(str(fake), wanted) == [wanted[0], wanted[1], wanted[3]]
+    text = profile_ncu.table([{"Kernel Name": "k(int)", wanted[3]: "1.5"}], [wanted[3]])
+    assert "| kernel | stall barrier |" in text and "| k | 1.5 |" in text
