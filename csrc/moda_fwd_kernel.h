@@ -246,22 +246,19 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             const bool is_seq = i < sched.n_seq;
             const int n = sched.n_seq - 1 - i;
             const DepthTile dt(p, sched, i - sched.n_seq);
-            pipe_k.producer_acquire(write);
-            if (is_seq) {
-                tma_load_rows<kBlockN, kHeadDim>(&p.tma_k, pipe_k.producer_get_barrier(write), sK_ptr + stage_offset,
-                                                 hk, n * kBlockN, batch, 0);
-            } else {
-                tma_load_rows<kBlockN, kHeadDim>(&p.tma_dk, pipe_k.producer_get_barrier(write),
-                                                 sK_ptr + stage_offset, hk, dt.l0, dt.s0, batch);
-            }
-            pipe_v.producer_acquire(write);
-            if (is_seq) {
-                tma_load_rows<kBlockN, kHeadDim>(&p.tma_v, pipe_v.producer_get_barrier(write), sV_ptr + stage_offset,
-                                                 hk, n * kBlockN, batch, 0);
-            } else {
-                tma_load_rows<kBlockN, kHeadDim>(&p.tma_dv, pipe_v.producer_get_barrier(write),
-                                                 sV_ptr + stage_offset, hk, dt.l0, dt.s0, batch);
-            }
+            // One tile into one pipeline's stage: a sequence box [64, 1, kBlockN, 1, 1] at
+            // position n * kBlockN, or a depth box [64, 1, Lb, Tb, 1] at (slot l0, position s0).
+            auto load = [&](Pipeline& pipe, CUtensorMap const* seq_map, CUtensorMap const* depth_map, Element* buf) {
+                pipe.producer_acquire(write);
+                uint64_t* full = pipe.producer_get_barrier(write);
+                if (is_seq) {
+                    tma_load_rows<kBlockN, kHeadDim>(seq_map, full, buf + stage_offset, hk, n * kBlockN, batch, 0);
+                } else {
+                    tma_load_rows<kBlockN, kHeadDim>(depth_map, full, buf + stage_offset, hk, dt.l0, dt.s0, batch);
+                }
+            };
+            load(pipe_k, &p.tma_k, &p.tma_dk, sK_ptr);
+            load(pipe_v, &p.tma_v, &p.tma_dv, sV_ptr);
             ++write;
         }
         return;
