@@ -149,8 +149,12 @@ def kernel_breakdown(fn, inputs, grad_out, steps: int = 5):
     return dict(sorted(rows.items(), key=lambda kv: -kv[1]))
 
 
-def bench_shape(s: Shape, backends, check: bool, breakdown: bool = False):
+def bench_shape(s: Shape, backends, check: bool, breakdown: bool = False, fwd_only: bool = False,
+                baselines: bool = True):
     from torch.nn.attention import SDPBackend
+
+    def step_ms(fn, inputs, grad):  # forward+backward time, unless only forwards are timed
+        return None if fwd_only else _bench(_fwd_bwd(fn, inputs, grad))
 
     inputs = make_inputs(s)
     grad_out = torch.randn(s.B, s.T, s.Hq, s.D, device="cuda", dtype=torch.bfloat16)
@@ -164,14 +168,15 @@ def bench_shape(s: Shape, backends, check: bool, breakdown: bool = False):
               flush=True)
 
     flex_out = None
-    try:
-        to_flex, flex_run, from_flex = flex_moda(s)
-        f_in = to_flex(*inputs)
-        flex_out = from_flex(flex_run(*f_in)).detach()
-        f_grad = grad_out.reshape(s.B, s.T, s.Hk, s.G, s.D).permute(0, 2, 1, 3, 4).reshape(s.B, s.Hk, -1, s.D)
-        record("flex_attention MoDA", _bench(lambda: flex_run(*f_in)), _bench(_fwd_bwd(flex_run, f_in, f_grad)))
-    except Exception as exc:  # a baseline that cannot run is reported, not fatal
-        record("flex_attention MoDA", None, None, f"failed: {type(exc).__name__}: {str(exc)[:120]}")
+    if baselines:
+        try:
+            to_flex, flex_run, from_flex = flex_moda(s)
+            f_in = to_flex(*inputs)
+            flex_out = from_flex(flex_run(*f_in)).detach()
+            f_grad = grad_out.reshape(s.B, s.T, s.Hk, s.G, s.D).permute(0, 2, 1, 3, 4).reshape(s.B, s.Hk, -1, s.D)
+            record("flex_attention MoDA", _bench(lambda: flex_run(*f_in)), step_ms(flex_run, f_in, f_grad))
+        except Exception as exc:  # a baseline that cannot run is reported, not fatal
+            record("flex_attention MoDA", None, None, f"failed: {type(exc).__name__}: {str(exc)[:120]}")
 
     errors = {}
     for name in backends:
@@ -187,7 +192,7 @@ def bench_shape(s: Shape, backends, check: bool, breakdown: bool = False):
             errors[name] = {"vs_reference_kv_head0": _rel(out[:, :, : s.G], ref)}
             if flex_out is not None:
                 errors[name]["vs_flex"] = _rel(out, flex_out)
-        record(f"moda_cuda[{name}]", _bench(lambda: fn(*inputs)), _bench(_fwd_bwd(fn, inputs, grad_out)),
+        record(f"moda_cuda[{name}]", _bench(lambda: fn(*inputs)), step_ms(fn, inputs, grad_out),
                " ".join(f"{k}={v:.1e}" for k, v in errors.get(name, {}).items()))
         if breakdown:
             kernels = kernel_breakdown(fn, inputs, grad_out)
@@ -197,12 +202,13 @@ def bench_shape(s: Shape, backends, check: bool, breakdown: bool = False):
 
     qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in inputs[:3])
     gt = grad_out.transpose(1, 2)
-    for label, backend in (("sdpa cudnn (no depth)", SDPBackend.CUDNN_ATTENTION),
-                           ("sdpa flash (no depth)", SDPBackend.FLASH_ATTENTION)):
+    sdpa = (("sdpa cudnn (no depth)", SDPBackend.CUDNN_ATTENTION),
+            ("sdpa flash (no depth)", SDPBackend.FLASH_ATTENTION)) if baselines else ()
+    for label, backend in sdpa:
         run = sdpa_plain(backend)
         try:
             run(qt, kt, vt)
-            record(label, _bench(lambda: run(qt, kt, vt)), _bench(_fwd_bwd(run, (qt, kt, vt), gt)))
+            record(label, _bench(lambda: run(qt, kt, vt)), step_ms(run, (qt, kt, vt), gt))
         except Exception as exc:
             record(label, None, None, f"failed: {type(exc).__name__}: {str(exc)[:120]}")
     return {"shape": asdict(s), "flops_fwd": s.flops(), "results": rows, "errors": errors}
@@ -217,6 +223,8 @@ def main(argv=None) -> int:
                              "gradients")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     parser.add_argument("--breakdown", action="store_true", help="also report GPU time per kernel")
+    parser.add_argument("--fwd-only", action="store_true", help="time forwards only")
+    parser.add_argument("--no-baselines", action="store_true", help="skip FlexAttention and SDPA")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_moda.py needs a CUDA GPU", file=sys.stderr)
@@ -235,7 +243,8 @@ def main(argv=None) -> int:
     }
     for s in SHAPES[args.shapes]:
         print(s.label(), flush=True)
-        report["shapes"].append(bench_shape(s, backends, check=not args.no_check, breakdown=args.breakdown))
+        report["shapes"].append(bench_shape(s, backends, check=not args.no_check, breakdown=args.breakdown,
+                                            fwd_only=args.fwd_only, baselines=not args.no_baselines))
         torch.cuda.empty_cache()
 
     os.makedirs(args.out, exist_ok=True)
