@@ -23,7 +23,7 @@ fi
 have pytest || pip_install pytest
 # CUTLASS/CuTe headers for the CUDA extension's build and its compile-only test.
 "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('cutlass_library') else 1)" \
-    || pip_install "nvidia-cutlass==4.2.0.0"
+    || pip_install --no-deps "nvidia-cutlass==4.2.0.0"  # headers only: its Python tools are not used
 have matplotlib || pip_install matplotlib      # example loss curves (optional at run time)
 have sklearn || pip_install scikit-learn       # the ViT example's digits data (optional at run time)
 pip_install --no-build-isolation --no-deps -e .
