@@ -89,12 +89,20 @@ struct TileSchedule {
     __device__ int size() const { return n_seq + n_depth; }
 };
 
-// Depth tile d of a schedule: first position and first slot of its box.
-struct DepthTile {
-    int s0, l0;
-    __device__ DepthTile(FwdKernelParams const& p, TileSchedule const& sched, int d)
-        : s0(sched.s_lo + d / p.depth_slot_blocks * p.depth_box_positions),
-          l0(d % p.depth_slot_blocks * p.depth_box_slots) {}
+// Tile i of a schedule: sequence tile n (walked last to first), or depth tile d with the
+// first position s0 and first slot l0 of its box.
+struct TileAt {
+    bool is_seq;
+    int n;
+    int s0 = 0, l0 = 0;
+    __device__ TileAt(FwdKernelParams const& p, TileSchedule const& sched, int i)
+        : is_seq(i < sched.n_seq), n(sched.n_seq - 1 - i) {
+        if (!is_seq) {
+            const int d = i - sched.n_seq;
+            s0 = sched.s_lo + d / p.depth_slot_blocks * p.depth_box_positions;
+            l0 = d % p.depth_slot_blocks * p.depth_box_slots;
+        }
+    }
 };
 
 // May a query at position t read the depth rows written at position s?
@@ -243,18 +251,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         PipelineState write = cutlass::make_producer_start_state<Pipeline>();
         for (int i = 0; i < sched.size(); ++i) {
             const int stage_offset = write.index() * kBlockN * kHeadDim;
-            const bool is_seq = i < sched.n_seq;
-            const int n = sched.n_seq - 1 - i;
-            const DepthTile dt(p, sched, i - sched.n_seq);
+            const TileAt tile(p, sched, i);
             // One tile into one pipeline's stage: a sequence box [64, 1, kBlockN, 1, 1] at
             // position n * kBlockN, or a depth box [64, 1, Lb, Tb, 1] at (slot l0, position s0).
             auto load = [&](Pipeline& pipe, CUtensorMap const* seq_map, CUtensorMap const* depth_map, Element* buf) {
                 pipe.producer_acquire(write);
                 uint64_t* full = pipe.producer_get_barrier(write);
-                if (is_seq) {
-                    tma_load_rows<kBlockN, kHeadDim>(seq_map, full, buf + stage_offset, hk, n * kBlockN, batch, 0);
+                if (tile.is_seq) {
+                    tma_load_rows<kBlockN, kHeadDim>(seq_map, full, buf + stage_offset, hk, tile.n * kBlockN, batch, 0);
                 } else {
-                    tma_load_rows<kBlockN, kHeadDim>(depth_map, full, buf + stage_offset, hk, dt.l0, dt.s0, batch);
+                    tma_load_rows<kBlockN, kHeadDim>(depth_map, full, buf + stage_offset, hk, tile.l0, tile.s0, batch);
                 }
             };
             load(pipe_k, &p.tma_k, &p.tma_dk, sK_ptr);
@@ -303,19 +309,19 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
 
     // Scores -> -inf where a key is not visible: sequence tiles on the causal diagonal or
     // past the end of T, and every depth tile (other positions, other chunks, slots >= L).
-    auto apply_mask = [&](bool is_seq, int n, DepthTile const& dt) {
-        if (is_seq && n < sched.first_masked) return;
+    auto apply_mask = [&](TileAt const& tile) {
+        if (tile.is_seq && tile.n < sched.first_masked) return;
         CUTLASS_PRAGMA_UNROLL
         for (int e = 0; e < size(tSrS); ++e) {
             const int c = frag_col(e, lane);
             const int t = t_row[frag_row_half(e)];
             bool ok;
-            if (is_seq) {
-                const int s = n * kBlockN + c;
+            if (tile.is_seq) {
+                const int s = tile.n * kBlockN + c;
                 ok = s < p.seqlen && (!kCausal || s <= t);
             } else {
-                const int s = dt.s0 + (c >> p.depth_box_slots_log2);
-                const int l = dt.l0 + (c & (p.depth_box_slots - 1));
+                const int s = tile.s0 + (c >> p.depth_box_slots_log2);
+                const int l = tile.l0 + (c & (p.depth_box_slots - 1));
                 ok = l < p.depth && s < sched.s_hi && depth_visible<kCausal>(t, s, p.depth_chunk);
             }
             if (!ok) tSrS(e) = -INFINITY;
@@ -370,15 +376,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     };
 
     for (int i = 0; i < sched.size(); ++i) {
-        const bool is_seq = i < sched.n_seq;
-        const int n = sched.n_seq - 1 - i;
-        const DepthTile dt(p, sched, i - sched.n_seq);
+        const TileAt tile(p, sched, i);
         bool active = wg_has_rows;
-        if (is_seq) {
-            if (kCausal) active &= n * kBlockN <= wg_t_hi;
+        if (tile.is_seq) {
+            if (kCausal) active &= tile.n * kBlockN <= wg_t_hi;
         } else {
-            const int s_last = min(dt.s0 + p.depth_box_positions, sched.s_hi) - 1;
-            active &= depth_block_visible<kCausal>(wg_t_lo, wg_t_hi, dt.s0, s_last, p.depth_chunk);
+            const int s_last = min(tile.s0 + p.depth_box_positions, sched.s_hi) - 1;
+            active &= depth_block_visible<kCausal>(wg_t_lo, wg_t_hi, tile.s0, s_last, p.depth_chunk);
         }
         if (!active) {
             // Nothing this warpgroup can see: hand both stages back untouched (and the turn:
@@ -409,7 +413,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             pass_turn<kPingPong>(wg);
             wgmma_wait<1>(tSrS);  // S is ready; P V may still run
             pipe_k.consumer_release(read);
-            apply_mask(is_seq, n, dt);
+            apply_mask(tile);
             softmax_step(alpha);
             wgmma_wait<0>(tOrO);
             pipe_v.consumer_release(pending);
@@ -419,7 +423,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             pass_turn<kPingPong>(wg);
             wgmma_wait<0>(tSrS);
             pipe_k.consumer_release(read);
-            apply_mask(is_seq, n, dt);
+            apply_mask(tile);
             softmax_step(alpha);
         }
         rescale_and_convert(alpha);
