@@ -296,9 +296,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     clear(tOrO);
 
     // This thread's two rows and their positions; this warpgroup's positions.
-    int t_row[2];
+    int row[2], t_row[2];  // folded rows (accumulator layout: see frag_row_half), positions
     CUTLASS_PRAGMA_UNROLL
-    for (int h = 0; h < 2; ++h) t_row[h] = (row0 + wg * 64 + (tid % 128) / 32 * 16 + lane / 4 + 8 * h) / G;
+    for (int h = 0; h < 2; ++h) {
+        row[h] = row0 + wg * 64 + (tid % 128) / 32 * 16 + lane / 4 + 8 * h;
+        t_row[h] = row[h] / G;
+    }
     const int wg_t_lo = (row0 + wg * 64) / G;
     const int wg_t_hi = min((row0 + wg * 64 + 63) / G, p.seqlen - 1);
     const bool wg_has_rows = wg_t_lo < p.seqlen;
@@ -447,9 +450,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     Element* out = static_cast<Element*>(p.out);
     CUTLASS_PRAGMA_UNROLL
     for (int h = 0; h < 2; ++h) {
-        const int row = row0 + wg * 64 + (tid % 128) / 32 * 16 + lane / 4 + 8 * h;
-        const int t = row / G;
-        const int head = hk * G + row % G;
+        const int t = t_row[h];
+        const int head = hk * G + row[h] % G;
         if (t >= p.seqlen) continue;
         Element* dst = out + batch * p.out_batch_stride + t * p.out_seq_stride + head * p.out_head_stride;
         CUTLASS_PRAGMA_UNROLL
