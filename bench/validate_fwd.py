@@ -2,7 +2,8 @@
 
 A quick check to run before the full test suite (and the case compute-sanitizer runs):
 fresh random inputs, the output poisoned with NaN before the call, relative L2 error of out
-and lse. Exits non-zero when any case is over tolerance.
+and lse. Exits non-zero when any case is over tolerance. Inputs, poisoning, error measure
+and tolerances are the test suite's own (tests/helpers.py, tests/kernel_checks.py).
 
     python bench/validate_fwd.py --backend cuda
     python bench/validate_fwd.py --backend cuda --small     # one tiny case (for compute-sanitizer)
@@ -12,56 +13,48 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 import moda_cuda
 from moda_cuda.reference import moda_attention_ref
 
-# (B, T, Hq, Hk, D, L, chunk, causal, seq, depth_slots)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import Case, as_double, make_inputs, rel_err  # noqa: E402
+from kernel_checks import TOLERANCE, poisoned_allocations  # noqa: E402
+
+# (case, depth_slots): slots > L passes the depth tensors as strided views of a larger buffer.
 CASES = [
-    (2, 1000, 16, 2, 64, 8, 1, True, True, None),
-    (2, 1000, 16, 2, 64, 8, 1, False, True, None),
-    (2, 1000, 16, 2, 128, 8, 4, True, True, None),
-    (1, 1000, 16, 2, 64, 8, 5, False, True, None),
-    (1, 777, 16, 2, 128, 8, 1, True, False, None),
-    (1, 777, 8, 8, 64, 3, 3, False, False, None),
-    (1, 555, 16, 2, 64, 0, 1, True, True, None),
-    (1, 300, 2, 2, 64, 1, 1, True, True, None),
-    (1, 300, 32, 2, 128, 5, 1, True, True, None),
-    (1, 1, 8, 4, 64, 4, 1, True, True, None),
-    (1, 1, 8, 1, 128, 3, 1, False, True, None),
-    (1, 333, 8, 2, 64, 256, 1, True, True, None),
-    (1, 257, 8, 2, 128, 33, 2, True, True, None),
-    (1, 1000, 16, 2, 64, 6, 2, True, True, 24),
-    (1, 4096, 64, 8, 64, 64, 1, True, True, None),
-    (1, 2048, 32, 8, 128, 32, 1, True, True, None),
-    (1, 129, 16, 4, 64, 7, 1, True, True, None),
+    (Case(B=2, T=1000, Hq=16, Hk=2, D=64, L=8), None),
+    (Case(B=2, T=1000, Hq=16, Hk=2, D=64, L=8, causal=False), None),
+    (Case(B=2, T=1000, Hq=16, Hk=2, D=128, L=8, chunk=4), None),
+    (Case(B=1, T=1000, Hq=16, Hk=2, D=64, L=8, chunk=5, causal=False), None),
+    (Case(B=1, T=777, Hq=16, Hk=2, D=128, L=8, seq=False), None),
+    (Case(B=1, T=777, Hq=8, Hk=8, D=64, L=3, chunk=3, causal=False, seq=False), None),
+    (Case(B=1, T=555, Hq=16, Hk=2, D=64, L=0), None),
+    (Case(B=1, T=300, Hq=2, Hk=2, D=64, L=1), None),
+    (Case(B=1, T=300, Hq=32, Hk=2, D=128, L=5), None),
+    (Case(B=1, T=1, Hq=8, Hk=4, D=64, L=4), None),
+    (Case(B=1, T=1, Hq=8, Hk=1, D=128, L=3, causal=False), None),
+    (Case(B=1, T=333, Hq=8, Hk=2, D=64, L=256), None),
+    (Case(B=1, T=257, Hq=8, Hk=2, D=128, L=33, chunk=2), None),
+    (Case(B=1, T=1000, Hq=16, Hk=2, D=64, L=6, chunk=2), 24),
+    (Case(B=1, T=4096, Hq=64, Hk=8, D=64, L=64), None),
+    (Case(B=1, T=2048, Hq=32, Hk=8, D=128, L=32), None),
+    (Case(B=1, T=129, Hq=16, Hk=4, D=64, L=7), None),
 ]
-SMALL = [(1, 77, 8, 2, 64, 5, 1, True, True, None)]
+SMALL = [(Case(B=1, T=77, Hq=8, Hk=2, D=64, L=5), None)]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def run_case(c, dtype, backend, seed):
-    B, T, Hq, Hk, D, L, chunk, causal, seq, slots = c
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g).to(device="cuda", dtype=dtype)
-
-    q = rand(B, T, Hq, D)
-    k, v = (rand(B, T, Hk, D), rand(B, T, Hk, D)) if seq else (None, None)
-    dk = rand(B, T, slots or L, Hk, D)[:, :, :L]
-    dv = rand(B, T, slots or L, Hk, D)[:, :, :L]
-    out, lse = moda_cuda.moda_attention(q, k, v, dk, dv, causal=causal, depth_chunk=chunk, return_lse=True,
-                                        backend=backend)
-    dbl = [None if t is None else t.double().cpu() for t in (q, k, v, dk, dv)]
-    ref, ref_lse = moda_attention_ref(*dbl, causal=causal, depth_chunk=chunk, return_lse=True)
-
-    def err(x, r):
-        x = x.double().cpu()
-        return float("inf") if not torch.isfinite(x).all() else ((x - r).norm() / r.norm()).item()
-
-    return err(out, ref), err(lse, ref_lse)
+def run_case(case: Case, slots, dtype, backend: str, seed: int):
+    inputs = make_inputs(case, dtype, "cuda", seed=seed, depth_slots=slots)
+    kw = dict(causal=case.causal, depth_chunk=case.chunk)
+    with poisoned_allocations():
+        out, lse = moda_cuda.moda_attention(*inputs, return_lse=True, backend=backend, **kw)
+    ref, ref_lse = moda_attention_ref(*as_double(inputs), return_lse=True, **kw)
+    return rel_err(out, ref), rel_err(lse, ref_lse)
 
 
 def main() -> int:
@@ -70,28 +63,19 @@ def main() -> int:
     p.add_argument("--small", action="store_true")
     p.add_argument("--dtypes", default="bf16,fp16")
     a = p.parse_args()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    tol = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
-    # torch.empty poisoned: every output element the kernel fails to write shows up as NaN.
-    empty = torch.empty
-
-    def poisoned(*args, **kw):
-        t = empty(*args, **kw)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = poisoned
     failures = 0
-    print(f"{'case (B,T,Hq,Hk,D,L,C,causal,seq,slots)':<52} {'dtype':>8} {'out err':>10} {'lse err':>10}")
-    for i, c in enumerate(SMALL if a.small else CASES):
+    print(f"{'case':<52} {'dtype':>8} {'out err':>10} {'lse err':>10}")
+    for i, (case, slots) in enumerate(SMALL if a.small else CASES):
+        label = str(case) + (f"-slots{slots}" if slots else "")
         for name in a.dtypes.split(","):
-            dtype = dtypes[name]
+            dtype = DTYPES[name]
             try:
-                e_out, e_lse = run_case(c, dtype, a.backend, seed=i)
-                ok = e_out < tol[dtype] and e_lse < tol[dtype]
-                print(f"{str(c):<52} {name:>8} {e_out:10.2e} {e_lse:10.2e}{'' if ok else '   FAIL'}", flush=True)
+                e_out, e_lse = run_case(case, slots, dtype, a.backend, seed=i)
+                ok = e_out < TOLERANCE[dtype] and e_lse < TOLERANCE[dtype]
+                print(f"{label:<52} {name:>8} {e_out:10.2e} {e_lse:10.2e}{'' if ok else '   FAIL'}", flush=True)
             except Exception as exc:  # report and go on: one bad case must not hide the others
                 ok = False
-                print(f"{str(c):<52} {name:>8} error: {str(exc).splitlines()[0][:120]}", flush=True)
+                print(f"{label:<52} {name:>8} error: {str(exc).splitlines()[0][:120]}", flush=True)
             failures += not ok
     torch.cuda.synchronize()
     print(f"{failures} failing case(s)")
