@@ -27,14 +27,14 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_
 install() {  # DIR LOG: editable install of the package in DIR
     (cd "$1" && python3 -m pip install --no-build-isolation --no-deps -e . >"$2" 2>&1)
 }
+cxx_bool() { [ "$1" = 1 ] && echo true || echo false; }
 
 for cfg in $configs; do
     IFS=, read -r overlap pingpong stages <<<"$cfg"
     name="overlap${overlap}_pingpong${pingpong}_stages${stages}"
-    tb() { [ "$1" = 1 ] && echo true || echo false; }
     work=$(mktemp -d)
     cp -r setup.py pyproject.toml MANIFEST.in README.md moda_cuda triton_ref csrc "$work"/
-    sed -i -E "s/kOverlap = (true|false), kPingPong = (true|false)/kOverlap = $(tb "$overlap"), kPingPong = $(tb "$pingpong")/" \
+    sed -i -E "s/kOverlap = (true|false), kPingPong = (true|false)/kOverlap = $(cxx_bool "$overlap"), kPingPong = $(cxx_bool "$pingpong")/" \
         "$work/csrc/moda_fwd_launch.h"
     sed -i -E "/struct FwdConfig<64>/,/};/ s/kStages = [0-9]+/kStages = $stages/" "$work/csrc/moda_fwd_launch.h"
     echo "== $name"
