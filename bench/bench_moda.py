@@ -56,6 +56,8 @@ SHAPES = {
     "issue": [Shape(1, 16384, 64, 8, 64, 64), Shape(1, 8192, 32, 8, 128, 32), Shape(1, 4096, 64, 8, 64, 64)],
     "small": [Shape(1, 2048, 16, 4, 64, 16)],
 }
+# The issue shapes and the same without depth: the difference is what the depth part costs.
+SHAPES["probe"] = SHAPES["issue"] + [Shape(s.B, s.T, s.Hq, s.Hk, s.D, 0) for s in SHAPES["issue"]]
 
 
 def _bench(fn) -> float:

@@ -54,7 +54,6 @@ struct FwdKernelParams {
     int64_t out_batch_stride, out_seq_stride, out_head_stride;
     int seqlen, kv_heads, group, depth, depth_chunk;
     int depth_box_slots;      // Lb
-    int depth_box_slots_log2;
     int depth_box_positions;  // Tb
     int depth_slot_blocks;    // ceil(L / Lb)
     int num_m_blocks;
@@ -105,20 +104,18 @@ struct TileAt {
     }
 };
 
-// May a query at position t read the depth rows written at position s?
-template <bool kCausal>
-__device__ __forceinline__ bool depth_visible(int t, int s, int chunk) {
-    if (chunk == 1) return s == t;
-    return s / chunk == t / chunk && (!kCausal || s <= t);
-}
-
-// Could any query at positions [t0, t1] read depth rows of positions [s0, s1]? (May answer
-// yes when the answer is no; never the reverse.)
-template <bool kCausal>
-__device__ __forceinline__ bool depth_block_visible(int t0, int t1, int s0, int s1, int chunk) {
-    if (chunk == 1) return max(s0, t0) <= min(s1, t1);
-    return s0 / chunk <= t1 / chunk && s1 / chunk >= t0 / chunk && (!kCausal || s0 <= t1);
-}
+// The depth rows a query at position t may read are those written at positions
+// [first, last]: its own position (depth_chunk = 1), or the positions of its chunk, up to t
+// when causal. The window is contiguous and moves monotonically with t, so the union over a
+// range of query positions is the window from the first one's `first` to the last one's `last`.
+struct DepthWindow {
+    int first, last;
+    template <bool kCausal>
+    __device__ static DepthWindow of(int t, int chunk, int seqlen) {
+        const int first = t / chunk * chunk;
+        return {first, kCausal ? t : min(first + chunk, seqlen) - 1};
+    }
+};
 
 template <int N, int D, class Element>
 __device__ __forceinline__ void tma_load_rows(CUtensorMap const* map, uint64_t* bar, Element* smem, int c1, int c2,
@@ -310,24 +307,41 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     float row_sum[2] = {0.f, 0.f};  // this thread's partial sums; reduced over the quad at the end
     const float scale_log2 = p.scale_log2;
 
-    // Scores -> -inf where a key is not visible: sequence tiles on the causal diagonal or
-    // past the end of T, and every depth tile (other positions, other chunks, slots >= L).
+    // Each row's depth window, and this warpgroup's (rows are in position order).
+    DepthWindow window[2];
+    CUTLASS_PRAGMA_UNROLL
+    for (int h = 0; h < 2; ++h) window[h] = DepthWindow::of<kCausal>(t_row[h], p.depth_chunk, p.seqlen);
+    const int wg_first = DepthWindow::of<kCausal>(wg_t_lo, p.depth_chunk, p.seqlen).first;
+    const int wg_last = DepthWindow::of<kCausal>(wg_t_hi, p.depth_chunk, p.seqlen).last;
+
+    // Scores -> -inf where a key is not visible: sequence tiles on the causal diagonal or past
+    // the end of T, and every depth tile (other positions, other chunks, slots >= L). In both
+    // kinds of tile a row sees one contiguous range of columns [lo, hi) (a depth box is
+    // position-major: column c is position s0 + c / Lb, slot l0 + c % Lb), so the per-element
+    // work is two compares against per-row bounds, plus the slot test in a depth box whose
+    // last slots lie past L. No divisions and no branches per element.
     auto apply_mask = [&](TileAt const& tile) {
         if (tile.is_seq && tile.n < sched.first_masked) return;
+        int lo[2], hi[2];
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+            if (tile.is_seq) {
+                const int end = kCausal ? min(t_row[h] + 1, p.seqlen) : p.seqlen;
+                lo[h] = 0;
+                hi[h] = end - tile.n * kBlockN;
+            } else {
+                lo[h] = (window[h].first - tile.s0) * p.depth_box_slots;
+                hi[h] = (window[h].last + 1 - tile.s0) * p.depth_box_slots;
+            }
+        }
+        // Slot test, a no-op for sequence tiles: column c holds slot c & slot_mask.
+        const int slot_mask = tile.is_seq ? kBlockN - 1 : p.depth_box_slots - 1;
+        const int slot_end = tile.is_seq ? kBlockN : min(p.depth - tile.l0, p.depth_box_slots);
         CUTLASS_PRAGMA_UNROLL
         for (int e = 0; e < size(tSrS); ++e) {
             const int c = frag_col(e, lane);
-            const int t = t_row[frag_row_half(e)];
-            bool ok;
-            if (tile.is_seq) {
-                const int s = tile.n * kBlockN + c;
-                ok = s < p.seqlen && (!kCausal || s <= t);
-            } else {
-                const int s = tile.s0 + (c >> p.depth_box_slots_log2);
-                const int l = tile.l0 + (c & (p.depth_box_slots - 1));
-                ok = l < p.depth && s < sched.s_hi && depth_visible<kCausal>(t, s, p.depth_chunk);
-            }
-            if (!ok) tSrS(e) = -INFINITY;
+            const int h = frag_row_half(e);
+            if (c < lo[h] || c >= hi[h] || (c & slot_mask) >= slot_end) tSrS(e) = -INFINITY;
         }
     };
     // Online softmax in base 2 over the scores in tSrS: updates the running max and sum,
@@ -384,8 +398,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         if (tile.is_seq) {
             if (kCausal) active &= tile.n * kBlockN <= wg_t_hi;
         } else {
-            const int s_last = min(tile.s0 + p.depth_box_positions, sched.s_hi) - 1;
-            active &= depth_block_visible<kCausal>(wg_t_lo, wg_t_hi, tile.s0, s_last, p.depth_chunk);
+            const int s_last = tile.s0 + p.depth_box_positions - 1;
+            active &= tile.s0 <= wg_last && s_last >= wg_first;
         }
         if (!active) {
             // Nothing this warpgroup can see: hand both stages back untouched (and the turn:

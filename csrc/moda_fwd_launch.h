@@ -92,7 +92,6 @@ std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
     p.depth = L;
     p.depth_chunk = a.depth_chunk;
     p.depth_box_slots = Lb;
-    p.depth_box_slots_log2 = __builtin_ctz(Lb);
     p.depth_box_positions = kBlockN / Lb;
     p.depth_slot_blocks = L > 0 ? (L + Lb - 1) / Lb : 0;
     p.num_m_blocks = (T * G + kBlockM - 1) / kBlockM;
