@@ -13,19 +13,20 @@
 namespace moda {
 
 // Tile sizes and schedule per head dim: kBlockN keys per stage, kStages stages (shared
-// memory: q + 2 x kStages x [kBlockN x D]); kOverlap: run tile i's softmax while tile i-1's
-// P V product runs; kPingPong: the consumer warpgroups take turns issuing their matmuls.
-// Measured on the H200 (bench/NOTES.md): with neither, 8.2 ms at T=16384, D=64; with
-// kOverlap alone, 10.3 ms, in a build that ptxas serialized (C7515/C7517; since fixed).
-// Both are off until measured again.
+// memory: q + 2 x kStages x [kBlockN x D], at most 227 KB); kOverlap: run tile i's softmax
+// while tile i-1's P V product runs; kPingPong: the consumer warpgroups take turns issuing
+// their matmuls. Chosen by measurement (bench/sweep_fwd_config.sh, bench/NOTES.md), H200,
+// forward of the issue shapes: at D = 64 the serial order is fastest (the overlapped one
+// costs 2-5%, with turn-taking 3-7%), at D = 128 the overlapped one (2-4% faster); the deepest
+// pipelines that fit gain 1-2%.
 template <int D> struct FwdConfig;
 template <> struct FwdConfig<64> {
-    static constexpr int kBlockN = 128, kStages = 3;
+    static constexpr int kBlockN = 128, kStages = 5;
     static constexpr bool kOverlap = false, kPingPong = false;
 };
 template <> struct FwdConfig<128> {
-    static constexpr int kBlockN = 128, kStages = 2;
-    static constexpr bool kOverlap = false, kPingPong = false;
+    static constexpr int kBlockN = 128, kStages = 3;
+    static constexpr bool kOverlap = true, kPingPong = false;
 };
 
 inline int next_power_of_two(int x) {

@@ -9,9 +9,9 @@ Backends:
   G in {1, 2, 4, 8, 16}, L <= 256 and TMA-friendly layouts (see ``_cuda_refuses``).
 * ``reference`` -- pure PyTorch; serves every valid input.
 
-``backend="auto"`` takes triton, then the reference: the compiled forward is exact but, as
-measured on the H200 (bench/NOTES.md), still slower than the Triton forward, so auto does not
-pick it yet; ``backend="cuda"`` (or ``MODA_BACKEND=cuda``) runs it. Auto never fails on a
+``backend="auto"`` takes cuda, then triton, then the reference: the compiled forward
+measures faster than the Triton one on the H200 (README, bench/NOTES.md), and the Triton
+kernels serve what it does not compile (other head dims, float32, other GPUs). Auto never fails on a
 valid input because a fast path does not cover it: it takes the next one, and when that is
 the reference it warns once per reason (a refusal that another fast path absorbs is silent).
 A backend named explicitly (argument or ``MODA_BACKEND``) that cannot serve the input raises.
@@ -236,9 +236,8 @@ CUDA = Backend("cuda", _cuda_unavailable, _cuda_refuses, _cuda_forward, _cuda_ba
 # ----------------------------------------------------------------------------- selection
 
 BACKENDS = {b.name: b for b in (TRITON, CUDA, REFERENCE)}
-# Fast paths tried before the reference, fastest first. The compiled forward joins, ahead of
-# Triton, once it measures faster (bench/NOTES.md: 8.2 vs 6.2 ms at the paper geometry).
-_AUTO_ORDER = (TRITON,)
+# Fast paths tried before the reference, fastest first (forward times on the H200: README).
+_AUTO_ORDER = (CUDA, TRITON)
 
 
 def available_backends() -> list:
