@@ -320,11 +320,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     // position-major: column c is position s0 + c / Lb, slot l0 + c % Lb), so the per-element
     // work is two compares against per-row bounds, plus the slot test in a depth box whose
     // last slots lie past L. No divisions and no branches per element.
-    // Returns whether any column is visible to this warp's rows: in a depth box usually only
-    // one warp of the warpgroup can see anything (its rows' positions are the box's), and the
-    // other three skip the softmax of the tile.
-    auto apply_mask = [&](TileAt const& tile) -> bool {
-        if (tile.is_seq && tile.n < sched.first_masked) return true;
+    auto apply_mask = [&](TileAt const& tile) {
+        if (tile.is_seq && tile.n < sched.first_masked) return;
         int lo[2], hi[2];
         CUTLASS_PRAGMA_UNROLL
         for (int h = 0; h < 2; ++h) {
@@ -346,9 +343,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             const int h = frag_row_half(e);
             if (c < lo[h] || c >= hi[h] || (c & slot_mask) >= slot_end) tSrS(e) = -INFINITY;
         }
-        // slot_end >= 1: a row whose window meets the tile's columns sees at least slot l0.
-        const bool sees = max(lo[0], 0) < min(hi[0], kBlockN) || max(lo[1], 0) < min(hi[1], kBlockN);
-        return __any_sync(0xffffffff, sees);
     };
     // Online softmax in base 2 over the scores in tSrS: updates the running max and sum,
     // turns tSrS into probabilities (fp32, in place) and returns the factor by which the
@@ -377,13 +371,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             row_sum[h] += tSrS(e);
         }
     };
-    // O *= alpha and P = the probabilities in the element type; for a warp that saw nothing in
-    // the tile (softmax skipped), O stays and P is zero, exactly what all -inf scores would give.
-    auto rescale_and_convert = [&](float const (&alpha)[2], bool warp_sees) {
-        if (!warp_sees) {
-            clear(tOrP);
-            return;
-        }
+    auto rescale_and_convert = [&](float const (&alpha)[2]) {
         CUTLASS_PRAGMA_UNROLL
         for (int e = 0; e < size(tOrO); ++e) tOrO(e) *= alpha[frag_row_half(e)];
         CUTLASS_PRAGMA_UNROLL
@@ -431,7 +419,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
 
         pipe_k.consumer_wait(read);
         float alpha[2];
-        bool warp_sees;
         if (kOverlap && has_pending) {
             // The previous tile's P V runs on the tensor cores while this tile's softmax runs.
             // Every issue and wait of this path is unconditional, so ptxas can see that the
@@ -443,8 +430,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             pass_turn<kPingPong>(wg);
             wgmma_wait<1>(tSrS);  // S is ready; P V may still run
             pipe_k.consumer_release(read);
-            warp_sees = apply_mask(tile);
-            if (warp_sees) softmax_step(alpha);
+            apply_mask(tile);
+            softmax_step(alpha);
             wgmma_wait<0>(tOrO);
             pipe_v.consumer_release(pending);
         } else {
@@ -453,10 +440,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             pass_turn<kPingPong>(wg);
             wgmma_wait<0>(tSrS);
             pipe_k.consumer_release(read);
-            warp_sees = apply_mask(tile);
-            if (warp_sees) softmax_step(alpha);
+            apply_mask(tile);
+            softmax_step(alpha);
         }
-        rescale_and_convert(alpha, warp_sees);
+        rescale_and_convert(alpha);
         pending = read;
         has_pending = true;
         if (!kOverlap) flush_pending();  // serial order: this tile's P V right away

@@ -9,9 +9,10 @@ Backends:
   G in {1, 2, 4, 8, 16}, L <= 256 and TMA-friendly layouts (see ``_cuda_refuses``).
 * ``reference`` -- pure PyTorch; serves every valid input.
 
-``backend="auto"`` takes cuda, then triton, then the reference: the compiled forward
-measures faster than the Triton one on the H200 (README, bench/NOTES.md), and the Triton
-kernels serve what it does not compile (other head dims, float32, other GPUs). Auto never fails on a
+``backend="auto"`` takes cuda, then triton, then the reference, except where the depth part
+is a large share of the work (``cuda_depth_share``): there triton goes first. Both orders
+follow forward times measured on the H200 (README, bench/NOTES.md); the Triton kernels also
+serve what the compiled forward does not (other head dims, float32, other GPUs). Auto never fails on a
 valid input because a fast path does not cover it: it takes the next one, and when that is
 the reference it warns once per reason (a refusal that another fast path absorbs is silent).
 A backend named explicitly (argument or ``MODA_BACKEND``) that cannot serve the input raises.
@@ -239,6 +240,30 @@ BACKENDS = {b.name: b for b in (TRITON, CUDA, REFERENCE)}
 # Fast paths tried before the reference, fastest first (forward times on the H200: README).
 _AUTO_ORDER = (CUDA, TRITON)
 
+# The compiled forward's sequence loop is faster than Triton's; its depth tiles are dense, as
+# Triton's are, but cost it relatively more: a consumer warpgroup multiplies its 64 rows
+# (64 / G positions) by every depth row of those positions. So auto takes it where the depth
+# columns are a small share of the sequence keys a row reads (T / 2 on average, causal).
+# Measured on the H200 (bf16, causal forward; README, bench/NOTES.md):
+#   share 1/16 (T=16384, G=8, L=64, D=64)  cuda faster
+#   share 1/8  (T=8192,  G=4, L=32, D=128) cuda faster
+#   share 1/4  (T=4096,  G=8, L=64, D=64)  triton faster
+_CUDA_MAX_DEPTH_SHARE = 1 / 8
+
+
+def cuda_depth_share(shape: MoDAShape) -> float:
+    """Dense depth columns per query row of the compiled forward over its average sequence keys."""
+    if not shape.has_seq:
+        return float("inf")
+    return (64 / shape.group) * shape.depth / max(shape.seqlen / 2, 1)
+
+
+def _auto_order(shape: MoDAShape) -> Tuple["Backend", ...]:
+    """``_AUTO_ORDER``, with the compiled forward moved last where its depth share is large."""
+    if cuda_depth_share(shape) <= _CUDA_MAX_DEPTH_SHARE:
+        return _AUTO_ORDER
+    return tuple(b for b in _AUTO_ORDER if b is not CUDA) + tuple(b for b in _AUTO_ORDER if b is CUDA)
+
 
 def available_backends() -> list:
     """Names of the backends that can run on this machine (auto's first choice first)."""
@@ -280,7 +305,7 @@ def resolve(requested: str, q: torch.Tensor, shape: MoDAShape, tensors) -> Backe
     if not q.is_cuda:  # the fast paths are GPU kernels (the Triton interpreter is for testing only)
         return REFERENCE
     refusals = []
-    for backend in _AUTO_ORDER:
+    for backend in _auto_order(shape):
         if backend.unavailable() is not None:
             continue
         reason = backend.refuses(q, shape, tensors)

@@ -137,11 +137,16 @@ def test_float32_is_accurate():
     check_backend(B.but(T=300), torch.float32, "cuda", "triton")
 
 
-def test_auto_picks_the_fastest_backend_on_cuda():
-    """The compiled forward where it is built (it measures faster), else Triton."""
-    inputs = make_inputs(B, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("case, cuda_first", [
+    (Case(B=1, T=2048, Hq=16, Hk=2, D=64, L=4), True),  # depth share 1/32
+    (Case(B=1, T=256, Hq=16, Hk=2, D=64, L=16), False),  # depth share 1
+], ids=str)
+def test_auto_picks_the_fastest_backend_on_cuda(case, cuda_first):
+    """The compiled forward where it is built and the depth share is small (it measures
+    faster there), else Triton."""
+    inputs = make_inputs(case, torch.bfloat16, "cuda")
     shape = moda_cuda.check_inputs(*inputs, None, True, 1)
-    fastest = dispatch.CUDA if dispatch.CUDA.unavailable() is None else dispatch.TRITON
+    fastest = dispatch.CUDA if cuda_first and dispatch.CUDA.unavailable() is None else dispatch.TRITON
     assert dispatch.resolve("auto", inputs[0], shape, inputs) is fastest
 
 
@@ -153,8 +158,11 @@ def test_cuda_backend_on_h200():
     shape = moda_cuda.check_inputs(*inputs, None, True, 1)
     assert dispatch.resolve("cuda", inputs[0], shape, inputs) is dispatch.CUDA
     assert dispatch.CUDA.backward_name == "triton"
-    report = moda_cuda.info(print_it=False, shape=(1, 4096, 64, 8, 64, 64))
-    assert report["backend for (1, 4096, 64, 8, 64, 64) bfloat16"] == "cuda"
+    report = moda_cuda.info(print_it=False, shape=(1, 16384, 64, 8, 64, 64))
+    assert report["backend for (1, 16384, 64, 8, 64, 64) bfloat16"] == "cuda"
+    assert report["backward for (1, 16384, 64, 8, 64, 64) bfloat16"] == "triton"
+    report = moda_cuda.info(print_it=False, shape=(1, 4096, 64, 8, 64, 64))  # depth share 1/4
+    assert report["backend for (1, 4096, 64, 8, 64, 64) bfloat16"] == "triton"
     assert report["cuda extension"] == "built" and "sm_90a" in report["cuda extension archs"]
 
 

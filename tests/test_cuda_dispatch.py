@@ -15,6 +15,7 @@ import moda_cuda
 from helpers import Case, as_double, make_inputs, rel_err
 from kernel_checks import poisoned_allocations
 from moda_cuda import _cuda_ext, dispatch
+from moda_cuda._spec import MoDAShape
 from moda_cuda.reference import moda_attention_ref, moda_attention_ref_backward
 
 GOOD = Case(B=2, T=37, Hq=8, Hk=2, D=64, L=5)  # G = 4
@@ -208,6 +209,30 @@ def test_first_refusal_wins_in_a_fixed_order(hopper):
 
 
 # ----------------------------------------------------------------------------- auto policy
+
+
+def _spec(T, Hq, Hk, L, has_seq=True):
+    return MoDAShape(batch=1, seqlen=T, q_heads=Hq, kv_heads=Hk, head_dim=64, depth=L, has_seq=has_seq)
+
+
+@pytest.mark.parametrize("spec, share", [
+    (_spec(16384, 64, 8, 64), 1 / 16),
+    (_spec(8192, 32, 8, 32), 1 / 8),
+    (_spec(4096, 64, 8, 64), 1 / 4),
+    (_spec(4096, 64, 8, 0), 0.0),
+    (_spec(1, 16, 16, 4), 256.0),  # T = 1: one key, 64 dense depth columns
+    (_spec(4096, 64, 8, 64, has_seq=False), float("inf")),
+], ids=str)
+def test_cuda_depth_share(spec, share):
+    assert dispatch.cuda_depth_share(spec) == pytest.approx(share)
+
+
+def test_auto_order_moves_cuda_last_where_the_depth_share_is_large():
+    assert dispatch._auto_order(_spec(16384, 64, 8, 64)) == (dispatch.CUDA, dispatch.TRITON)
+    assert dispatch._auto_order(_spec(8192, 32, 8, 32)) == (dispatch.CUDA, dispatch.TRITON)  # at the bound
+    assert dispatch._auto_order(_spec(4096, 64, 8, 64)) == (dispatch.TRITON, dispatch.CUDA)
+    assert dispatch._auto_order(_spec(4096, 64, 8, 64, has_seq=False)) == (dispatch.TRITON, dispatch.CUDA)
+
 
 
 def test_auto_passes_a_cuda_refusal_to_triton_silently(monkeypatch):
