@@ -73,8 +73,9 @@ def _fits(cfg: triton.Config, head_dim: int, held: str) -> bool:
     """
     m, n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     held_rows, streamed_rows = (m, n) if held == "M" else (n, m)
-    smem = 2 * head_dim * (cfg.num_stages * 2 * streamed_rows + held_rows)  # bf16 tiles
-    accumulators = (1 if held == "M" else 2) * held_rows * head_dim  # acc / dq, or dk + dv
+    width = triton.next_power_of_2(head_dim)  # Triton tiles are padded to a power of two (D=192: 256)
+    smem = 2 * width * (cfg.num_stages * 2 * streamed_rows + held_rows)  # bf16 tiles
+    accumulators = (1 if held == "M" else 2) * held_rows * width  # acc / dq, or dk + dv
     regs = (accumulators + m * n) / (32 * cfg.num_warps)
     return smem <= _SMEM_BYTES and regs <= _ACC_REGS
 
