@@ -17,7 +17,7 @@ namespace moda {
 // while tile i-1's P V product runs; kPingPong: the consumer warpgroups take turns issuing
 // their matmuls. Chosen by measurement (bench/sweep_fwd_config.sh, bench/NOTES.md), H200,
 // forward of the issue shapes: at D = 64 the serial order is fastest (the overlapped one
-// costs 2-5%, with turn-taking 3-7%), at D = 128 the overlapped one (2-4% faster) with a
+// costs 5-6%, with turn-taking 6-7%), at D = 128 the overlapped one (2-4% faster) with a
 // third stage (the most that fit; 1% faster). Five stages at D = 64 measured no faster.
 template <int D> struct FwdConfig;
 template <> struct FwdConfig<64> {
