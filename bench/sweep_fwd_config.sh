@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build, check and time the CUDA forward under several schedules in one GPU run.
 #
-# Each configuration "OVERLAP,PINGPONG,STAGES64[,STAGES128]" (0/1, 0/1, pipeline stages at
-# D=64 and at D=128; the committed value where left out) is a
+# Each configuration "OVERLAP,PINGPONG,STAGES64[,STAGES128[,WARPDEPTH]]" (0/1, 0/1, pipeline
+# stages at D=64 and at D=128, 0/1; the committed values where left out or "-"; OVERLAP and
+# PINGPONG otherwise set both head dims) is a
 # scratch copy of this checkout with FwdConfig (csrc/moda_fwd_launch.h) edited. All copies are
 # built at once (`setup.py build_ext --inplace`, the compiles share the cores); then each is
 # imported through PYTHONPATH, checked with validate_fwd.py (bf16) and timed forward-only with
@@ -10,7 +11,7 @@
 # table, with warp stall reasons, of configuration CFG on the paper geometry.
 # Logs and JSON per configuration under --out; the checkout's own install is not touched.
 #
-# Usage: bench/sweep_fwd_config.sh --out DIR [--configs "0,0,3 0,1,3 1,0,3 1,1,3"] [--ncu CFG]
+# Usage: bench/sweep_fwd_config.sh --out DIR [--configs "-,-,-,-,0 -,-,-,-,1"] [--ncu CFG]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -33,18 +34,26 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
 cxx_bool() { [ "$1" = 1 ] && echo true || echo false; }
-name_of() { IFS=, read -r o p s s128 <<<"$1"; echo "overlap${o}_pingpong${p}_stages${s}${s128:+_stages128_$s128}"; }
+name_of() {
+    IFS=, read -r o p s s128 w <<<"$1"
+    local name="overlap${o}_pingpong${p}_stages${s}${s128:+_stages128_$s128}${w:+_warpdepth$w}"
+    echo "${name//-/x}"
+}
 
 for cfg in $configs; do
-    IFS=, read -r overlap pingpong stages stages128 <<<"$cfg"
+    IFS=, read -r overlap pingpong stages stages128 warpdepth <<<"$cfg"
     work="$scratch/$(name_of "$cfg")"
     mkdir -p "$work"
     cp -r setup.py pyproject.toml MANIFEST.in README.md moda_cuda triton_ref csrc "$work"/
-    sed -i -E "s/kOverlap = (true|false), kPingPong = (true|false)/kOverlap = $(cxx_bool "$overlap"), kPingPong = $(cxx_bool "$pingpong")/" \
-        "$work/csrc/moda_fwd_launch.h"
-    sed -i -E "/struct FwdConfig<64>/,/};/ s/kStages = [0-9]+/kStages = $stages/" "$work/csrc/moda_fwd_launch.h"
-    [ -n "$stages128" ] &&
+    [ "$overlap" != - ] && [ "$pingpong" != - ] &&
+        sed -i -E "s/kOverlap = (true|false), kPingPong = (true|false)/kOverlap = $(cxx_bool "$overlap"), kPingPong = $(cxx_bool "$pingpong")/" \
+            "$work/csrc/moda_fwd_launch.h"
+    [ "$stages" != - ] &&
+        sed -i -E "/struct FwdConfig<64>/,/};/ s/kStages = [0-9]+/kStages = $stages/" "$work/csrc/moda_fwd_launch.h"
+    [ -n "$stages128" ] && [ "$stages128" != - ] &&
         sed -i -E "/struct FwdConfig<128>/,/};/ s/kStages = [0-9]+/kStages = $stages128/" "$work/csrc/moda_fwd_launch.h"
+    [ -n "$warpdepth" ] && [ "$warpdepth" != - ] &&
+        sed -i -E "s/kWarpDepth = (true|false)/kWarpDepth = $(cxx_bool "$warpdepth")/" "$work/csrc/moda_fwd_launch.h"
     (cd "$work" && MAX_JOBS=$jobs_each python3 setup.py build_ext --inplace >"$out/$(name_of "$cfg").build.log" 2>&1) &
 done
 echo "== building $n_configs configurations"

@@ -22,6 +22,12 @@
 // tensor cores idle during the softmax. With kPingPong they take turns (two named barriers,
 // one per warpgroup): a warpgroup issues its matmuls only on its turn and hands the turn over
 // right after issuing, so one warpgroup's softmax runs while the other's matmuls do.
+//
+// A depth tile is dense: the warpgroup's 64 rows times every column of the box, of which a
+// row sees at most one position's slots (1/8 of the products kept at G = 8). With kWarpDepth
+// each warp computes its own 16 rows instead (mma.sync; a warp that sees nothing of the box
+// skips it), so the waste drops to what one warp's rows span, and the softmax of the tile runs
+// in one warp instead of four.
 #pragma once
 
 #include <cuda.h>
@@ -187,7 +193,7 @@ __device__ __forceinline__ void pass_turn(int wg) {
 __device__ __forceinline__ int frag_row_half(int i) { return (i >> 1) & 1; }
 __device__ __forceinline__ int frag_col(int i, int lane) { return 8 * (i >> 2) + 2 * (lane & 3) + (i & 1); }
 
-template <class Traits, bool kCausal, bool kOverlap, bool kPingPong>
+template <class Traits, bool kCausal, bool kOverlap, bool kPingPong, bool kWarpDepth>
 __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_constant__ const FwdKernelParams p) {
     using Element = typename Traits::Element;
     using Pipeline = typename Traits::Pipeline;
@@ -320,9 +326,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     // position-major: column c is position s0 + c / Lb, slot l0 + c % Lb), so the per-element
     // work is two compares against per-row bounds, plus the slot test in a depth box whose
     // last slots lie past L. No divisions and no branches per element.
-    auto apply_mask = [&](TileAt const& tile) {
-        if (tile.is_seq && tile.n < sched.first_masked) return;
-        int lo[2], hi[2];
+    auto column_window = [&](TileAt const& tile, int (&lo)[2], int (&hi)[2]) {
         CUTLASS_PRAGMA_UNROLL
         for (int h = 0; h < 2; ++h) {
             if (tile.is_seq) {
@@ -334,6 +338,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
                 hi[h] = (window[h].last + 1 - tile.s0) * p.depth_box_slots;
             }
         }
+    };
+    auto apply_mask = [&](TileAt const& tile) {
+        if (tile.is_seq && tile.n < sched.first_masked) return;
+        int lo[2], hi[2];
+        column_window(tile, lo, hi);
         // Slot test, a no-op for sequence tiles: column c holds slot c & slot_mask.
         const int slot_mask = tile.is_seq ? kBlockN - 1 : p.depth_box_slots - 1;
         const int slot_end = tile.is_seq ? kBlockN : min(p.depth - tile.l0, p.depth_box_slots);
@@ -392,6 +401,68 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         has_pending = false;
     };
 
+    // kWarpDepth: one depth tile on this warp's own 16 rows (see the top of the file). The
+    // accumulators are views of the wgmma fragments' registers (same per-thread order), so
+    // apply_mask, softmax_step and rescale_and_convert work on them unchanged.
+    typename Traits::WarpMma warp_mma;
+    auto warp_thr = warp_mma.get_thread_slice(lane);
+    auto load_q = make_tiled_copy_A(typename Traits::WarpLoadK{}, warp_mma);
+    auto load_k = make_tiled_copy_B(typename Traits::WarpLoadK{}, warp_mma);
+    auto load_vt = make_tiled_copy_B(typename Traits::WarpLoadT{}, warp_mma);
+    auto load_q_thr = load_q.get_thread_slice(lane);
+    auto load_k_thr = load_k.get_thread_slice(lane);
+    auto load_vt_thr = load_vt.get_thread_slice(lane);
+    Tensor sQw = local_tile(sQ, Shape<_16, Int<kHeadDim>>{}, make_coord(wg * 4 + (tid % 128) / 32, 0));
+    Tensor wS = make_tensor(tSrS.data(), Layout<Shape<Shape<_2, _2>, _1, Int<kBlockN / 8>>>{});
+    Tensor wO = make_tensor(tOrO.data(), Layout<Shape<Shape<_2, _2>, _1, Int<kHeadDim / 8>>>{});
+    auto depth_tile_by_warp = [&](TileAt const& tile, PipelineState const& state) {
+        int lo[2], hi[2];
+        column_window(tile, lo, hi);
+        // slot_end >= 1 (l0 < L): a row whose window meets the box's columns sees slot l0.
+        const bool row_sees = max(lo[0], 0) < min(hi[0], kBlockN) || max(lo[1], 0) < min(hi[1], kBlockN);
+        const bool sees = __any_sync(0xffffffff, row_sees);
+        Tensor sKs = sK(_, _, state.index());
+        Tensor sVts = sVt(_, _, state.index());
+        pipe_k.consumer_wait(state);
+        if (sees) {
+            Tensor wQ = warp_thr.partition_fragment_A(sQw);  // (MMA, 1, D / 16)
+            Tensor wK = warp_thr.partition_fragment_B(sKs);  // (MMA, kBlockN / 8, D / 16)
+            Tensor wQ_src = load_q_thr.partition_S(sQw);
+            Tensor wQ_dst = load_q_thr.retile_D(wQ);
+            Tensor wK_src = load_k_thr.partition_S(sKs);
+            Tensor wK_dst = load_k_thr.retile_D(wK);
+            clear(wS);
+            CUTLASS_PRAGMA_UNROLL
+            for (int k = 0; k < size<2>(wQ); ++k) {  // one k-slice of Q and K in registers at a time
+                copy(load_q, wQ_src(_, _, k), wQ_dst(_, _, k));
+                copy(load_k, wK_src(_, _, k), wK_dst(_, _, k));
+                cute::gemm(warp_mma, wQ(_, _, k), wK(_, _, k), wS);
+            }
+        }
+        pipe_k.consumer_release(state);
+        if (sees) {
+            float alpha[2];
+            apply_mask(tile);
+            softmax_step(alpha);
+            rescale_and_convert(alpha);
+        }
+        pipe_v.consumer_wait(state);
+        if (sees) {
+            Tensor wV = warp_thr.partition_fragment_B(sVts);  // (MMA, D / 8, kBlockN / 16)
+            Tensor wV_src = load_vt_thr.partition_S(sVts);
+            Tensor wV_dst = load_vt_thr.retile_D(wV);
+            // Unrolled at D = 128, ptxas keeps every k-slice of V^T in flight and spills (~650
+            // bytes); rolled, P goes to local memory instead (128 bytes per thread, no spills).
+            constexpr int kUnrollPV = kHeadDim == 64 ? kBlockN / 16 : 1;
+#pragma unroll kUnrollPV
+            for (int k = 0; k < size<2>(wV); ++k) {
+                copy(load_vt, wV_src(_, _, k), wV_dst(_, _, k));
+                cute::gemm(warp_mma, tOrP(_, _, k), wV(_, _, k), wO);
+            }
+        }
+        pipe_v.consumer_release(state);
+    };
+
     for (int i = 0; i < sched.size(); ++i) {
         const TileAt tile(p, sched, i);
         bool active = wg_has_rows;
@@ -415,6 +486,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             pipe_v.consumer_release(read);
             ++read;
             continue;
+        }
+        if constexpr (kWarpDepth) {
+            if (!tile.is_seq) {
+                if (has_pending) flush_pending();  // its wgmma accumulates into O: finish it first
+                wait_for_turn<kPingPong>(wg);
+                pass_turn<kPingPong>(wg);
+                depth_tile_by_warp(tile, read);
+                ++read;
+                continue;
+            }
         }
 
         pipe_k.consumer_wait(read);

@@ -19,14 +19,18 @@ namespace moda {
 // forward of the issue shapes: at D = 64 the serial order is fastest (the overlapped one
 // costs 5-6%, with turn-taking 6-7%), at D = 128 the overlapped one (2-4% faster) with a
 // third stage (the most that fit; 1% faster). Five stages at D = 64 measured no faster.
+// kWarpDepth: depth tiles on each warp's own rows with mma.sync instead of the warpgroup's
+// dense wgmma (see moda_fwd_kernel.h); off until measured.
 template <int D> struct FwdConfig;
 template <> struct FwdConfig<64> {
     static constexpr int kBlockN = 128, kStages = 3;
     static constexpr bool kOverlap = false, kPingPong = false;
+    static constexpr bool kWarpDepth = false;
 };
 template <> struct FwdConfig<128> {
     static constexpr int kBlockN = 128, kStages = 3;
     static constexpr bool kOverlap = true, kPingPong = false;
+    static constexpr bool kWarpDepth = false;
 };
 
 inline int next_power_of_two(int x) {
@@ -101,8 +105,8 @@ std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
 
     const size_t smem = sizeof(typename Traits::SharedStorage);
     using Config = FwdConfig<D>;
-    auto kernel = a.causal ? &moda_fwd_kernel<Traits, true, Config::kOverlap, Config::kPingPong>
-                           : &moda_fwd_kernel<Traits, false, Config::kOverlap, Config::kPingPong>;
+    auto kernel = a.causal ? &moda_fwd_kernel<Traits, true, Config::kOverlap, Config::kPingPong, Config::kWarpDepth>
+                           : &moda_fwd_kernel<Traits, false, Config::kOverlap, Config::kPingPong, Config::kWarpDepth>;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
     dim3 grid(p.num_m_blocks, Hk, B);

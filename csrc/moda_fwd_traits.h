@@ -4,8 +4,12 @@
 #pragma once
 
 #include <cute/tensor.hpp>
+#include <cute/atom/copy_atom.hpp>
 #include <cute/atom/mma_atom.hpp>
+#include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include <type_traits>
 
 namespace moda {
 
@@ -34,6 +38,16 @@ struct FwdTraits {
         GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>, GMMA::Major::K,
                              GMMA::Major::MN>(),
         AtomLayoutMNK{}));
+
+    // Depth tiles on the warp-level path (FwdConfig::kWarpDepth): each warp multiplies only its
+    // own 16 rows, with mma.sync, operands read from the same swizzled tiles by ldmatrix. An
+    // m16n8 accumulator holds, per thread, the same rows and columns in the same register order
+    // as the warp's share of a wgmma accumulator, so the online softmax runs unchanged on it.
+    using WarpMmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::bfloat16_t>,
+                                           SM80_16x8x16_F32BF16BF16F32_TN, SM80_16x8x16_F32F16F16F32_TN>;
+    using WarpMma = decltype(make_tiled_mma(WarpMmaAtom{}, Layout<Shape<_1, _1, _1>>{}, Tile<_16, _16, _16>{}));
+    using WarpLoadK = Copy_Atom<SM75_U32x4_LDSM_N, Element>;  // K-major rows: Q and K
+    using WarpLoadT = Copy_Atom<SM75_U16x8_LDSM_T, Element>;  // transposed: V^T
 
     // K-major, 128-byte swizzled tiles: 64-column blocks of rows 128 bytes long, the layout a
     // TMA box [rows x 64] with SWIZZLE_128B writes.

@@ -65,10 +65,10 @@ def _one_instantiation() -> Path:
     return (preferred or files)[0]
 
 
-def _compile(source: Path, tmp_path: Path) -> None:
+def _compile(source: Path, tmp_path: Path, include_root: Path = ROOT) -> None:
     nvcc, cutlass = _nvcc(), _cutlass()
     obj = tmp_path / (source.stem + ".o")
-    includes = [f"-I{d}" for d in flags.include_dirs(ROOT, cutlass)]
+    includes = [f"-I{d}" for d in flags.include_dirs(include_root, cutlass)]
     cmd = [nvcc, *_torch_nvcc_flags(), *flags.nvcc_flags(), *includes, "-c", str(source), "-o", str(obj)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, (f"nvcc failed on {source} (rc {res.returncode}):\n"
@@ -78,6 +78,19 @@ def _compile(source: Path, tmp_path: Path) -> None:
 
 def test_kernel_instantiation_compiles(tmp_path):
     _compile(_one_instantiation(), tmp_path)
+
+
+def test_warp_depth_schedule_compiles(tmp_path):
+    """The depth tiles' warp-level path (FwdConfig::kWarpDepth, off until measured) is never
+    called in the default build: compile the kernel with the switch on for both head dims, so
+    that the path cannot rot unnoticed."""
+    csrc = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc", csrc)
+    launch = csrc / "moda_fwd_launch.h"
+    text, n = re.subn(r"kWarpDepth = (true|false)", "kWarpDepth = true", launch.read_text())
+    assert n == 2, f"expected a kWarpDepth switch per head dim in {launch}"
+    launch.write_text(text)
+    _compile(csrc / "instantiations" / _one_instantiation().name, tmp_path, include_root=tmp_path)
 
 
 def test_host_launcher_compiles(tmp_path):
