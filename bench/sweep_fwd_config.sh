@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # Build, check and time the CUDA forward under several schedules in one GPU run.
 #
-# Each configuration "OVERLAP,PINGPONG,STAGES64[,STAGES128[,WARPDEPTH]]" (0/1, 0/1, pipeline
-# stages at D=64 and at D=128, 0/1; the committed values where left out or "-"; OVERLAP and
-# PINGPONG otherwise set both head dims) is a
-# scratch copy of this checkout with FwdConfig (csrc/moda_fwd_launch.h) edited. All copies are
+# Each configuration is a comma-separated list of FwdConfig assignments
+# (csrc/moda_fwd_launch.h): FIELD=VALUE for both head dims, 64.FIELD=VALUE or
+# 128.FIELD=VALUE for one; "base" is the committed configuration. Each is a scratch copy of this
+# checkout with the assignments applied. All copies are
 # built at once (`setup.py build_ext --inplace`, the compiles share the cores); then each is
 # imported through PYTHONPATH, checked with validate_fwd.py (bf16) and timed forward-only with
 # bench_moda.py. The Triton forward is timed once beside them. --ncu CFG adds the Nsight
 # table, with warp stall reasons, of configuration CFG on the paper geometry.
 # Logs and JSON per configuration under --out; the checkout's own install is not touched.
 #
-# Usage: bench/sweep_fwd_config.sh --out DIR [--configs "-,-,-,-,0 -,-,-,-,1"] [--ncu CFG]
+# Usage: bench/sweep_fwd_config.sh --out DIR [--configs "base kWarpDepth=true 64.kConsumerWGs=3"] [--ncu CFG]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-out="" configs="0,0,3 0,1,3 1,0,3 1,1,3" ncu_cfg=""
+out="" configs="base" ncu_cfg=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
@@ -33,33 +33,31 @@ jobs_each=$(( ($(nproc) + n_configs - 1) / n_configs ))
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
-cxx_bool() { [ "$1" = 1 ] && echo true || echo false; }
-name_of() {
-    IFS=, read -r o p s s128 w <<<"$1"
-    local name="overlap${o}_pingpong${p}_stages${s}${s128:+_stages128_$s128}${w:+_warpdepth$w}"
-    echo "${name//-/x}"
+name_of() { local n=${1//./}; n=${n//=/}; echo "${n//,/_}"; }
+configure() {  # DIR CFG: apply CFG's assignments to DIR/csrc/moda_fwd_launch.h
+    local launch="$1/csrc/moda_fwd_launch.h" item field value scope
+    [ "$2" = base ] && return 0
+    for item in ${2//,/ }; do
+        field=${item%%=*} value=${item#*=} scope=""
+        case "$field" in 64.*|128.*) scope="/struct FwdConfig<${field%%.*}>/,/};/"; field=${field#*.} ;; esac
+        grep -q "static constexpr .*\b$field = " "$launch" || { echo "!! no FwdConfig field $field" >&2; return 1; }
+        sed -i -E "${scope}{/static constexpr/ s/\b($field = )[^,;]+/\1$value/}" "$launch"
+    done
 }
 
 for cfg in $configs; do
-    IFS=, read -r overlap pingpong stages stages128 warpdepth <<<"$cfg"
     work="$scratch/$(name_of "$cfg")"
     mkdir -p "$work"
     cp -r setup.py pyproject.toml MANIFEST.in README.md moda_cuda triton_ref csrc "$work"/
-    [ "$overlap" != - ] && [ "$pingpong" != - ] &&
-        sed -i -E "s/kOverlap = (true|false), kPingPong = (true|false)/kOverlap = $(cxx_bool "$overlap"), kPingPong = $(cxx_bool "$pingpong")/" \
-            "$work/csrc/moda_fwd_launch.h"
-    [ "$stages" != - ] &&
-        sed -i -E "/struct FwdConfig<64>/,/};/ s/kStages = [0-9]+/kStages = $stages/" "$work/csrc/moda_fwd_launch.h"
-    [ -n "$stages128" ] && [ "$stages128" != - ] &&
-        sed -i -E "/struct FwdConfig<128>/,/};/ s/kStages = [0-9]+/kStages = $stages128/" "$work/csrc/moda_fwd_launch.h"
-    [ -n "$warpdepth" ] && [ "$warpdepth" != - ] &&
-        sed -i -E "s/kWarpDepth = (true|false)/kWarpDepth = $(cxx_bool "$warpdepth")/" "$work/csrc/moda_fwd_launch.h"
+    ln -s ../triton_ref "$work/moda_cuda/triton_ref"  # what the install's package mapping does
+    configure "$work" "$cfg" || exit 2
     (cd "$work" && MAX_JOBS=$jobs_each python3 setup.py build_ext --inplace >"$out/$(name_of "$cfg").build.log" 2>&1) &
 done
 echo "== building $n_configs configurations"
 wait
 
-PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" python3 bench/bench_moda.py --backends triton --fwd-only --no-baselines --no-check --shapes probe --out "$out/triton" \
+first=$(name_of "${configs%% *}")
+PYTHONPATH="$scratch/$first${PYTHONPATH:+:$PYTHONPATH}" python3 bench/bench_moda.py --backends triton --fwd-only --no-baselines --no-check --shapes probe --out "$out/triton" \
     >"$out/triton.bench.log" 2>&1
 grep -E "^B=|moda_cuda\[" "$out/triton.bench.log"
 

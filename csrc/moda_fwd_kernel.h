@@ -1,10 +1,10 @@
 // MoDA forward for Hopper (sm_90a): TMA loads on an mbarrier pipeline, wgmma, one producer
 // warpgroup and two consumer warpgroups.
 //
-// One CTA owns kBlockM = 128 G-folded query rows of one (batch, kv head): folded row
-// R = t * G + g is query head hk * G + g at position t, so the CTA covers the 128 / G
-// positions [t_lo, t_hi] with all their G heads, and every key/value tile it loads serves all
-// G heads at once. Consumer warpgroup w owns rows [64 w, 64 w + 64).
+// One CTA owns kBlockM = 64 x (consumer warpgroups) G-folded query rows of one (batch, kv
+// head): folded row R = t * G + g is query head hk * G + g at position t, so the CTA covers
+// the kBlockM / G positions [t_lo, t_hi] with all their G heads, and every key/value tile it
+// loads serves all G heads at once. Consumer warpgroup w owns rows [64 w, 64 w + 64).
 //
 // The CTA walks one list of key tiles into ONE online softmax:
 //   1. sequence tiles, last (causal diagonal, masked) first, then the fully visible ones;
@@ -202,6 +202,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     constexpr int kBlockM = Traits::kBlockM;
     constexpr int kBlockN = Traits::kBlockN;
     constexpr int kHeadDim = Traits::kHeadDim;
+    static_assert(!kPingPong || Traits::kConsumerWGs == 2, "turn-taking is written for two consumer warpgroups");
 
     extern __shared__ __align__(1024) char smem_raw[];
     auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
@@ -217,7 +218,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     const TileSchedule sched = TileSchedule::make<kCausal, kBlockN>(p, t_lo, t_hi);
 
     // Pipelines: the producer thread arrives on "full" with the tile's byte count, TMA
-    // completes it; all 256 consumer threads arrive on "empty" when done with a stage.
+    // completes it; all consumer threads arrive on "empty" when done with a stage.
     typename Pipeline::Params pipe_params;
     pipe_params.transaction_bytes = Traits::kTileBytes;
     pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
@@ -275,7 +276,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
 
     // ---------------------------------------------------------------------- consumers
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
-    const int tid = threadIdx.x - 128;  // 0..255 over both consumer warpgroups
+    const int tid = threadIdx.x - 128;  // over all consumer warpgroups
     // Broadcast from lane 0: the compiler then knows `wg`, and every branch derived from it,
     // is uniform across the warp; otherwise it serializes the wgmmas inside those branches.
     const int wg = __shfl_sync(0xffffffff, tid / 128, 0);

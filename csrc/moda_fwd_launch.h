@@ -20,17 +20,20 @@ namespace moda {
 // costs 5-6%, with turn-taking 6-7%), at D = 128 the overlapped one (2-4% faster) with a
 // third stage (the most that fit; 1% faster). Five stages at D = 64 measured no faster.
 // kWarpDepth: depth tiles on each warp's own rows with mma.sync instead of the warpgroup's
-// dense wgmma (see moda_fwd_kernel.h); off until measured.
+// dense wgmma (see moda_fwd_kernel.h); kConsumerWGs = 3: 192-row CTAs, a third warp per
+// scheduler to hide the softmax's latency (160 registers each). Both off until measured.
 template <int D> struct FwdConfig;
 template <> struct FwdConfig<64> {
     static constexpr int kBlockN = 128, kStages = 3;
     static constexpr bool kOverlap = false, kPingPong = false;
     static constexpr bool kWarpDepth = false;
+    static constexpr int kConsumerWGs = 2;
 };
 template <> struct FwdConfig<128> {
     static constexpr int kBlockN = 128, kStages = 3;
     static constexpr bool kOverlap = true, kPingPong = false;
     static constexpr bool kWarpDepth = false;
+    static constexpr int kConsumerWGs = 2;
 };
 
 inline int next_power_of_two(int x) {
@@ -41,7 +44,8 @@ inline int next_power_of_two(int x) {
 
 template <class Element, int D>
 std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
-    using Traits = FwdTraits<Element, D, FwdConfig<D>::kBlockN, FwdConfig<D>::kStages>;
+    using Config = FwdConfig<D>;
+    using Traits = FwdTraits<Element, D, Config::kBlockN, Config::kStages, Config::kConsumerWGs>;
     constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
     constexpr uint64_t kElem = sizeof(Element);
     const bool bf16 = a.dtype == DType::kBFloat16;
@@ -104,7 +108,6 @@ std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
     p.scale_log2 = a.scale * 1.4426950408889634f;
 
     const size_t smem = sizeof(typename Traits::SharedStorage);
-    using Config = FwdConfig<D>;
     auto kernel = a.causal ? &moda_fwd_kernel<Traits, true, Config::kOverlap, Config::kPingPong, Config::kWarpDepth>
                            : &moda_fwd_kernel<Traits, false, Config::kOverlap, Config::kPingPong, Config::kWarpDepth>;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));

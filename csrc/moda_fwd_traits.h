@@ -15,18 +15,22 @@ namespace moda {
 
 using namespace cute;
 
-template <class Element_, int kHeadDim_, int kBlockN_, int kStages_>
+template <class Element_, int kHeadDim_, int kBlockN_, int kStages_, int kConsumerWGs_ = 2>
 struct FwdTraits {
     using Element = Element_;
     static constexpr int kHeadDim = kHeadDim_;
-    static constexpr int kBlockM = 128;  // G-folded query rows per CTA: two consumer warpgroups x 64
+    static constexpr int kConsumerWGs = kConsumerWGs_;  // 2, or 3 (more warps to hide the softmax's latency)
+    static constexpr int kBlockM = 64 * kConsumerWGs;   // G-folded query rows per CTA: 64 per consumer warpgroup
     static constexpr int kBlockN = kBlockN_;
     static constexpr int kStages = kStages_;
-    static constexpr int kConsumerWGs = 2;
     static constexpr int kThreads = 128 * (1 + kConsumerWGs);  // warpgroup 0 produces
-    // Register split (setmaxnreg): the producer needs few, the consumers hold S, P and O.
+    // Register split (setmaxnreg): the producer needs few, the consumers hold S, P and O. The
+    // 64K registers of the SM shared out in multiples of 8, at most 240 each (2 warpgroups:
+    // 240, 3: 160).
     static constexpr int kProducerRegs = 24;
-    static constexpr int kConsumerRegs = 240;
+    static constexpr int kConsumerRegs =
+        cute::min(240, (65536 / 128 - kProducerRegs) / kConsumerWGs / 8 * 8);
+    static_assert(kConsumerWGs == 2 || kConsumerWGs == 3, "two or three consumer warpgroups");
     static_assert(kHeadDim % 64 == 0, "TMA boxes span 64 head-dim elements (the 128-byte swizzle width)");
 
     // Each consumer warpgroup computes 64 rows: S = Q K^T from shared memory, O += P V with P

@@ -80,17 +80,29 @@ def test_kernel_instantiation_compiles(tmp_path):
     _compile(_one_instantiation(), tmp_path)
 
 
-def test_warp_depth_schedule_compiles(tmp_path):
-    """The depth tiles' warp-level path (FwdConfig::kWarpDepth, off until measured) is never
-    called in the default build: compile the kernel with the switch on for both head dims, so
-    that the path cannot rot unnoticed."""
+@pytest.mark.parametrize("head_dim, field, value, instantiation", [
+    (None, "kWarpDepth", "true", "moda_fwd_bf16_hdim128.cu"),
+    (64, "kConsumerWGs", "3", "moda_fwd_bf16_hdim64.cu"),
+], ids=["warp_depth", "three_consumer_warpgroups"])
+def test_schedule_variants_compile(tmp_path, head_dim, field, value, instantiation):
+    """Schedules that FwdConfig can select but the default build does not (off until measured:
+    csrc/moda_fwd_launch.h): compile them, as bench/sweep_fwd_config.sh would build them, so
+    that they cannot rot unnoticed."""
     csrc = tmp_path / "csrc"
     shutil.copytree(ROOT / "csrc", csrc)
     launch = csrc / "moda_fwd_launch.h"
-    text, n = re.subn(r"kWarpDepth = (true|false)", "kWarpDepth = true", launch.read_text())
-    assert n == 2, f"expected a kWarpDepth switch per head dim in {launch}"
+    text = launch.read_text()
+    pattern = re.compile(rf"(static constexpr [^\n]*\b{field} = )[^,;]+")
+    if head_dim is None:
+        text, n = pattern.subn(rf"\g<1>{value}", text)
+    else:
+        head, sep, rest = text.partition(f"struct FwdConfig<{head_dim}>")
+        body, end, tail = rest.partition("};")
+        body, n = pattern.subn(rf"\g<1>{value}", body)
+        text = head + sep + body + end + tail
+    assert n >= 1, f"no FwdConfig field {field} in {launch}"
     launch.write_text(text)
-    _compile(csrc / "instantiations" / _one_instantiation().name, tmp_path, include_root=tmp_path)
+    _compile(csrc / "instantiations" / instantiation, tmp_path, include_root=tmp_path)
 
 
 def test_host_launcher_compiles(tmp_path):
