@@ -25,9 +25,11 @@ void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& q, in
     TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
 }
 
-void fwd(const at::Tensor& q, const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
-         const std::optional<at::Tensor>& depth_k, const std::optional<at::Tensor>& depth_v, at::Tensor& out,
-         at::Tensor& lse, double scale, bool causal, int64_t depth_chunk) {
+// The forward's problem description from its tensors (checked); shared by fwd and bwd_dkdv.
+moda::FwdParams make_fwd_params(const at::Tensor& q, const std::optional<at::Tensor>& k,
+                                const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& depth_k,
+                                const std::optional<at::Tensor>& depth_v, const at::Tensor& out, const at::Tensor& lse,
+                                double scale, bool causal, int64_t depth_chunk) {
     check_tensor(q, "q", q, 4);
     TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
                 "the CUDA kernel takes float16 or bfloat16, got ", q.scalar_type());
@@ -85,10 +87,66 @@ void fwd(const at::Tensor& q, const std::optional<at::Tensor>& k, const std::opt
         p.dv_slot_stride = depth_v->stride(2), p.dv_head_stride = depth_v->stride(3);
     }
     TORCH_CHECK(p.has_seq || depth_k.has_value(), "give k/v, depth_k/depth_v, or both");
+    return p;
+}
 
+void fwd(const at::Tensor& q, const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
+         const std::optional<at::Tensor>& depth_k, const std::optional<at::Tensor>& depth_v, at::Tensor& out,
+         at::Tensor& lse, double scale, bool causal, int64_t depth_chunk) {
+    const moda::FwdParams p = make_fwd_params(q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk);
     c10::cuda::CUDAGuard guard(q.device());
     const char* error = moda::run_fwd(p, at::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(error[0] == '\0', "moda_cuda CUDA forward: ", error);
+}
+
+// Strides of a gradient that must match its input's shape.
+void check_grad(const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& input, const char* name,
+                const at::Tensor& q) {
+    TORCH_CHECK(grad.has_value() == input.has_value(), name, " must be given exactly when its input is");
+    if (!grad.has_value()) return;
+    check_tensor(*grad, name, q, input->dim());
+    TORCH_CHECK(grad->sizes() == input->sizes(), name, " must have its input's shape");
+}
+
+void bwd_dkdv(const at::Tensor& q, const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
+              const std::optional<at::Tensor>& depth_k, const std::optional<at::Tensor>& depth_v,
+              const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
+              const std::optional<at::Tensor>& grad_lse, std::optional<at::Tensor> grad_k,
+              std::optional<at::Tensor> grad_v, std::optional<at::Tensor> grad_depth_k,
+              std::optional<at::Tensor> grad_depth_v, double scale, bool causal, int64_t depth_chunk) {
+    moda::BwdParams p{};
+    p.fwd = make_fwd_params(q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk);
+    check_tensor(dout, "dout", q, 4);
+    TORCH_CHECK(dout.sizes() == q.sizes(), "dout must have q's shape");
+    p.dout = dout.data_ptr();
+    p.do_batch_stride = dout.stride(0), p.do_seq_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
+    if (grad_lse.has_value()) {
+        TORCH_CHECK(grad_lse->is_cuda() && grad_lse->scalar_type() == at::kFloat && grad_lse->is_contiguous() &&
+                        grad_lse->sizes() == lse.sizes(),
+                    "grad_lse must be a contiguous float32 CUDA tensor shaped like lse");
+        p.grad_lse = grad_lse->data_ptr<float>();
+    }
+    at::Tensor delta = at::empty_like(lse);
+    p.delta = delta.data_ptr<float>();
+    check_grad(grad_k, k, "grad_k", q);
+    check_grad(grad_v, v, "grad_v", q);
+    if (grad_k.has_value()) {
+        p.grad_k = grad_k->data_ptr(), p.grad_v = grad_v->data_ptr();
+        p.gk_batch_stride = grad_k->stride(0), p.gk_seq_stride = grad_k->stride(1), p.gk_head_stride = grad_k->stride(2);
+        p.gv_batch_stride = grad_v->stride(0), p.gv_seq_stride = grad_v->stride(1), p.gv_head_stride = grad_v->stride(2);
+    }
+    check_grad(grad_depth_k, depth_k, "grad_depth_k", q);
+    check_grad(grad_depth_v, depth_v, "grad_depth_v", q);
+    if (grad_depth_k.has_value() && p.fwd.depth > 0) {
+        p.grad_depth_k = grad_depth_k->data_ptr(), p.grad_depth_v = grad_depth_v->data_ptr();
+        p.gdk_batch_stride = grad_depth_k->stride(0), p.gdk_seq_stride = grad_depth_k->stride(1);
+        p.gdk_slot_stride = grad_depth_k->stride(2), p.gdk_head_stride = grad_depth_k->stride(3);
+        p.gdv_batch_stride = grad_depth_v->stride(0), p.gdv_seq_stride = grad_depth_v->stride(1);
+        p.gdv_slot_stride = grad_depth_v->stride(2), p.gdv_head_stride = grad_depth_v->stride(3);
+    }
+    c10::cuda::CUDAGuard guard(q.device());
+    const char* error = moda::run_bwd_dkdv(p, at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(error[0] == '\0', "moda_cuda CUDA backward: ", error);
 }
 
 std::vector<std::string> compiled_archs() { return {MODA_COMPILED_ARCHS}; }
@@ -104,6 +162,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("fwd", &fwd, "MoDA forward: writes out [B, T, Hq, D] and lse [B, Hq, T] (natural log)", py::arg("q"),
           py::arg("k"), py::arg("v"), py::arg("depth_k"), py::arg("depth_v"), py::arg("out"), py::arg("lse"),
           py::arg("scale"), py::arg("causal"), py::arg("depth_chunk"));
+    m.def("bwd_dkdv", &bwd_dkdv,
+          "MoDA backward, key side: writes grad_k, grad_v [B, T, Hk, D] and grad_depth_k, grad_depth_v "
+          "[B, T, L, Hk, D] (deterministic; dq is not computed)",
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("depth_k"), py::arg("depth_v"), py::arg("out"),
+          py::arg("lse"), py::arg("dout"), py::arg("grad_lse"), py::arg("grad_k"), py::arg("grad_v"),
+          py::arg("grad_depth_k"), py::arg("grad_depth_v"), py::arg("scale"), py::arg("causal"),
+          py::arg("depth_chunk"));
     m.def("compiled_archs", &compiled_archs, "GPU architectures the kernels were compiled for");
     m.def("cuda_version", &cuda_version, "CUDA toolkit version the extension was built with");
 }

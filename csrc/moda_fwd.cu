@@ -1,4 +1,5 @@
-// Entry point of the CUDA forward: checks what the kernels support, picks the instantiation.
+// Entry point of the CUDA forward: checks what the kernels support (check_supported, shared
+// with the backward), picks the instantiation.
 // The kernels themselves are in moda_fwd_kernel.h, one instantiation per file under
 // instantiations/.
 #include <cuda_runtime.h>
@@ -18,8 +19,10 @@ namespace {
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
+}  // namespace
+
 // Everything the TMA boxes need: 16-byte aligned bases and strides (8 elements of 16 bits).
-std::string check(const FwdParams& a) {
+std::string check_supported(const FwdParams& a) {
     if (a.head_dim != 64 && a.head_dim != 128) return "head_dim must be 64 or 128";
     if (a.kv_heads <= 0 || a.q_heads % a.kv_heads != 0) return "q_heads must be a multiple of kv_heads";
     const int G = a.q_heads / a.kv_heads;
@@ -43,11 +46,9 @@ std::string check(const FwdParams& a) {
     return {};
 }
 
-}  // namespace
-
 const char* run_fwd(const FwdParams& params, void* stream) {
     static thread_local std::string error;
-    error = check(params);
+    error = check_supported(params);
     if (error.empty()) {
         auto s = static_cast<cudaStream_t>(stream);
         const bool bf16 = params.dtype == DType::kBFloat16;

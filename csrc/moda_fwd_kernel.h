@@ -41,6 +41,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "moda_fwd_traits.h"
+#include "moda_sm90_common.h"
 
 namespace moda {
 
@@ -110,56 +111,6 @@ struct TileAt {
     }
 };
 
-// The depth rows a query at position t may read are those written at positions
-// [first, last]: its own position (depth_chunk = 1), or the positions of its chunk, up to t
-// when causal. The window is contiguous and moves monotonically with t, so the union over a
-// range of query positions is the window from the first one's `first` to the last one's `last`.
-struct DepthWindow {
-    int first, last;
-    template <bool kCausal>
-    __device__ static DepthWindow of(int t, int chunk, int seqlen) {
-        const int first = t / chunk * chunk;
-        return {first, kCausal ? t : min(first + chunk, seqlen) - 1};
-    }
-};
-
-template <int N, int D, class Element>
-__device__ __forceinline__ void tma_load_rows(CUtensorMap const* map, uint64_t* bar, Element* smem, int c1, int c2,
-                                              int c3, int c4) {
-    // One box per 64 head-dim columns; box j lands kRows x 64 elements after box j-1.
-    constexpr uint64_t kHint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
-    CUTLASS_PRAGMA_UNROLL
-    for (int j = 0; j < D / 64; ++j) {
-        SM90_TMA_LOAD_5D::copy(map, bar, kHint, smem + j * N * 64, j * 64, c1, c2, c3, c4);
-    }
-}
-
-// Issue C (+)= A * B on one warpgroup's wgmma as one commit group, without waiting. B comes
-// from shared memory; A from shared memory (descriptors) or, with kRegisterA, from registers,
-// which must then stay untouched until the group completes.
-template <bool kZeroInit, bool kRegisterA, class TiledMma, class TA, class TB, class TC>
-__device__ __forceinline__ void wgmma_issue(TiledMma& mma, TA const& a, TB const& b, TC& c) {
-    if constexpr (kRegisterA) warpgroup_fence_operand(const_cast<TA&>(a));
-    warpgroup_fence_operand(c);
-    warpgroup_arrive();
-    if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
-    CUTLASS_PRAGMA_UNROLL
-    for (int k = 0; k < size<2>(a); ++k) {
-        cute::gemm(mma, a(_, _, k), b(_, _, k), c);
-        mma.accumulate_ = GMMA::ScaleOut::One;
-    }
-    warpgroup_commit_batch();
-    warpgroup_fence_operand(c);
-}
-
-// Wait until at most kInFlight commit groups of this warpgroup are still running (groups
-// complete in issue order); `c` is the accumulator the caller reads next.
-template <int kInFlight, class TC>
-__device__ __forceinline__ void wgmma_wait(TC& c) {
-    warpgroup_wait<kInFlight>();
-    warpgroup_fence_operand(c);
-}
-
 template <class T>
 __device__ __forceinline__ T quad_allreduce_max(T x) {
     x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
@@ -186,12 +137,6 @@ template <bool kEnabled>
 __device__ __forceinline__ void pass_turn(int wg) {
     if constexpr (kEnabled) cutlass::arch::NamedBarrier::arrive(kTurnThreads, kTurnBarrier + (1 - wg));
 }
-
-// Register fragments of wgmma accumulators hold, per thread, two rows (lane / 4 and
-// lane / 4 + 8 of its warp's 16) and pairs of adjacent columns: flat element i is row half
-// (i >> 1) & 1, column 8 (i >> 2) + 2 (lane % 4) + (i & 1).
-__device__ __forceinline__ int frag_row_half(int i) { return (i >> 1) & 1; }
-__device__ __forceinline__ int frag_col(int i, int lane) { return 8 * (i >> 2) + 2 * (lane & 3) + (i & 1); }
 
 template <class Traits, bool kCausal, bool kOverlap, bool kPingPong, bool kWarpDepth>
 __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_constant__ const FwdKernelParams p) {

@@ -8,7 +8,7 @@
 
 #include "moda_fwd_kernel.h"
 #include "moda_params.h"
-#include "tma_desc.h"
+#include "moda_tma_maps.h"
 
 namespace moda {
 
@@ -36,58 +36,35 @@ template <> struct FwdConfig<128> {
     static constexpr int kConsumerWGs = 2;
 };
 
-inline int next_power_of_two(int x) {
-    int p = 1;
-    while (p < x) p *= 2;
-    return p;
-}
-
 template <class Element, int D>
 std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
     using Config = FwdConfig<D>;
     using Traits = FwdTraits<Element, D, Config::kBlockN, Config::kStages, Config::kConsumerWGs>;
     constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
-    constexpr uint64_t kElem = sizeof(Element);
     const bool bf16 = a.dtype == DType::kBFloat16;
     const int B = a.batch, T = a.seqlen, Hk = a.kv_heads, G = a.q_heads / a.kv_heads, L = a.depth;
 
     FwdKernelParams p{};
     std::string err;
-    // q as [D, G, Hk, T, B]: a box of G heads x 128/G positions is 128 consecutive folded rows.
-    err = make_tensor_map<5>(&p.tma_q, bf16, a.q, {uint64_t(D), uint64_t(G), uint64_t(Hk), uint64_t(T), uint64_t(B)},
-                             {a.q_head_stride * kElem, a.q_head_stride * G * kElem, a.q_seq_stride * kElem,
-                              a.q_batch_stride * kElem},
-                             {64, uint32_t(G), 1, uint32_t(kBlockM / G), 1});
+    err = make_folded_rows_map(&p.tma_q, bf16, a.q, D, G, Hk, T, B, a.q_batch_stride, a.q_seq_stride,
+                               a.q_head_stride, kBlockM);
     if (!err.empty()) return "q: " + err;
     if (a.has_seq) {
-        const void* kv[2] = {a.k, a.v};
-        const int64_t strides[2][3] = {{a.k_head_stride, a.k_seq_stride, a.k_batch_stride},
-                                       {a.v_head_stride, a.v_seq_stride, a.v_batch_stride}};
-        CUtensorMap* maps[2] = {&p.tma_k, &p.tma_v};
-        for (int i = 0; i < 2; ++i) {
-            err = make_tensor_map<5>(maps[i], bf16, kv[i], {uint64_t(D), uint64_t(Hk), uint64_t(T), uint64_t(B), 1},
-                                     {strides[i][0] * kElem, strides[i][1] * kElem, strides[i][2] * kElem,
-                                      strides[i][2] * B * kElem},
-                                     {64, 1, uint32_t(kBlockN), 1, 1});
-            if (!err.empty()) return (i ? "v: " : "k: ") + err;
-        }
+        err = make_seq_rows_map(&p.tma_k, bf16, a.k, D, Hk, T, B, a.k_batch_stride, a.k_seq_stride, a.k_head_stride,
+                                kBlockN);
+        if (!err.empty()) return "k: " + err;
+        err = make_seq_rows_map(&p.tma_v, bf16, a.v, D, Hk, T, B, a.v_batch_stride, a.v_seq_stride, a.v_head_stride,
+                                kBlockN);
+        if (!err.empty()) return "v: " + err;
     }
-    // Depth boxes: Lb slots (L rounded up to a power of two, at most kBlockN) of Tb positions.
-    const int Lb = L > 0 ? std::min(next_power_of_two(L), kBlockN) : 1;
+    const int Lb = depth_box_slots(L, kBlockN);
     if (L > 0) {
-        const void* dkv[2] = {a.depth_k, a.depth_v};
-        const int64_t strides[2][4] = {
-            {a.dk_head_stride, a.dk_slot_stride, a.dk_seq_stride, a.dk_batch_stride},
-            {a.dv_head_stride, a.dv_slot_stride, a.dv_seq_stride, a.dv_batch_stride}};
-        CUtensorMap* maps[2] = {&p.tma_dk, &p.tma_dv};
-        for (int i = 0; i < 2; ++i) {
-            err = make_tensor_map<5>(maps[i], bf16, dkv[i],
-                                     {uint64_t(D), uint64_t(Hk), uint64_t(L), uint64_t(T), uint64_t(B)},
-                                     {strides[i][0] * kElem, strides[i][1] * kElem, strides[i][2] * kElem,
-                                      strides[i][3] * kElem},
-                                     {64, 1, uint32_t(Lb), uint32_t(kBlockN / Lb), 1});
-            if (!err.empty()) return (i ? "depth_v: " : "depth_k: ") + err;
-        }
+        err = make_depth_box_map(&p.tma_dk, bf16, a.depth_k, D, Hk, L, T, B, a.dk_batch_stride, a.dk_seq_stride,
+                                 a.dk_slot_stride, a.dk_head_stride, kBlockN);
+        if (!err.empty()) return "depth_k: " + err;
+        err = make_depth_box_map(&p.tma_dv, bf16, a.depth_v, D, Hk, L, T, B, a.dv_batch_stride, a.dv_seq_stride,
+                                 a.dv_slot_stride, a.dv_head_stride, kBlockN);
+        if (!err.empty()) return "depth_v: " + err;
     }
 
     p.out = a.out;

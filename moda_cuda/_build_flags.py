@@ -94,14 +94,16 @@ def cutlass_include_dir() -> Optional[str]:
 def sources(root) -> dict:
     """The extension's sources under ``root/csrc`` (absent files are simply not listed).
 
-    ``api``: the torch binding (C++ compiler); ``host``: the launcher; ``instantiations``:
+    ``api``: the torch binding (C++ compiler); ``host``: the entry points (checks, choice of
+    instantiation) of the forward and the backward; ``instantiations``:
     one kernel instantiation per file, sorted, so that ninja compiles them in parallel.
     """
     csrc = Path(root) / "csrc"
-    api, host = csrc / "moda_api.cpp", csrc / "moda_fwd.cu"
+    api = csrc / "moda_api.cpp"
+    host = [csrc / "moda_fwd.cu", csrc / "moda_bwd.cu"]
     return {
         "api": [str(api)] if api.is_file() else [],
-        "host": [str(host)] if host.is_file() else [],
+        "host": [str(h) for h in host if h.is_file()],
         "instantiations": sorted(str(p) for p in (csrc / "instantiations").glob("*.cu")),
     }
 

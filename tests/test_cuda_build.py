@@ -1,5 +1,6 @@
-"""Compile-only check of the CUDA sources (no GPU needed): nvcc on the host launcher and on
-one kernel instantiation, with the flags setup.py builds the extension with.
+"""Compile-only check of the CUDA sources (no GPU needed): nvcc on the host entry points and on
+kernel instantiations (forward, backward, the forward's schedule variants), with the flags
+setup.py builds the extension with.
 
 nvcc missing is a failure, not a skip (a kernel that does not compile must never pass
 unnoticed); set MODA_ALLOW_NO_NVCC=1 to skip on a machine without the CUDA toolkit.
@@ -61,7 +62,7 @@ def _one_instantiation() -> Path:
     files = [Path(p) for p in flags.sources(ROOT)["instantiations"]]
     if not files:
         pytest.fail(f"no kernel instantiations found: {ROOT / 'csrc' / 'instantiations'}/*.cu")
-    preferred = [f for f in files if re.search(r"bf16.*(?<!\d)64(?!\d)", f.name)]
+    preferred = [f for f in files if re.search(r"fwd_bf16.*(?<!\d)64(?!\d)", f.name)]
     return (preferred or files)[0]
 
 
@@ -105,11 +106,16 @@ def test_schedule_variants_compile(tmp_path, head_dim, field, value, instantiati
     _compile(csrc / "instantiations" / instantiation, tmp_path, include_root=tmp_path)
 
 
-def test_host_launcher_compiles(tmp_path):
-    host = flags.sources(ROOT)["host"]
+@pytest.mark.parametrize("entry", ["moda_fwd.cu", "moda_bwd.cu"])
+def test_host_entry_points_compile(tmp_path, entry):
+    host = [Path(h) for h in flags.sources(ROOT)["host"] if Path(h).name == entry]
     if not host:
-        pytest.fail(f"{ROOT / 'csrc' / 'moda_fwd.cu'} not found")
-    _compile(Path(host[0]), tmp_path)
+        pytest.fail(f"{ROOT / 'csrc' / entry} not found")
+    _compile(host[0], tmp_path)
+
+
+def test_backward_instantiation_compiles(tmp_path):
+    _compile(ROOT / "csrc" / "instantiations" / "moda_bwd_bf16_hdim64.cu", tmp_path)
 
 
 def test_flags_target_hopper_only():

@@ -1,0 +1,89 @@
+"""Key-side gradients of the compiled backward (``_C.bwd_dkdv``: dK, dV, d depth_k, d depth_v)
+against the float64 reference, over validate_fwd.py's cases, as a table.
+
+The compiled backward is not wired into dispatch yet (the cuda backend's backward is the
+Triton one); this is its check. Fresh random inputs and dO (and, every other case, a random
+gradient for lse), gradient buffers filled with NaN before the call, relative L2 error per
+gradient. Exits non-zero when any case is over tolerance.
+
+    python bench/validate_bwd.py
+    python bench/validate_bwd.py --small     # one tiny case (for compute-sanitizer)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import moda_cuda
+from moda_cuda import _cuda_ext
+from moda_cuda.reference import moda_attention_ref
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import Case, as_double, make_inputs, rel_err  # noqa: E402
+from kernel_checks import TOLERANCE  # noqa: E402
+from validate_fwd import CASES, DTYPES, SMALL  # noqa: E402
+
+NAMES = ("k", "v", "depth_k", "depth_v")
+
+
+def reference_grads(inputs, dout, grad_lse, case: Case):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in as_double(inputs)]
+    out, lse = moda_attention_ref(*leaves, causal=case.causal, depth_chunk=case.chunk, return_lse=True)
+    loss = (out * dout.double()).sum()
+    if grad_lse is not None:
+        loss = loss + (torch.nan_to_num(lse, neginf=0.0) * grad_lse.double()).sum()
+    wanted = [t for t in leaves[1:] if t is not None and t.numel() > 0]
+    grads = iter(torch.autograd.grad(loss, wanted))
+    return [next(grads) if t is not None and t.numel() > 0 else None for t in leaves[1:]]
+
+
+def run_case(case: Case, slots, dtype, seed: int, with_grad_lse: bool):
+    ext = _cuda_ext.load()
+    if ext is None:
+        raise RuntimeError(f"moda_cuda._C: {_cuda_ext.load_error()}")
+    q, k, v, dk, dv = inputs = make_inputs(case, dtype, "cuda", seed=seed, depth_slots=slots)
+    out, lse = moda_cuda.moda_attention(*inputs, return_lse=True, backend="cuda", causal=case.causal,
+                                        depth_chunk=case.chunk)
+    g = torch.Generator(device="cuda").manual_seed(seed + 1000)
+    dout = torch.randn(out.shape, generator=g, device="cuda").to(dtype)
+    grad_lse = torch.randn(lse.shape, generator=g, device="cuda") if with_grad_lse else None
+    grads = [torch.full(t.shape, float("nan"), dtype=dtype, device="cuda") if t is not None else None
+             for t in (k, v, dk, dv)]
+    ext.bwd_dkdv(q, k, v, dk, dv, out, lse, dout, grad_lse, *grads, case.D ** -0.5, case.causal, case.chunk)
+    refs = reference_grads(inputs, dout, grad_lse, case)
+    return {name: rel_err(got, ref) for name, got, ref in zip(NAMES, grads, refs) if ref is not None}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--small", action="store_true")
+    p.add_argument("--dtypes", default="bf16,fp16")
+    a = p.parse_args()
+    failures = 0
+    print(f"{'case':<52} {'dtype':>6} {'grad_lse':>8} " + " ".join(f"{n:>9}" for n in NAMES))
+    for i, (case, slots) in enumerate(SMALL if a.small else CASES):
+        label = str(case) + (f"-slots{slots}" if slots else "")
+        for name in a.dtypes.split(","):
+            dtype = DTYPES[name]
+            with_grad_lse = i % 2 == 1
+            try:
+                errors = run_case(case, slots, dtype, seed=i, with_grad_lse=with_grad_lse)
+                ok = all(e < TOLERANCE[dtype] for e in errors.values())
+                cells = " ".join(f"{errors[n]:9.2e}" if n in errors else f"{'-':>9}" for n in NAMES)
+                print(f"{label:<52} {name:>6} {str(with_grad_lse):>8} {cells}{'' if ok else '   FAIL'}", flush=True)
+            except Exception as exc:  # report and go on: one bad case must not hide the others
+                ok = False
+                print(f"{label:<52} {name:>6} error: {str(exc).splitlines()[0][:120]}", flush=True)
+            failures += not ok
+    torch.cuda.synchronize()
+    print(f"{failures} failing case(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+// Entry point of the CUDA backward (dK, dV, depth gradients): checks, then the instantiation
+// for the element type and head dim. The kernels are in moda_bwd_kernel.h.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include <cutlass/numeric_types.h>
+
+#include "moda_params.h"
+
+namespace moda {
+
+template <class Element, int D>
+std::string launch_bwd_dkdv(const BwdParams& params, cudaStream_t stream);
+
+namespace {
+
+// dO is loaded with TMA like q; the gradients are written as pairs of elements (4 bytes).
+std::string check_bwd(const BwdParams& a) {
+    if (a.dout == nullptr || a.delta == nullptr) return "dout and the delta scratch buffer are required";
+    if (reinterpret_cast<uintptr_t>(a.dout) % 16 != 0) return "dout must start at a 16-byte aligned address";
+    for (int64_t s : {a.do_batch_stride, a.do_seq_stride, a.do_head_stride}) {
+        if (s % 8 != 0) return "dout's strides but the last must be multiples of 8 elements (16 bytes)";
+    }
+    const int64_t grad_strides[] = {a.gk_batch_stride,  a.gk_seq_stride,   a.gk_head_stride,  a.gv_batch_stride,
+                                    a.gv_seq_stride,    a.gv_head_stride,  a.gdk_batch_stride, a.gdk_seq_stride,
+                                    a.gdk_slot_stride,  a.gdk_head_stride, a.gdv_batch_stride, a.gdv_seq_stride,
+                                    a.gdv_slot_stride,  a.gdv_head_stride};
+    for (int64_t s : grad_strides) {
+        if (s % 2 != 0) return "gradient strides but the last must be even (pairs of elements are stored)";
+    }
+    for (const void* ptr : {a.grad_k, a.grad_v, a.grad_depth_k, a.grad_depth_v}) {
+        if (reinterpret_cast<uintptr_t>(ptr) % 4 != 0) return "gradients must start at 4-byte aligned addresses";
+    }
+    if (a.fwd.has_seq && (a.grad_k == nullptr || a.grad_v == nullptr)) return "grad_k and grad_v are required";
+    if (a.fwd.depth > 0 && (a.grad_depth_k == nullptr || a.grad_depth_v == nullptr)) {
+        return "grad_depth_k and grad_depth_v are required";
+    }
+    return {};
+}
+
+}  // namespace
+
+const char* run_bwd_dkdv(const BwdParams& params, void* stream) {
+    static thread_local std::string error;
+    error = check_supported(params.fwd);
+    if (error.empty()) error = check_bwd(params);
+    if (error.empty()) {
+        auto s = static_cast<cudaStream_t>(stream);
+        const bool bf16 = params.fwd.dtype == DType::kBFloat16;
+        if (params.fwd.head_dim == 64) {
+            error = bf16 ? launch_bwd_dkdv<cutlass::bfloat16_t, 64>(params, s)
+                         : launch_bwd_dkdv<cutlass::half_t, 64>(params, s);
+        } else {
+            error = bf16 ? launch_bwd_dkdv<cutlass::bfloat16_t, 128>(params, s)
+                         : launch_bwd_dkdv<cutlass::half_t, 128>(params, s);
+        }
+    }
+    return error.c_str();
+}
+
+}  // namespace moda

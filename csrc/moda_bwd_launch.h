@@ -1,0 +1,100 @@
+// Host side of the Hopper backward (dK, dV, depth gradients): the delta preprocess, tensor
+// maps, grid, shared memory, launch. Included by the instantiation files.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "moda_bwd_kernel.h"
+#include "moda_params.h"
+#include "moda_tma_maps.h"
+
+namespace moda {
+
+// Pipeline stages of the streamed Q / dO tiles per head dim (shared memory: K, V once, plus
+// 2 x kStages x [64 x D]). Not tuned yet.
+template <int D> struct BwdConfig;
+template <> struct BwdConfig<64> { static constexpr int kStages = 3; };
+template <> struct BwdConfig<128> { static constexpr int kStages = 2; };
+
+template <class Element, int D>
+std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {
+    using Traits = BwdTraits<Element, D, BwdConfig<D>::kStages>;
+    constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+    const FwdParams& f = a.fwd;
+    const bool bf16 = f.dtype == DType::kBFloat16;
+    const int B = f.batch, T = f.seqlen, Hq = f.q_heads, Hk = f.kv_heads, G = Hq / Hk, L = f.depth;
+
+    // delta = rowsum(dO * O) - grad_lse
+    const int64_t rows = int64_t(B) * Hq * T;
+    const int threads = 256;
+    moda_bwd_preprocess_kernel<Element, D><<<unsigned((rows + threads - 1) / threads), threads, 0, stream>>>(
+        static_cast<const Element*>(f.out), static_cast<const Element*>(a.dout), a.grad_lse, a.delta, B, T, Hq,
+        f.out_batch_stride, f.out_seq_stride, f.out_head_stride, a.do_batch_stride, a.do_seq_stride,
+        a.do_head_stride);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return std::string("preprocess launch: ") + cudaGetErrorString(e);
+
+    BwdKernelParams p{};
+    std::string err = make_folded_rows_map(&p.tma_q, bf16, f.q, D, G, Hk, T, B, f.q_batch_stride, f.q_seq_stride,
+                                           f.q_head_stride, kBlockM);
+    if (!err.empty()) return "q: " + err;
+    err = make_folded_rows_map(&p.tma_do, bf16, a.dout, D, G, Hk, T, B, a.do_batch_stride, a.do_seq_stride,
+                               a.do_head_stride, kBlockM);
+    if (!err.empty()) return "dout: " + err;
+    if (f.has_seq) {
+        err = make_seq_rows_map(&p.tma_k, bf16, f.k, D, Hk, T, B, f.k_batch_stride, f.k_seq_stride, f.k_head_stride,
+                                kBlockN);
+        if (!err.empty()) return "k: " + err;
+        err = make_seq_rows_map(&p.tma_v, bf16, f.v, D, Hk, T, B, f.v_batch_stride, f.v_seq_stride, f.v_head_stride,
+                                kBlockN);
+        if (!err.empty()) return "v: " + err;
+    }
+    const int Lb = depth_box_slots(L, kBlockN);
+    if (L > 0) {
+        err = make_depth_box_map(&p.tma_dk, bf16, f.depth_k, D, Hk, L, T, B, f.dk_batch_stride, f.dk_seq_stride,
+                                 f.dk_slot_stride, f.dk_head_stride, kBlockN);
+        if (!err.empty()) return "depth_k: " + err;
+        err = make_depth_box_map(&p.tma_dv, bf16, f.depth_v, D, Hk, L, T, B, f.dv_batch_stride, f.dv_seq_stride,
+                                 f.dv_slot_stride, f.dv_head_stride, kBlockN);
+        if (!err.empty()) return "depth_v: " + err;
+    }
+
+    p.lse = f.lse;
+    p.delta = a.delta;
+    p.grad_k = a.grad_k;
+    p.grad_v = a.grad_v;
+    p.grad_depth_k = a.grad_depth_k;
+    p.grad_depth_v = a.grad_depth_v;
+    p.gk_batch_stride = a.gk_batch_stride, p.gk_seq_stride = a.gk_seq_stride, p.gk_head_stride = a.gk_head_stride;
+    p.gv_batch_stride = a.gv_batch_stride, p.gv_seq_stride = a.gv_seq_stride, p.gv_head_stride = a.gv_head_stride;
+    p.gdk_batch_stride = a.gdk_batch_stride, p.gdk_seq_stride = a.gdk_seq_stride;
+    p.gdk_slot_stride = a.gdk_slot_stride, p.gdk_head_stride = a.gdk_head_stride;
+    p.gdv_batch_stride = a.gdv_batch_stride, p.gdv_seq_stride = a.gdv_seq_stride;
+    p.gdv_slot_stride = a.gdv_slot_stride, p.gdv_head_stride = a.gdv_head_stride;
+    p.seqlen = T;
+    p.kv_heads = Hk;
+    p.group = G;
+    p.depth = L;
+    p.depth_chunk = f.depth_chunk;
+    p.depth_box_slots = Lb;
+    p.depth_box_positions = kBlockN / Lb;
+    p.depth_slot_blocks = L > 0 ? (L + Lb - 1) / Lb : 0;
+    p.n_seq_blocks = f.has_seq ? (T + kBlockN - 1) / kBlockN : 0;
+    p.scale = f.scale;
+    p.scale_log2 = f.scale * 1.4426950408889634f;
+    const int n_depth_boxes = L > 0 ? (T + p.depth_box_positions - 1) / p.depth_box_positions * p.depth_slot_blocks : 0;
+
+    const size_t smem = sizeof(typename Traits::SharedStorage);
+    auto kernel = f.causal ? &moda_bwd_dkdv_kernel<Traits, true> : &moda_bwd_dkdv_kernel<Traits, false>;
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
+    dim3 grid(p.n_seq_blocks + n_depth_boxes, Hk, B);
+    kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return std::string("kernel launch: ") + cudaGetErrorString(e);
+    return {};
+}
+
+}  // namespace moda

@@ -1,0 +1,63 @@
+// Compile-time shape of the Hopper MoDA backward (dK, dV and the depth gradients): tiles,
+// warpgroups, shared-memory layouts and the two wgmma tilings, as CuTe types.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+namespace moda {
+
+using namespace cute;
+
+template <class Element_, int kHeadDim_, int kStages_>
+struct BwdTraits {
+    using Element = Element_;
+    static constexpr int kHeadDim = kHeadDim_;
+    static constexpr int kBlockN = 128;  // keys (sequence keys or one depth box) per CTA: 64 per consumer warpgroup
+    static constexpr int kBlockM = 64;   // G-folded query rows per step
+    static constexpr int kStages = kStages_;
+    static constexpr int kConsumerWGs = 2;
+    static constexpr int kThreads = 128 * (1 + kConsumerWGs);  // warpgroup 0 produces
+    static constexpr int kProducerRegs = 24;
+    static constexpr int kConsumerRegs = 240;
+    static_assert(kHeadDim % 64 == 0, "TMA boxes span 64 head-dim elements (the 128-byte swizzle width)");
+
+    // Keys are the M dimension: S^T = K Q^T and dP^T = V dO^T with both operands in shared
+    // memory; then dV += P^T dO and dK += dS^T Q with P^T / dS^T from registers and dO / Q
+    // read transposed (MN-major). The G heads of a kv head are columns of the same tiles, so
+    // their contributions to dK and dV add up inside the K dimension of those products.
+    using AtomLayoutMNK = Layout<Shape<Int<kConsumerWGs>, _1, _1>>;
+    using TiledMmaSdP = decltype(make_tiled_mma(
+        GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockM>, Int<kHeadDim>>>(), AtomLayoutMNK{}));
+    using TiledMmaKV = decltype(make_tiled_mma(
+        GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockM>>, GMMA::Major::K,
+                             GMMA::Major::MN>(),
+        AtomLayoutMNK{}));
+
+    using SmemAtom = GMMA::Layout_K_SW128_Atom<Element>;
+    using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+    using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));
+    // Q^T and dO^T: the same bytes, indexed (d, row, stage).
+    using SmemLayoutQt = decltype(composition(
+        SmemLayoutQ{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+
+    using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+
+    struct SharedStorage {
+        cute::array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> k;
+        cute::array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> v;
+        cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
+        cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> dout;
+        // Per consumer warpgroup, two alternating steps: log2-scaled lse, then delta, of the
+        // step's kBlockM query rows.
+        float row_stats[kConsumerWGs][2][2 * kBlockM];
+        typename Pipeline::SharedStorage pipe;
+        alignas(8) uint64_t kv_full;
+    };
+
+    static constexpr int kStepBytes = 2 * kBlockM * kHeadDim * int(sizeof(Element));  // one Q and one dO tile
+    static constexpr int kKVBytes = 2 * kBlockN * kHeadDim * int(sizeof(Element));
+};
+
+}  // namespace moda

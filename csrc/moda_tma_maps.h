@@ -1,0 +1,56 @@
+// The TMA views of the MoDA tensors that the Hopper kernels load tiles from (host side).
+// Each view puts the 64-element head-dim slice innermost and picks the outer dimensions so
+// that one box is one shared-memory tile of consecutive rows.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "tma_desc.h"
+
+namespace moda {
+
+inline int next_power_of_two(int x) {
+    int p = 1;
+    while (p < x) p *= 2;
+    return p;
+}
+
+// Depth boxes hold Lb slots (L rounded up to a power of two, at most `rows`) of rows / Lb positions.
+inline int depth_box_slots(int L, int rows) { return L > 0 ? std::min(next_power_of_two(L), rows) : 1; }
+
+// q-like [B, T, Hq, D] (strides in elements) as [D, G, Hk, T, B]: a box of G heads x rows / G
+// positions is `rows` consecutive G-folded rows t * G + g of one kv head.
+inline std::string make_folded_rows_map(CUtensorMap* map, bool bf16, const void* base, int D, int G, int Hk, int T,
+                                        int B, int64_t batch_stride, int64_t seq_stride, int64_t head_stride,
+                                        int rows) {
+    constexpr uint64_t kElem = 2;
+    return make_tensor_map<5>(map, bf16, base, {uint64_t(D), uint64_t(G), uint64_t(Hk), uint64_t(T), uint64_t(B)},
+                              {head_stride * kElem, head_stride * G * kElem, seq_stride * kElem, batch_stride * kElem},
+                              {64, uint32_t(G), 1, uint32_t(rows / G), 1});
+}
+
+// k-like [B, T, Hk, D] as [D, Hk, T, B, 1]: a box is `rows` consecutive positions of one head.
+inline std::string make_seq_rows_map(CUtensorMap* map, bool bf16, const void* base, int D, int Hk, int T, int B,
+                                      int64_t batch_stride, int64_t seq_stride, int64_t head_stride, int rows) {
+    constexpr uint64_t kElem = 2;
+    return make_tensor_map<5>(map, bf16, base, {uint64_t(D), uint64_t(Hk), uint64_t(T), uint64_t(B), 1},
+                              {head_stride * kElem, seq_stride * kElem, batch_stride * kElem,
+                               batch_stride * B * kElem},
+                              {64, 1, uint32_t(rows), 1, 1});
+}
+
+// depth [B, T, L, Hk, D] as [D, Hk, L, T, B]: a box is Lb slots of rows / Lb positions, row
+// (s - s0) * Lb + (l - l0); strided views (a slice of a larger depth buffer) need no copy.
+inline std::string make_depth_box_map(CUtensorMap* map, bool bf16, const void* base, int D, int Hk, int L, int T,
+                                      int B, int64_t batch_stride, int64_t seq_stride, int64_t slot_stride,
+                                      int64_t head_stride, int rows) {
+    constexpr uint64_t kElem = 2;
+    const int Lb = depth_box_slots(L, rows);
+    return make_tensor_map<5>(map, bf16, base, {uint64_t(D), uint64_t(Hk), uint64_t(L), uint64_t(T), uint64_t(B)},
+                              {head_stride * kElem, slot_stride * kElem, seq_stride * kElem, batch_stride * kElem},
+                              {64, 1, uint32_t(Lb), uint32_t(rows / Lb), 1});
+}
+
+}  // namespace moda
