@@ -54,7 +54,32 @@ def run_case(case: Case, slots, dtype, backend: str, seed: int):
     with poisoned_allocations():
         out, lse = moda_cuda.moda_attention(*inputs, return_lse=True, backend=backend, **kw)
     ref, ref_lse = moda_attention_ref(*as_double(inputs), return_lse=True, **kw)
-    return rel_err(out, ref), rel_err(lse, ref_lse)
+    return {"out": rel_err(out, ref), "lse": rel_err(lse, ref_lse)}
+
+
+def run_table(cases, dtypes: str, columns, measure) -> int:
+    """One row per case and dtype: the relative errors ``measure(case, slots, dtype, index)``
+    returns (column -> error; a column it leaves out prints as -), marked FAIL past the dtype's
+    tolerance; an exception is reported in its row. Returns the number of failing rows."""
+    failures = 0
+    print(f"{'case':<52} {'dtype':>6} " + " ".join(f"{c:>10}" for c in columns))
+    for i, (case, slots) in enumerate(cases):
+        label = str(case) + (f"-slots{slots}" if slots else "")
+        for name in dtypes.split(","):
+            dtype = DTYPES[name]
+            try:
+                errors = measure(case, slots, dtype, i)
+                ok = all(e < TOLERANCE[dtype] for e in errors.values())
+                cells = " ".join(f"{errors[c]:10.2e}" if c in errors else f"{'-':>10}" for c in columns)
+                print(f"{label:<52} {name:>6} {cells}{'' if ok else '   FAIL'}", flush=True)
+            except Exception as exc:  # report and go on: one bad case must not hide the others
+                ok = False
+                print(f"{label:<52} {name:>6} error: {str(exc).splitlines()[0][:120]}", flush=True)
+            failures += not ok
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # an asynchronous kernel error surfaces here, not after the table
+    print(f"{failures} failing case(s)")
+    return failures
 
 
 def main() -> int:
@@ -63,22 +88,8 @@ def main() -> int:
     p.add_argument("--small", action="store_true")
     p.add_argument("--dtypes", default="bf16,fp16")
     a = p.parse_args()
-    failures = 0
-    print(f"{'case':<52} {'dtype':>8} {'out err':>10} {'lse err':>10}")
-    for i, (case, slots) in enumerate(SMALL if a.small else CASES):
-        label = str(case) + (f"-slots{slots}" if slots else "")
-        for name in a.dtypes.split(","):
-            dtype = DTYPES[name]
-            try:
-                e_out, e_lse = run_case(case, slots, dtype, a.backend, seed=i)
-                ok = e_out < TOLERANCE[dtype] and e_lse < TOLERANCE[dtype]
-                print(f"{label:<52} {name:>8} {e_out:10.2e} {e_lse:10.2e}{'' if ok else '   FAIL'}", flush=True)
-            except Exception as exc:  # report and go on: one bad case must not hide the others
-                ok = False
-                print(f"{label:<52} {name:>8} error: {str(exc).splitlines()[0][:120]}", flush=True)
-            failures += not ok
-    torch.cuda.synchronize()
-    print(f"{failures} failing case(s)")
+    failures = run_table(SMALL if a.small else CASES, a.dtypes, ["out", "lse"],
+                         lambda case, slots, dtype, i: run_case(case, slots, dtype, a.backend, seed=i))
     return 1 if failures else 0
 
 

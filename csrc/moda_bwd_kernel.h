@@ -129,12 +129,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
     const int m_begin = kb.t_first * G / kBlockM;
     const int m_end = ((kb.t_last + 1) * G + kBlockM - 1) / kBlockM;
 
-    typename Pipeline::Params pipe_params;
-    pipe_params.transaction_bytes = Traits::kStepBytes;
-    pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-    pipe_params.is_leader = threadIdx.x == 0;
-    pipe_params.num_consumers = 128 * Traits::kConsumerWGs;
-    Pipeline pipe(smem.pipe, pipe_params, Shape<_1, _1, _1>{});
+    Pipeline pipe(smem.pipe, tma_pipeline_params<Pipeline>(Traits::kStepBytes, Traits::kConsumerWGs),
+                  Shape<_1, _1, _1>{});
     if (threadIdx.x == 0) {
         Barrier::init(&smem.kv_full, 1);
         cutlass::arch::fence_barrier_init();

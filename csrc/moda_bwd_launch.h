@@ -43,23 +43,9 @@ std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {
     err = make_folded_rows_map(&p.tma_do, bf16, a.dout, D, G, Hk, T, B, a.do_batch_stride, a.do_seq_stride,
                                a.do_head_stride, kBlockM);
     if (!err.empty()) return "dout: " + err;
-    if (f.has_seq) {
-        err = make_seq_rows_map(&p.tma_k, bf16, f.k, D, Hk, T, B, f.k_batch_stride, f.k_seq_stride, f.k_head_stride,
-                                kBlockN);
-        if (!err.empty()) return "k: " + err;
-        err = make_seq_rows_map(&p.tma_v, bf16, f.v, D, Hk, T, B, f.v_batch_stride, f.v_seq_stride, f.v_head_stride,
-                                kBlockN);
-        if (!err.empty()) return "v: " + err;
-    }
+    err = make_key_maps(f, kBlockN, &p.tma_k, &p.tma_v, &p.tma_dk, &p.tma_dv);
+    if (!err.empty()) return err;
     const int Lb = depth_box_slots(L, kBlockN);
-    if (L > 0) {
-        err = make_depth_box_map(&p.tma_dk, bf16, f.depth_k, D, Hk, L, T, B, f.dk_batch_stride, f.dk_seq_stride,
-                                 f.dk_slot_stride, f.dk_head_stride, kBlockN);
-        if (!err.empty()) return "depth_k: " + err;
-        err = make_depth_box_map(&p.tma_dv, bf16, f.depth_v, D, Hk, L, T, B, f.dv_batch_stride, f.dv_seq_stride,
-                                 f.dv_slot_stride, f.dv_head_stride, kBlockN);
-        if (!err.empty()) return "depth_v: " + err;
-    }
 
     p.lse = f.lse;
     p.delta = a.delta;

@@ -162,13 +162,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     const int t_hi = min((row0 + kBlockM - 1) / G, p.seqlen - 1);
     const TileSchedule sched = TileSchedule::make<kCausal, kBlockN>(p, t_lo, t_hi);
 
-    // Pipelines: the producer thread arrives on "full" with the tile's byte count, TMA
-    // completes it; all consumer threads arrive on "empty" when done with a stage.
-    typename Pipeline::Params pipe_params;
-    pipe_params.transaction_bytes = Traits::kTileBytes;
-    pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-    pipe_params.is_leader = threadIdx.x == 0;
-    pipe_params.num_consumers = 128 * Traits::kConsumerWGs;
+    // One pipeline for K tiles, one for V tiles (V is needed later than K).
+    const auto pipe_params = tma_pipeline_params<Pipeline>(Traits::kTileBytes, Traits::kConsumerWGs);
     Pipeline pipe_k(smem.pipe_k, pipe_params, Shape<_1, _1, _1>{});
     Pipeline pipe_v(smem.pipe_v, pipe_params, Shape<_1, _1, _1>{});
     if (threadIdx.x == 0) {

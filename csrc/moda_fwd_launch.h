@@ -45,27 +45,12 @@ std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
     const int B = a.batch, T = a.seqlen, Hk = a.kv_heads, G = a.q_heads / a.kv_heads, L = a.depth;
 
     FwdKernelParams p{};
-    std::string err;
-    err = make_folded_rows_map(&p.tma_q, bf16, a.q, D, G, Hk, T, B, a.q_batch_stride, a.q_seq_stride,
-                               a.q_head_stride, kBlockM);
+    std::string err = make_folded_rows_map(&p.tma_q, bf16, a.q, D, G, Hk, T, B, a.q_batch_stride,
+                                           a.q_seq_stride, a.q_head_stride, kBlockM);
     if (!err.empty()) return "q: " + err;
-    if (a.has_seq) {
-        err = make_seq_rows_map(&p.tma_k, bf16, a.k, D, Hk, T, B, a.k_batch_stride, a.k_seq_stride, a.k_head_stride,
-                                kBlockN);
-        if (!err.empty()) return "k: " + err;
-        err = make_seq_rows_map(&p.tma_v, bf16, a.v, D, Hk, T, B, a.v_batch_stride, a.v_seq_stride, a.v_head_stride,
-                                kBlockN);
-        if (!err.empty()) return "v: " + err;
-    }
+    err = make_key_maps(a, kBlockN, &p.tma_k, &p.tma_v, &p.tma_dk, &p.tma_dv);
+    if (!err.empty()) return err;
     const int Lb = depth_box_slots(L, kBlockN);
-    if (L > 0) {
-        err = make_depth_box_map(&p.tma_dk, bf16, a.depth_k, D, Hk, L, T, B, a.dk_batch_stride, a.dk_seq_stride,
-                                 a.dk_slot_stride, a.dk_head_stride, kBlockN);
-        if (!err.empty()) return "depth_k: " + err;
-        err = make_depth_box_map(&p.tma_dv, bf16, a.depth_v, D, Hk, L, T, B, a.dv_batch_stride, a.dv_seq_stride,
-                                 a.dv_slot_stride, a.dv_head_stride, kBlockN);
-        if (!err.empty()) return "depth_v: " + err;
-    }
 
     p.out = a.out;
     p.lse = a.lse;

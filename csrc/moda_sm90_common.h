@@ -7,6 +7,7 @@
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cute/tensor.hpp>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
 
 namespace moda {
 
@@ -34,6 +35,19 @@ __device__ __forceinline__ void tma_load_rows(CUtensorMap const* map, uint64_t* 
     for (int j = 0; j < D / 64; ++j) {
         SM90_TMA_LOAD_5D::copy(map, bar, kHint, smem + j * N * 64, j * 64, c1, c2, c3, c4);
     }
+}
+
+// Parameters of a TMA pipeline whose producer is thread 0 (warpgroup 0) and whose consumers
+// are all threads of the other warpgroups: the producer arrives on "full" with the stage's byte
+// count and TMA completes it; every consumer thread arrives on "empty" when done with a stage.
+template <class Pipeline>
+__device__ __forceinline__ typename Pipeline::Params tma_pipeline_params(int stage_bytes, int consumer_wgs) {
+    typename Pipeline::Params params;
+    params.transaction_bytes = stage_bytes;
+    params.role = threadIdx.x < 128 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+    params.is_leader = threadIdx.x == 0;
+    params.num_consumers = 128 * consumer_wgs;
+    return params;
 }
 
 // Issue C (+)= A * B on one warpgroup's wgmma as one commit group, without waiting. B comes

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "moda_params.h"
 #include "tma_desc.h"
 
 namespace moda {
@@ -51,6 +52,30 @@ inline std::string make_depth_box_map(CUtensorMap* map, bool bf16, const void* b
     return make_tensor_map<5>(map, bf16, base, {uint64_t(D), uint64_t(Hk), uint64_t(L), uint64_t(T), uint64_t(B)},
                               {head_stride * kElem, slot_stride * kElem, seq_stride * kElem, batch_stride * kElem},
                               {64, 1, uint32_t(Lb), uint32_t(rows / Lb), 1});
+}
+
+// The key-side maps of a problem: sequence k, v (when present) with boxes of `rows`
+// positions, and depth_k, depth_v (when L > 0) with depth boxes of `rows` rows.
+inline std::string make_key_maps(const FwdParams& a, int rows, CUtensorMap* k, CUtensorMap* v, CUtensorMap* dk,
+                                 CUtensorMap* dv) {
+    const bool bf16 = a.dtype == DType::kBFloat16;
+    const int D = a.head_dim, Hk = a.kv_heads, T = a.seqlen, B = a.batch, L = a.depth;
+    std::string err;
+    if (a.has_seq) {
+        err = make_seq_rows_map(k, bf16, a.k, D, Hk, T, B, a.k_batch_stride, a.k_seq_stride, a.k_head_stride, rows);
+        if (!err.empty()) return "k: " + err;
+        err = make_seq_rows_map(v, bf16, a.v, D, Hk, T, B, a.v_batch_stride, a.v_seq_stride, a.v_head_stride, rows);
+        if (!err.empty()) return "v: " + err;
+    }
+    if (L > 0) {
+        err = make_depth_box_map(dk, bf16, a.depth_k, D, Hk, L, T, B, a.dk_batch_stride, a.dk_seq_stride,
+                                 a.dk_slot_stride, a.dk_head_stride, rows);
+        if (!err.empty()) return "depth_k: " + err;
+        err = make_depth_box_map(dv, bf16, a.depth_v, D, Hk, L, T, B, a.dv_batch_stride, a.dv_seq_stride,
+                                 a.dv_slot_stride, a.dv_head_stride, rows);
+        if (!err.empty()) return "depth_v: " + err;
+    }
+    return {};
 }
 
 }  // namespace moda
