@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One GPU run's worth of checks and measurements, logs and JSON under --out:
+#   validate  bench/validate_fwd.py and bench/validate_bwd.py (the compiled kernels against the reference)
 #   tests   the cuda-marked tests and the kernel tests (autotuning off: quick compiles)
 #   bench   bench_moda.py on the issue shapes, with the per-kernel breakdown
 #   stream  bench_depth_stream.py (32-layer stack, depth stream vs stack-per-layer)
@@ -8,7 +9,7 @@
 # Usage: bench/run_gpu_suite.sh --out DIR [--only tests,bench,...] [--lm-minutes M]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="" only="tests,bench,stream,lm,ncu" lm_minutes=1.5
+out="" only="validate,tests,bench,stream,lm,ncu" lm_minutes=1.5
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
@@ -29,6 +30,8 @@ step() {  # name, command...: run, log, remember failures, print the tail
     "$@" >"$out/$name.log" 2>&1 || { echo "!! $name failed (rc=$?)"; status=1; }
     tail -n 15 "$out/$name.log"
 }
+want validate && step validate_fwd python3 bench/validate_fwd.py --backend cuda
+want validate && step validate_bwd python3 bench/validate_bwd.py
 # 4 workers: the paper-layout test alone holds ~53 GB of the GPU; 12 ran out of memory.
 want tests && step tests env MODA_TRITON_TUNING=off python3 -m pytest -q -n 4 -p no:benchmark \
     tests/test_cuda.py tests/test_triton_kernels.py tests/test_op.py tests/test_cli.py

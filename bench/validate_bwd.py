@@ -1,5 +1,5 @@
-"""Key-side gradients of the compiled backward (``_C.bwd_dkdv``: dK, dV, d depth_k, d depth_v)
-against the float64 reference, over validate_fwd.py's cases, as a table.
+"""Gradients of the compiled backward (``_C.bwd``: dQ, dK, dV, d depth_k, d depth_v) against
+the float64 reference, over validate_fwd.py's cases, as a table.
 
 The compiled backward is not wired into dispatch yet (the cuda backend's backward is the
 Triton one); this is its check. Fresh random inputs and dO (and, every other case, a random
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import Case, as_double, make_inputs, rel_err  # noqa: E402
 from validate_fwd import CASES, SMALL, run_table  # noqa: E402
 
-NAMES = ("k", "v", "depth_k", "depth_v")
+NAMES = ("q", "k", "v", "depth_k", "depth_v")
 
 
 def reference_grads(inputs, dout, grad_lse, case: Case):
@@ -36,9 +36,9 @@ def reference_grads(inputs, dout, grad_lse, case: Case):
     loss = (out * dout.double()).sum()
     if grad_lse is not None:
         loss = loss + (torch.nan_to_num(lse, neginf=0.0) * grad_lse.double()).sum()
-    wanted = [t for t in leaves[1:] if t is not None and t.numel() > 0]
+    wanted = [t for t in leaves if t is not None and t.numel() > 0]
     grads = iter(torch.autograd.grad(loss, wanted))
-    return [next(grads) if t is not None and t.numel() > 0 else None for t in leaves[1:]]
+    return [next(grads) if t is not None and t.numel() > 0 else None for t in leaves]
 
 
 def run_case(case: Case, slots, dtype, seed: int, with_grad_lse: bool):
@@ -52,8 +52,8 @@ def run_case(case: Case, slots, dtype, seed: int, with_grad_lse: bool):
     dout = torch.randn(out.shape, generator=g, device="cuda").to(dtype)
     grad_lse = torch.randn(lse.shape, generator=g, device="cuda") if with_grad_lse else None
     grads = [torch.full(t.shape, float("nan"), dtype=dtype, device="cuda") if t is not None else None
-             for t in (k, v, dk, dv)]
-    ext.bwd_dkdv(q, k, v, dk, dv, out, lse, dout, grad_lse, *grads, case.D ** -0.5, case.causal, case.chunk)
+             for t in inputs]
+    ext.bwd(q, k, v, dk, dv, out, lse, dout, grad_lse, *grads, case.D ** -0.5, case.causal, case.chunk)
     refs = reference_grads(inputs, dout, grad_lse, case)
     return {name: rel_err(got, ref) for name, got, ref in zip(NAMES, grads, refs) if ref is not None}
 

@@ -25,7 +25,7 @@ void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& q, in
     TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
 }
 
-// The forward's problem description from its tensors (checked); shared by fwd and bwd_dkdv.
+// The forward's problem description from its tensors (checked); shared by fwd and bwd.
 moda::FwdParams make_fwd_params(const at::Tensor& q, const std::optional<at::Tensor>& k,
                                 const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& depth_k,
                                 const std::optional<at::Tensor>& depth_v, const at::Tensor& out, const at::Tensor& lse,
@@ -108,12 +108,11 @@ void check_grad(const std::optional<at::Tensor>& grad, const std::optional<at::T
     TORCH_CHECK(grad->sizes() == input->sizes(), name, " must have its input's shape");
 }
 
-void bwd_dkdv(const at::Tensor& q, const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
-              const std::optional<at::Tensor>& depth_k, const std::optional<at::Tensor>& depth_v,
-              const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
-              const std::optional<at::Tensor>& grad_lse, std::optional<at::Tensor> grad_k,
-              std::optional<at::Tensor> grad_v, std::optional<at::Tensor> grad_depth_k,
-              std::optional<at::Tensor> grad_depth_v, double scale, bool causal, int64_t depth_chunk) {
+void bwd(const at::Tensor& q, const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
+         const std::optional<at::Tensor>& depth_k, const std::optional<at::Tensor>& depth_v, const at::Tensor& out,
+         const at::Tensor& lse, const at::Tensor& dout, const std::optional<at::Tensor>& grad_lse, at::Tensor& grad_q,
+         std::optional<at::Tensor> grad_k, std::optional<at::Tensor> grad_v, std::optional<at::Tensor> grad_depth_k,
+         std::optional<at::Tensor> grad_depth_v, double scale, bool causal, int64_t depth_chunk) {
     moda::BwdParams p{};
     p.fwd = make_fwd_params(q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk);
     check_tensor(dout, "dout", q, 4);
@@ -128,6 +127,10 @@ void bwd_dkdv(const at::Tensor& q, const std::optional<at::Tensor>& k, const std
     }
     at::Tensor delta = at::empty_like(lse);
     p.delta = delta.data_ptr<float>();
+    check_tensor(grad_q, "grad_q", q, 4);
+    TORCH_CHECK(grad_q.sizes() == q.sizes(), "grad_q must have q's shape");
+    p.grad_q = grad_q.data_ptr();
+    p.gq_batch_stride = grad_q.stride(0), p.gq_seq_stride = grad_q.stride(1), p.gq_head_stride = grad_q.stride(2);
     check_grad(grad_k, k, "grad_k", q);
     check_grad(grad_v, v, "grad_v", q);
     if (grad_k.has_value()) {
@@ -145,7 +148,7 @@ void bwd_dkdv(const at::Tensor& q, const std::optional<at::Tensor>& k, const std
         p.gdv_slot_stride = grad_depth_v->stride(2), p.gdv_head_stride = grad_depth_v->stride(3);
     }
     c10::cuda::CUDAGuard guard(q.device());
-    const char* error = moda::run_bwd_dkdv(p, at::cuda::getCurrentCUDAStream().stream());
+    const char* error = moda::run_bwd(p, at::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(error[0] == '\0', "moda_cuda CUDA backward: ", error);
 }
 
@@ -162,11 +165,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("fwd", &fwd, "MoDA forward: writes out [B, T, Hq, D] and lse [B, Hq, T] (natural log)", py::arg("q"),
           py::arg("k"), py::arg("v"), py::arg("depth_k"), py::arg("depth_v"), py::arg("out"), py::arg("lse"),
           py::arg("scale"), py::arg("causal"), py::arg("depth_chunk"));
-    m.def("bwd_dkdv", &bwd_dkdv,
-          "MoDA backward, key side: writes grad_k, grad_v [B, T, Hk, D] and grad_depth_k, grad_depth_v "
-          "[B, T, L, Hk, D] (deterministic; dq is not computed)",
+    m.def("bwd", &bwd,
+          "MoDA backward: writes grad_q [B, T, Hq, D], grad_k, grad_v [B, T, Hk, D] and grad_depth_k, "
+          "grad_depth_v [B, T, L, Hk, D]; deterministic (no atomics)",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("depth_k"), py::arg("depth_v"), py::arg("out"),
-          py::arg("lse"), py::arg("dout"), py::arg("grad_lse"), py::arg("grad_k"), py::arg("grad_v"),
+          py::arg("lse"), py::arg("dout"), py::arg("grad_lse"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"),
           py::arg("grad_depth_k"), py::arg("grad_depth_v"), py::arg("scale"), py::arg("causal"),
           py::arg("depth_chunk"));
     m.def("compiled_archs", &compiled_archs, "GPU architectures the kernels were compiled for");

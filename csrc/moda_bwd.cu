@@ -1,5 +1,6 @@
-// Entry point of the CUDA backward (dK, dV, depth gradients): checks, then the instantiation
-// for the element type and head dim. The kernels are in moda_bwd_kernel.h.
+// Entry point of the CUDA backward: checks, then the instantiation for the element type and
+// head dim. The kernels are in moda_bwd_kernel.h (dK, dV, depth gradients) and
+// moda_bwd_dq_kernel.h (dQ).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -12,7 +13,7 @@
 namespace moda {
 
 template <class Element, int D>
-std::string launch_bwd_dkdv(const BwdParams& params, cudaStream_t stream);
+std::string launch_bwd(const BwdParams& params, cudaStream_t stream);
 
 namespace {
 
@@ -23,16 +24,17 @@ std::string check_bwd(const BwdParams& a) {
     for (int64_t s : {a.do_batch_stride, a.do_seq_stride, a.do_head_stride}) {
         if (s % 8 != 0) return "dout's strides but the last must be multiples of 8 elements (16 bytes)";
     }
-    const int64_t grad_strides[] = {a.gk_batch_stride,  a.gk_seq_stride,   a.gk_head_stride,  a.gv_batch_stride,
+    const int64_t grad_strides[] = {a.gq_batch_stride, a.gq_seq_stride, a.gq_head_stride, a.gk_batch_stride,  a.gk_seq_stride,   a.gk_head_stride,  a.gv_batch_stride,
                                     a.gv_seq_stride,    a.gv_head_stride,  a.gdk_batch_stride, a.gdk_seq_stride,
                                     a.gdk_slot_stride,  a.gdk_head_stride, a.gdv_batch_stride, a.gdv_seq_stride,
                                     a.gdv_slot_stride,  a.gdv_head_stride};
     for (int64_t s : grad_strides) {
         if (s % 2 != 0) return "gradient strides but the last must be even (pairs of elements are stored)";
     }
-    for (const void* ptr : {a.grad_k, a.grad_v, a.grad_depth_k, a.grad_depth_v}) {
+    for (const void* ptr : {a.grad_q, a.grad_k, a.grad_v, a.grad_depth_k, a.grad_depth_v}) {
         if (reinterpret_cast<uintptr_t>(ptr) % 4 != 0) return "gradients must start at 4-byte aligned addresses";
     }
+    if (a.grad_q == nullptr) return "grad_q is required";
     if (a.fwd.has_seq && (a.grad_k == nullptr || a.grad_v == nullptr)) return "grad_k and grad_v are required";
     if (a.fwd.depth > 0 && (a.grad_depth_k == nullptr || a.grad_depth_v == nullptr)) {
         return "grad_depth_k and grad_depth_v are required";
@@ -42,7 +44,7 @@ std::string check_bwd(const BwdParams& a) {
 
 }  // namespace
 
-const char* run_bwd_dkdv(const BwdParams& params, void* stream) {
+const char* run_bwd(const BwdParams& params, void* stream) {
     static thread_local std::string error;
     error = check_supported(params.fwd);
     if (error.empty()) error = check_bwd(params);
@@ -50,11 +52,11 @@ const char* run_bwd_dkdv(const BwdParams& params, void* stream) {
         auto s = static_cast<cudaStream_t>(stream);
         const bool bf16 = params.fwd.dtype == DType::kBFloat16;
         if (params.fwd.head_dim == 64) {
-            error = bf16 ? launch_bwd_dkdv<cutlass::bfloat16_t, 64>(params, s)
-                         : launch_bwd_dkdv<cutlass::half_t, 64>(params, s);
+            error = bf16 ? launch_bwd<cutlass::bfloat16_t, 64>(params, s)
+                         : launch_bwd<cutlass::half_t, 64>(params, s);
         } else {
-            error = bf16 ? launch_bwd_dkdv<cutlass::bfloat16_t, 128>(params, s)
-                         : launch_bwd_dkdv<cutlass::half_t, 128>(params, s);
+            error = bf16 ? launch_bwd<cutlass::bfloat16_t, 128>(params, s)
+                         : launch_bwd<cutlass::half_t, 128>(params, s);
         }
     }
     return error.c_str();

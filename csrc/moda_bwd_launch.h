@@ -1,40 +1,34 @@
-// Host side of the Hopper backward (dK, dV, depth gradients): the delta preprocess, tensor
-// maps, grid, shared memory, launch. Included by the instantiation files.
+// Host side of the Hopper backward: the delta preprocess, then the key-stationary kernel (dK,
+// dV, depth gradients) and the query-stationary one (dQ): tensor maps, grids, shared memory,
+// launches. Included by the instantiation files.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <string>
 
+#include "moda_bwd_dq_kernel.h"
 #include "moda_bwd_kernel.h"
+#include "moda_fwd_launch.h"
 #include "moda_params.h"
 #include "moda_tma_maps.h"
 
 namespace moda {
 
-// Pipeline stages of the streamed Q / dO tiles per head dim (shared memory: K, V once, plus
-// 2 x kStages x [64 x D]). Not tuned yet.
+// Pipeline stages per head dim, not tuned yet: of the key-stationary kernel's Q / dO tiles
+// (shared memory: K, V once, plus 2 x kStages x [64 x D]) and of the dQ kernel's K / V tiles
+// (Q, dO once, plus 2 x kStages x [64 x D]).
 template <int D> struct BwdConfig;
-template <> struct BwdConfig<64> { static constexpr int kStages = 3; };
-template <> struct BwdConfig<128> { static constexpr int kStages = 2; };
+template <> struct BwdConfig<64> { static constexpr int kStages = 3, kStagesDq = 3; };
+template <> struct BwdConfig<128> { static constexpr int kStages = 2, kStagesDq = 2; };
 
 template <class Element, int D>
-std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {
+std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {  // after the preprocess
     using Traits = BwdTraits<Element, D, BwdConfig<D>::kStages>;
     constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
     const FwdParams& f = a.fwd;
     const bool bf16 = f.dtype == DType::kBFloat16;
     const int B = f.batch, T = f.seqlen, Hq = f.q_heads, Hk = f.kv_heads, G = Hq / Hk, L = f.depth;
-
-    // delta = rowsum(dO * O) - grad_lse
-    const int64_t rows = int64_t(B) * Hq * T;
-    const int threads = 256;
-    moda_bwd_preprocess_kernel<Element, D><<<unsigned((rows + threads - 1) / threads), threads, 0, stream>>>(
-        static_cast<const Element*>(f.out), static_cast<const Element*>(a.dout), a.grad_lse, a.delta, B, T, Hq,
-        f.out_batch_stride, f.out_seq_stride, f.out_head_stride, a.do_batch_stride, a.do_seq_stride,
-        a.do_head_stride);
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) return std::string("preprocess launch: ") + cudaGetErrorString(e);
 
     BwdKernelParams p{};
     std::string err = make_folded_rows_map(&p.tma_q, bf16, f.q, D, G, Hk, T, B, f.q_batch_stride, f.q_seq_stride,
@@ -74,13 +68,58 @@ std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {
 
     const size_t smem = sizeof(typename Traits::SharedStorage);
     auto kernel = f.causal ? &moda_bwd_dkdv_kernel<Traits, true> : &moda_bwd_dkdv_kernel<Traits, false>;
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
     dim3 grid(p.n_seq_blocks + n_depth_boxes, Hk, B);
     kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
     e = cudaGetLastError();
     if (e != cudaSuccess) return std::string("kernel launch: ") + cudaGetErrorString(e);
     return {};
+}
+
+template <class Element, int D>
+std::string launch_bwd_dq(const BwdParams& a, cudaStream_t stream) {  // after the preprocess
+    using Traits = BwdDqTraits<Element, D, BwdConfig<D>::kStagesDq>;
+    const FwdParams& f = a.fwd;
+    BwdDqKernelParams p{};
+    std::string err = make_fwd_kernel_params(f, Traits::kBlockM, Traits::kBlockN, p.fwd);
+    if (!err.empty()) return err;
+    err = make_folded_rows_map(&p.tma_do, f.dtype == DType::kBFloat16, a.dout, D, f.q_heads / f.kv_heads,
+                               f.kv_heads, f.seqlen, f.batch, a.do_batch_stride, a.do_seq_stride, a.do_head_stride,
+                               Traits::kBlockM);
+    if (!err.empty()) return "dout: " + err;
+    p.delta = a.delta;
+    p.dq = a.grad_q;
+    p.dq_batch_stride = a.gq_batch_stride, p.dq_seq_stride = a.gq_seq_stride, p.dq_head_stride = a.gq_head_stride;
+    p.scale = f.scale;
+
+    const size_t smem = sizeof(typename Traits::SharedStorage);
+    auto kernel = f.causal ? &moda_bwd_dq_kernel<Traits, true> : &moda_bwd_dq_kernel<Traits, false>;
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
+    dim3 grid(p.fwd.num_m_blocks, f.kv_heads, f.batch);
+    kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return std::string("dq kernel launch: ") + cudaGetErrorString(e);
+    return {};
+}
+
+template <class Element, int D>
+std::string launch_bwd(const BwdParams& a, cudaStream_t stream) {
+    const FwdParams& f = a.fwd;
+    const int B = f.batch, T = f.seqlen, Hq = f.q_heads;
+    // delta = rowsum(dO * O) - grad_lse
+    const int64_t rows = int64_t(B) * Hq * T;
+    const int threads = 256;
+    moda_bwd_preprocess_kernel<Element, D><<<unsigned((rows + threads - 1) / threads), threads, 0, stream>>>(
+        static_cast<const Element*>(f.out), static_cast<const Element*>(a.dout), a.grad_lse, a.delta, B, T, Hq,
+        f.out_batch_stride, f.out_seq_stride, f.out_head_stride, a.do_batch_stride, a.do_seq_stride,
+        a.do_head_stride);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return std::string("preprocess launch: ") + cudaGetErrorString(e);
+
+    std::string err = launch_bwd_dkdv<Element, D>(a, stream);
+    return err.empty() ? launch_bwd_dq<Element, D>(a, stream) : err;
 }
 
 }  // namespace moda

@@ -138,6 +138,103 @@ __device__ __forceinline__ void pass_turn(int wg) {
     if constexpr (kEnabled) cutlass::arch::NamedBarrier::arrive(kTurnThreads, kTurnBarrier + (1 - wg));
 }
 
+// The kBlockM G-folded query rows of a query-stationary CTA (the forward, the backward's dQ):
+// blocks are taken heaviest first (the last rows see the most causal keys); rows
+// [row0, row0 + kBlockM) are the positions [t_lo, t_hi] with all their G heads.
+template <int kBlockM>
+struct QueryBlock {
+    int row0, t_lo, t_hi;
+    __device__ explicit QueryBlock(FwdKernelParams const& p)
+        : row0((p.num_m_blocks - 1 - int(blockIdx.x)) * kBlockM),
+          t_lo(row0 / p.group),
+          t_hi(min((row0 + kBlockM - 1) / p.group, p.seqlen - 1)) {}
+};
+
+// The producer thread's stream of key tiles for a query-stationary CTA: each tile of the
+// schedule into the K pipeline's and the V pipeline's next stage (a sequence box [64, 1,
+// kBlockN, 1, 1] at position n * kBlockN, or a depth box [64, 1, Lb, Tb, 1] at slot l0,
+// position s0).
+template <int kBlockN, int kHeadDim, class Pipeline, class Element>
+__device__ __forceinline__ void produce_key_tiles(FwdKernelParams const& p, TileSchedule const& sched,
+                                                  Pipeline& pipe_k, Pipeline& pipe_v, Element* sK, Element* sV,
+                                                  int hk, int batch) {
+    if (p.has_seq) {
+        prefetch_tma_descriptor(&p.tma_k);
+        prefetch_tma_descriptor(&p.tma_v);
+    }
+    if (p.depth > 0) {
+        prefetch_tma_descriptor(&p.tma_dk);
+        prefetch_tma_descriptor(&p.tma_dv);
+    }
+    auto write = cutlass::make_producer_start_state<Pipeline>();
+    for (int i = 0; i < sched.size(); ++i) {
+        const int stage_offset = write.index() * kBlockN * kHeadDim;
+        const TileAt tile(p, sched, i);
+        auto load = [&](Pipeline& pipe, CUtensorMap const* seq_map, CUtensorMap const* depth_map, Element* buf) {
+            pipe.producer_acquire(write);
+            uint64_t* full = pipe.producer_get_barrier(write);
+            if (tile.is_seq) {
+                tma_load_rows<kBlockN, kHeadDim>(seq_map, full, buf + stage_offset, hk, tile.n * kBlockN, batch, 0);
+            } else {
+                tma_load_rows<kBlockN, kHeadDim>(depth_map, full, buf + stage_offset, hk, tile.l0, tile.s0, batch);
+            }
+        };
+        load(pipe_k, &p.tma_k, &p.tma_dk, sK);
+        load(pipe_v, &p.tma_v, &p.tma_dv, sV);
+        ++write;
+    }
+}
+
+// Which columns of a key tile one thread's two query rows (positions t[0], t[1]) see. In both
+// kinds of tile a row sees one contiguous range of columns [lo, hi): sequence tiles up to the
+// causal diagonal or the end of T; depth boxes (position-major: column c is position
+// s0 + c / Lb, slot l0 + c % Lb) the positions of the row's depth window. Masking is then two
+// compares per score against per-row bounds, plus the slot test in a box whose last slots lie
+// past L: no divisions and no branches per element.
+template <bool kCausal, int kBlockN>
+struct RowVisibility {
+    int t[2];
+    DepthWindow window[2];
+
+    __device__ RowVisibility(FwdKernelParams const& p, int const (&t_row)[2]) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+            t[h] = t_row[h];
+            window[h] = DepthWindow::of<kCausal>(t_row[h], p.depth_chunk, p.seqlen);
+        }
+    }
+
+    __device__ void columns(FwdKernelParams const& p, TileAt const& tile, int (&lo)[2], int (&hi)[2]) const {
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+            if (tile.is_seq) {
+                const int end = kCausal ? min(t[h] + 1, p.seqlen) : p.seqlen;
+                lo[h] = 0;
+                hi[h] = end - tile.n * kBlockN;
+            } else {
+                lo[h] = (window[h].first - tile.s0) * p.depth_box_slots;
+                hi[h] = (window[h].last + 1 - tile.s0) * p.depth_box_slots;
+            }
+        }
+    }
+
+    // Scores of the columns these rows do not see -> -inf (an accumulator fragment, see frag_col).
+    template <class Frag>
+    __device__ void mask(FwdKernelParams const& p, TileAt const& tile, Frag& scores, int lane) const {
+        int lo[2], hi[2];
+        columns(p, tile, lo, hi);
+        // Slot test, a no-op for sequence tiles: column c holds slot c & slot_mask.
+        const int slot_mask = tile.is_seq ? kBlockN - 1 : p.depth_box_slots - 1;
+        const int slot_end = tile.is_seq ? kBlockN : min(p.depth - tile.l0, p.depth_box_slots);
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < size(scores); ++e) {
+            const int c = frag_col(e, lane);
+            const int h = frag_row_half(e);
+            if (c < lo[h] || c >= hi[h] || (c & slot_mask) >= slot_end) scores(e) = -INFINITY;
+        }
+    }
+};
+
 template <class Traits, bool kCausal, bool kOverlap, bool kPingPong, bool kWarpDepth>
 __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_constant__ const FwdKernelParams p) {
     using Element = typename Traits::Element;
@@ -153,13 +250,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
 
     const int warp_group = threadIdx.x / 128;
-    const int m_block = p.num_m_blocks - 1 - blockIdx.x;  // heaviest causal blocks first
     const int hk = blockIdx.y;
     const int batch = blockIdx.z;
     const int G = p.group;
-    const int row0 = m_block * kBlockM;
-    const int t_lo = row0 / G;
-    const int t_hi = min((row0 + kBlockM - 1) / G, p.seqlen - 1);
+    const QueryBlock<kBlockM> qb(p);
+    const int row0 = qb.row0, t_lo = qb.t_lo, t_hi = qb.t_hi;
     const TileSchedule sched = TileSchedule::make<kCausal, kBlockN>(p, t_lo, t_hi);
 
     // One pipeline for K tiles, one for V tiles (V is needed later than K).
@@ -181,36 +276,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
         if (threadIdx.x != 0) return;
         prefetch_tma_descriptor(&p.tma_q);
-        if (p.has_seq) {
-            prefetch_tma_descriptor(&p.tma_k);
-            prefetch_tma_descriptor(&p.tma_v);
-        }
-        if (p.depth > 0) {
-            prefetch_tma_descriptor(&p.tma_dk);
-            prefetch_tma_descriptor(&p.tma_dv);
-        }
         Barrier::arrive_and_expect_tx(&smem.q_full, Traits::kQBytes);
         tma_load_rows<kBlockM, kHeadDim>(&p.tma_q, &smem.q_full, sQ_ptr, 0, hk, t_lo, batch);
-
-        PipelineState write = cutlass::make_producer_start_state<Pipeline>();
-        for (int i = 0; i < sched.size(); ++i) {
-            const int stage_offset = write.index() * kBlockN * kHeadDim;
-            const TileAt tile(p, sched, i);
-            // One tile into one pipeline's stage: a sequence box [64, 1, kBlockN, 1, 1] at
-            // position n * kBlockN, or a depth box [64, 1, Lb, Tb, 1] at (slot l0, position s0).
-            auto load = [&](Pipeline& pipe, CUtensorMap const* seq_map, CUtensorMap const* depth_map, Element* buf) {
-                pipe.producer_acquire(write);
-                uint64_t* full = pipe.producer_get_barrier(write);
-                if (tile.is_seq) {
-                    tma_load_rows<kBlockN, kHeadDim>(seq_map, full, buf + stage_offset, hk, tile.n * kBlockN, batch, 0);
-                } else {
-                    tma_load_rows<kBlockN, kHeadDim>(depth_map, full, buf + stage_offset, hk, tile.l0, tile.s0, batch);
-                }
-            };
-            load(pipe_k, &p.tma_k, &p.tma_dk, sK_ptr);
-            load(pipe_v, &p.tma_v, &p.tma_dv, sV_ptr);
-            ++write;
-        }
+        produce_key_tiles<kBlockN, kHeadDim>(p, sched, pipe_k, pipe_v, sK_ptr, sV_ptr, hk, batch);
         return;
     }
 
@@ -254,45 +322,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     float row_sum[2] = {0.f, 0.f};  // this thread's partial sums; reduced over the quad at the end
     const float scale_log2 = p.scale_log2;
 
-    // Each row's depth window, and this warpgroup's (rows are in position order).
-    DepthWindow window[2];
-    CUTLASS_PRAGMA_UNROLL
-    for (int h = 0; h < 2; ++h) window[h] = DepthWindow::of<kCausal>(t_row[h], p.depth_chunk, p.seqlen);
+    // This warpgroup's depth window (rows are in position order).
+    const RowVisibility<kCausal, kBlockN> rows_see(p, t_row);
     const int wg_first = DepthWindow::of<kCausal>(wg_t_lo, p.depth_chunk, p.seqlen).first;
     const int wg_last = DepthWindow::of<kCausal>(wg_t_hi, p.depth_chunk, p.seqlen).last;
-
-    // Scores -> -inf where a key is not visible: sequence tiles on the causal diagonal or past
-    // the end of T, and every depth tile (other positions, other chunks, slots >= L). In both
-    // kinds of tile a row sees one contiguous range of columns [lo, hi) (a depth box is
-    // position-major: column c is position s0 + c / Lb, slot l0 + c % Lb), so the per-element
-    // work is two compares against per-row bounds, plus the slot test in a depth box whose
-    // last slots lie past L. No divisions and no branches per element.
-    auto column_window = [&](TileAt const& tile, int (&lo)[2], int (&hi)[2]) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int h = 0; h < 2; ++h) {
-            if (tile.is_seq) {
-                const int end = kCausal ? min(t_row[h] + 1, p.seqlen) : p.seqlen;
-                lo[h] = 0;
-                hi[h] = end - tile.n * kBlockN;
-            } else {
-                lo[h] = (window[h].first - tile.s0) * p.depth_box_slots;
-                hi[h] = (window[h].last + 1 - tile.s0) * p.depth_box_slots;
-            }
-        }
-    };
+    // Scores -> -inf where a key is not visible (only the causal diagonal and ragged-end
+    // sequence tiles, and the depth tiles, need it).
     auto apply_mask = [&](TileAt const& tile) {
         if (tile.is_seq && tile.n < sched.first_masked) return;
-        int lo[2], hi[2];
-        column_window(tile, lo, hi);
-        // Slot test, a no-op for sequence tiles: column c holds slot c & slot_mask.
-        const int slot_mask = tile.is_seq ? kBlockN - 1 : p.depth_box_slots - 1;
-        const int slot_end = tile.is_seq ? kBlockN : min(p.depth - tile.l0, p.depth_box_slots);
-        CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < size(tSrS); ++e) {
-            const int c = frag_col(e, lane);
-            const int h = frag_row_half(e);
-            if (c < lo[h] || c >= hi[h] || (c & slot_mask) >= slot_end) tSrS(e) = -INFINITY;
-        }
+        rows_see.mask(p, tile, tSrS, lane);
     };
     // Online softmax in base 2 over the scores in tSrS: updates the running max and sum,
     // turns tSrS into probabilities (fp32, in place) and returns the factor by which the
@@ -358,7 +396,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     Tensor wO = make_tensor(tOrO.data(), Layout<Shape<Shape<_2, _2>, _1, Int<kHeadDim / 8>>>{});
     auto depth_tile_by_warp = [&](TileAt const& tile, PipelineState const& state) {
         int lo[2], hi[2];
-        column_window(tile, lo, hi);
+        rows_see.columns(p, tile, lo, hi);
         // slot_end >= 1 (l0 < L): a row whose window meets the box's columns sees slot l0.
         const bool row_sees = max(lo[0], 0) < min(hi[0], kBlockN) || max(lo[1], 0) < min(hi[1], kBlockN);
         const bool sees = __any_sync(0xffffffff, row_sees);

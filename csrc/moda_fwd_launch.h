@@ -36,22 +36,18 @@ template <> struct FwdConfig<128> {
     static constexpr int kConsumerWGs = 2;
 };
 
-template <class Element, int D>
-std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
-    using Config = FwdConfig<D>;
-    using Traits = FwdTraits<Element, D, Config::kBlockN, Config::kStages, Config::kConsumerWGs>;
-    constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+// The query-stationary kernels' parameters (the forward's, and the backward's dQ kernel's):
+// tensor maps with query boxes of kBlockM G-folded rows and key boxes of kBlockN rows, the
+// depth-box geometry, and the outputs. Returns an error message, or an empty string.
+inline std::string make_fwd_kernel_params(const FwdParams& a, int kBlockM, int kBlockN, FwdKernelParams& p) {
     const bool bf16 = a.dtype == DType::kBFloat16;
     const int B = a.batch, T = a.seqlen, Hk = a.kv_heads, G = a.q_heads / a.kv_heads, L = a.depth;
-
-    FwdKernelParams p{};
-    std::string err = make_folded_rows_map(&p.tma_q, bf16, a.q, D, G, Hk, T, B, a.q_batch_stride,
+    std::string err = make_folded_rows_map(&p.tma_q, bf16, a.q, a.head_dim, G, Hk, T, B, a.q_batch_stride,
                                            a.q_seq_stride, a.q_head_stride, kBlockM);
     if (!err.empty()) return "q: " + err;
     err = make_key_maps(a, kBlockN, &p.tma_k, &p.tma_v, &p.tma_dk, &p.tma_dv);
     if (!err.empty()) return err;
     const int Lb = depth_box_slots(L, kBlockN);
-
     p.out = a.out;
     p.lse = a.lse;
     p.out_batch_stride = a.out_batch_stride;
@@ -68,13 +64,23 @@ std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
     p.num_m_blocks = (T * G + kBlockM - 1) / kBlockM;
     p.has_seq = a.has_seq;
     p.scale_log2 = a.scale * 1.4426950408889634f;
+    return {};
+}
+
+template <class Element, int D>
+std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
+    using Config = FwdConfig<D>;
+    using Traits = FwdTraits<Element, D, Config::kBlockN, Config::kStages, Config::kConsumerWGs>;
+    FwdKernelParams p{};
+    const std::string err = make_fwd_kernel_params(a, Traits::kBlockM, Traits::kBlockN, p);
+    if (!err.empty()) return err;
 
     const size_t smem = sizeof(typename Traits::SharedStorage);
     auto kernel = a.causal ? &moda_fwd_kernel<Traits, true, Config::kOverlap, Config::kPingPong, Config::kWarpDepth>
                            : &moda_fwd_kernel<Traits, false, Config::kOverlap, Config::kPingPong, Config::kWarpDepth>;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
-    dim3 grid(p.num_m_blocks, Hk, B);
+    dim3 grid(p.num_m_blocks, a.kv_heads, a.batch);
     kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
     e = cudaGetLastError();
     if (e != cudaSuccess) return std::string("kernel launch: ") + cudaGetErrorString(e);

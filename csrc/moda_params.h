@@ -39,19 +39,21 @@ struct FwdParams {
     int64_t out_batch_stride, out_seq_stride, out_head_stride;
 };
 
-// The key-side gradients of one MoDA call: dK, dV and the depth gradients, from the forward's
-// inputs and outputs (`fwd`: q, k, v, depth_k, depth_v, out, lse) and dO. Gradients have the
-// shapes of k, v, depth_k, depth_v, with their own strides (elements).
+// The gradients of one MoDA call, from the forward's inputs and outputs (`fwd`: q, k, v,
+// depth_k, depth_v, out, lse) and dO. Gradients have the shapes of q, k, v, depth_k, depth_v,
+// with their own strides (elements).
 struct BwdParams {
     FwdParams fwd;
     const void* dout;  // [B, T, Hq, D]
     int64_t do_batch_stride, do_seq_stride, do_head_stride;
     const float* grad_lse;  // [B, Hq, T] contiguous, or null
     float* delta;           // scratch [B, Hq, T] contiguous: rowsum(dO * O) - grad_lse
+    void* grad_q;
     void* grad_k;
     void* grad_v;
     void* grad_depth_k;
     void* grad_depth_v;
+    int64_t gq_batch_stride, gq_seq_stride, gq_head_stride;
     int64_t gk_batch_stride, gk_seq_stride, gk_head_stride;
     int64_t gv_batch_stride, gv_seq_stride, gv_head_stride;
     int64_t gdk_batch_stride, gdk_seq_stride, gdk_slot_stride, gdk_head_stride;
@@ -61,7 +63,7 @@ struct BwdParams {
 // Returns an empty string on success, else what went wrong (unsupported input, CUDA error).
 // Launches on `stream` (a cudaStream_t passed as void* to keep this header CUDA-free).
 const char* run_fwd(const FwdParams& params, void* stream);
-const char* run_bwd_dkdv(const BwdParams& params, void* stream);
+const char* run_bwd(const BwdParams& params, void* stream);
 
 // What the kernels support of a problem: an empty string, or why not.
 std::string check_supported(const FwdParams& params);
