@@ -3,8 +3,9 @@
 Backends:
 
 * ``triton`` -- the Triton kernels, forward and backward, on CUDA tensors.
-* ``cuda`` -- the compiled Hopper kernels (``moda_cuda._C``, CUTLASS/CuTe): forward only so
-  far; its backward runs the Triton backward, which reads the same ``lse``. Needs the
+* ``cuda`` -- the compiled Hopper kernels (``moda_cuda._C``, CUTLASS/CuTe): the forward; its
+  backward runs the Triton backward, which reads the same ``lse``, unless
+  ``MODA_CUDA_BACKWARD=cuda`` selects the compiled backward (not yet validated on a GPU). Needs the
   extension built, a compute capability 9.0 device, float16/bfloat16, D in {64, 128},
   G in {1, 2, 4, 8, 16}, L <= 256 and TMA-friendly layouts (see ``_cuda_refuses``).
 * ``reference`` -- pure PyTorch; serves every valid input.
@@ -42,8 +43,8 @@ _warned: set = set()
 class Backend:
     """One implementation of the op. ``unavailable``/``refuses`` return a reason, or None.
 
-    ``backward_by`` names the implementation behind ``backward`` when it is another
-    backend's (the cuda backend's backward is Triton's for now).
+    ``backward_by`` says which implementation is behind ``backward`` when that can be another
+    backend's (the cuda backend's backward is Triton's unless MODA_CUDA_BACKWARD=cuda).
     """
 
     name: str
@@ -51,12 +52,12 @@ class Backend:
     refuses: Callable[[torch.Tensor, MoDAShape, Tuple[Optional[torch.Tensor], ...]], Optional[str]]
     forward: Callable
     backward: Callable
-    backward_by: Optional[str] = None
+    backward_by: Optional[Callable[[], str]] = None
 
     @property
     def backward_name(self) -> str:
         """Which implementation computes the gradients of this backend's forward."""
-        return self.backward_by or self.name
+        return self.backward_by() if self.backward_by is not None else self.name
 
 
 # ----------------------------------------------------------------------------- reference
@@ -222,9 +223,39 @@ def _cuda_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk):
     return out, lse
 
 
+# The compiled backward (csrc/moda_bwd*.h: all five gradients, no atomics) is written but has
+# not run on a GPU yet, so the cuda backend's gradients come from the Triton backward (which
+# reads the compiled forward's out and lse as they are) unless MODA_CUDA_BACKWARD=cuda selects
+# it, to validate it (bench/validate_bwd.py, MODA_CUDA_BACKWARD=cuda pytest -m cuda).
+CUDA_BACKWARD_ENV = "MODA_CUDA_BACKWARD"
+
+
+def cuda_backward_by() -> str:
+    """``"triton"`` (default) or ``"cuda"``: which kernels compute the cuda backend's gradients."""
+    choice = os.environ.get(CUDA_BACKWARD_ENV, "").strip() or "triton"
+    if choice not in ("triton", "cuda"):
+        raise ValueError(f"{CUDA_BACKWARD_ENV}={choice!r}; allowed: triton, cuda")
+    return choice
+
+
+def _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk):
+    ext = _cuda_ext.load()
+    if _layout_refuses("grad_out", grad_out) or grad_out.data_ptr() % 16:
+        grad_out = grad_out.contiguous()  # dO is loaded with TMA, like q
+    grads = [torch.empty(t.shape, device=t.device, dtype=t.dtype) if t is not None else None
+             for t in (q, k, v, depth_k, depth_v)]
+    glse = None if grad_lse is None else grad_lse.float().contiguous()
+    ext.bwd(q, k, v, depth_k, depth_v, out, lse, grad_out, glse, *grads, float(scale), bool(causal),
+            int(depth_chunk))
+    return tuple(grads)
+
+
 def _cuda_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
                    deterministic):
-    # No CUDA backward yet: the Triton backward consumes the CUDA forward's out and lse as they are.
+    # Both are deterministic by construction (no atomics), whatever is asked.
+    if cuda_backward_by() == "cuda":
+        return _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal,
+                                  depth_chunk)
     reason = _triton_unavailable()
     if reason:
         raise RuntimeError(f"the cuda backend's backward runs the Triton kernels, which are unavailable: {reason}")
@@ -232,7 +263,8 @@ def _cuda_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scal
                             deterministic)
 
 
-CUDA = Backend("cuda", _cuda_unavailable, _cuda_refuses, _cuda_forward, _cuda_backward, backward_by="triton")
+CUDA = Backend("cuda", _cuda_unavailable, _cuda_refuses, _cuda_forward, _cuda_backward,
+               backward_by=cuda_backward_by)
 
 # ----------------------------------------------------------------------------- selection
 

@@ -51,6 +51,16 @@ def test_registry_order_and_backward_names():
     assert dispatch.TRITON.backward_name == "triton" and dispatch.REFERENCE.backward_name == "reference"
 
 
+def test_cuda_backward_switch(monkeypatch):
+    monkeypatch.delenv(dispatch.CUDA_BACKWARD_ENV, raising=False)
+    assert dispatch.cuda_backward_by() == "triton" and dispatch.CUDA.backward_name == "triton"
+    monkeypatch.setenv(dispatch.CUDA_BACKWARD_ENV, "cuda")
+    assert dispatch.CUDA.backward_name == "cuda"
+    monkeypatch.setenv(dispatch.CUDA_BACKWARD_ENV, "fast")
+    with pytest.raises(ValueError, match="MODA_CUDA_BACKWARD='fast'; allowed: triton, cuda"):
+        dispatch.cuda_backward_by()
+
+
 def test_unavailable_says_why():
     reason = dispatch.CUDA.unavailable()
     if reason is None:
