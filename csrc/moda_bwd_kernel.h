@@ -47,6 +47,7 @@ struct BwdKernelParams {
     int64_t gdk_batch_stride, gdk_seq_stride, gdk_slot_stride, gdk_head_stride;
     int64_t gdv_batch_stride, gdv_seq_stride, gdv_slot_stride, gdv_head_stride;
     int seqlen, kv_heads, group, depth, depth_chunk;
+    int group_log2;           // G is a power of two: row / G is a shift
     int depth_box_slots;      // Lb
     int depth_box_positions;  // Tb
     int depth_slot_blocks;    // ceil(L / Lb)
@@ -214,12 +215,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
             key_ok[h] = key_pos[h] < p.seqlen && kb.l0 + r % p.depth_box_slots < p.depth;
         }
     }
-    // May the query at position t read this thread's key h?
+    // May the query at position t read this thread's key h? A depth row (s, l) is read by the
+    // queries of s's chunk (from s on when causal); with chunks of one position, by s alone.
+    int key_chunk[2];
+    CUTLASS_PRAGMA_UNROLL
+    for (int h = 0; h < 2; ++h) key_chunk[h] = key_pos[h] / p.depth_chunk;
     auto visible = [&](int h, int t) {
         if (!key_ok[h] || t >= p.seqlen) return false;
         if (kb.is_seq) return !kCausal || key_pos[h] <= t;
-        const DepthWindow w = DepthWindow::of<kCausal>(t, p.depth_chunk, p.seqlen);
-        return w.first <= key_pos[h] && key_pos[h] <= w.last;
+        if (p.depth_chunk == 1) return key_pos[h] == t;
+        return key_chunk[h] == t / p.depth_chunk && (!kCausal || key_pos[h] <= t);
     };
 
     // lse (log2-scaled) and delta of a step's rows, loaded by each warpgroup into its own
@@ -253,7 +258,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
         CUTLASS_PRAGMA_UNROLL
         for (int e = 0; e < size(tSrS); ++e) {
             const int c = frag_col(e, lane);
-            const bool ok = visible(frag_row_half(e), (m * kBlockM + c) / G);
+            const bool ok = visible(frag_row_half(e), (m * kBlockM + c) >> p.group_log2);
             tSrS(e) = ok ? exp2f(tSrS(e) * p.scale_log2 - lse2[c]) : 0.f;
             tPrP(e) = static_cast<Element>(tSrS(e));
         }

@@ -56,6 +56,7 @@ std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {  // after
     p.seqlen = T;
     p.kv_heads = Hk;
     p.group = G;
+    p.group_log2 = __builtin_ctz(G);
     p.depth = L;
     p.depth_chunk = f.depth_chunk;
     p.depth_box_slots = Lb;
