@@ -137,6 +137,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dq_kernel(__grid
     Tensor tdPrdP = partition_fragment_C(mma_sdp, Shape<Int<kBlockM>, Int<kBlockN>>{});
     Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
     Tensor tdSrdS = make_tensor<Element>(Shape<Shape<_2, _2, _2>, _1, Int<kBlockN / 16>>{});  // A operand of dQ
+    static_assert(decltype(size(tSrS))::value == decltype(size(tdSrdS))::value, "dS is S's registers, converted");
+    static_assert(decltype(size(tdQrdQ))::value == kHeadDim / 2, "two rows x D / 4 column pairs per thread");
     clear(tdQrdQ);
 
     // This thread's two rows, their positions, lse (log2-scaled) and delta.

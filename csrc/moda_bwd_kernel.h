@@ -198,6 +198,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
     // P^T and dS^T as the register A operands: the accumulator's flat order, grouped by k = 16.
     Tensor tPrP = make_tensor<Element>(Shape<Shape<_2, _2, _2>, _1, Int<kBlockM / 16>>{});
     Tensor tdSrdS = make_tensor<Element>(Shape<Shape<_2, _2, _2>, _1, Int<kBlockM / 16>>{});
+    static_assert(decltype(size(tSrS))::value == decltype(size(tPrP))::value, "P^T is S^T's registers, converted");
+    static_assert(decltype(size(tdPrdP))::value == decltype(size(tdSrdS))::value, "dS^T is dP^T's registers");
+    static_assert(decltype(size(tdKrdK))::value == kHeadDim / 2, "two key rows x D / 4 column pairs per thread");
     clear(tdVrdV);
     clear(tdKrdK);
 

@@ -394,6 +394,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     Tensor sQw = local_tile(sQ, Shape<_16, Int<kHeadDim>>{}, make_coord(wg * 4 + (tid % 128) / 32, 0));
     Tensor wS = make_tensor(tSrS.data(), Layout<Shape<Shape<_2, _2>, _1, Int<kBlockN / 8>>>{});
     Tensor wO = make_tensor(tOrO.data(), Layout<Shape<Shape<_2, _2>, _1, Int<kHeadDim / 8>>>{});
+    static_assert(decltype(size(wS))::value == decltype(size(tSrS))::value &&
+                      decltype(size(wO))::value == decltype(size(tOrO))::value,
+                  "the warp-level accumulators are exactly the wgmma fragments' registers");
     auto depth_tile_by_warp = [&](TileAt const& tile, PipelineState const& state) {
         int lo[2], hi[2];
         rows_see.columns(p, tile, lo, hi);
