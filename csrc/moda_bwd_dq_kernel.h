@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dq_kernel(__grid
     float lse2[2], delta[2];
     CUTLASS_PRAGMA_UNROLL
     for (int h = 0; h < 2; ++h) {
-        row[h] = row0 + wg * 64 + (tid % 128) / 32 * 16 + lane / 4 + 8 * h;
+        row[h] = row0 + frag_row(tid, h);
         t_row[h] = row[h] / G;
         lse2[h] = INFINITY;  // a row past T, or one that saw nothing: every P is 0
         delta[h] = 0.f;

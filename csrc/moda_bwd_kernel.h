@@ -204,12 +204,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
     clear(tdVrdV);
     clear(tdKrdK);
 
-    // This thread's two keys (accumulator rows): position, slot, and whether they exist.
-    int key_pos[2];
+    // This thread's two keys (accumulator rows): row in the tile, position, slot, and whether
+    // they exist.
+    int key_row[2], key_pos[2];
     bool key_ok[2];
     CUTLASS_PRAGMA_UNROLL
     for (int h = 0; h < 2; ++h) {
-        const int r = wg * 64 + (tid % 128) / 32 * 16 + lane / 4 + 8 * h;
+        const int r = key_row[h] = frag_row(tid, h);
         if (kb.is_seq) {
             key_pos[h] = kb.n * kBlockN + r;
             key_ok[h] = key_pos[h] < p.seqlen;
@@ -285,13 +286,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
     CUTLASS_PRAGMA_UNROLL
     for (int h = 0; h < 2; ++h) {
         if (!key_ok[h]) continue;
-        const int r = wg * 64 + (tid % 128) / 32 * 16 + lane / 4 + 8 * h;
         int64_t k_off, v_off;
         if (kb.is_seq) {
             k_off = batch * p.gk_batch_stride + key_pos[h] * p.gk_seq_stride + hk * p.gk_head_stride;
             v_off = batch * p.gv_batch_stride + key_pos[h] * p.gv_seq_stride + hk * p.gv_head_stride;
         } else {
-            const int l = kb.l0 + r % p.depth_box_slots;
+            const int l = kb.l0 + key_row[h] % p.depth_box_slots;
             k_off = batch * p.gdk_batch_stride + key_pos[h] * p.gdk_seq_stride + l * p.gdk_slot_stride +
                     hk * p.gdk_head_stride;
             v_off = batch * p.gdv_batch_stride + key_pos[h] * p.gdv_seq_stride + l * p.gdv_slot_stride +

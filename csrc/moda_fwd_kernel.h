@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     int row[2], t_row[2];  // folded rows (accumulator layout: see frag_row_half), positions
     CUTLASS_PRAGMA_UNROLL
     for (int h = 0; h < 2; ++h) {
-        row[h] = row0 + wg * 64 + (tid % 128) / 32 * 16 + lane / 4 + 8 * h;
+        row[h] = row0 + frag_row(tid, h);
         t_row[h] = row[h] / G;
     }
     const int wg_t_lo = (row0 + wg * 64) / G;
@@ -391,7 +391,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     auto load_q_thr = load_q.get_thread_slice(lane);
     auto load_k_thr = load_k.get_thread_slice(lane);
     auto load_vt_thr = load_vt.get_thread_slice(lane);
-    Tensor sQw = local_tile(sQ, Shape<_16, Int<kHeadDim>>{}, make_coord(wg * 4 + (tid % 128) / 32, 0));
+    Tensor sQw = local_tile(sQ, Shape<_16, Int<kHeadDim>>{}, make_coord(tid / 32, 0));
     Tensor wS = make_tensor(tSrS.data(), Layout<Shape<Shape<_2, _2>, _1, Int<kBlockN / 8>>>{});
     Tensor wO = make_tensor(tOrO.data(), Layout<Shape<Shape<_2, _2>, _1, Int<kHeadDim / 8>>>{});
     static_assert(decltype(size(wS))::value == decltype(size(tSrS))::value &&

@@ -81,5 +81,11 @@ __device__ __forceinline__ void wgmma_wait(TC& c) {
 // (i >> 1) & 1, column 8 (i >> 2) + 2 (lane % 4) + (i & 1).
 __device__ __forceinline__ int frag_row_half(int i) { return (i >> 1) & 1; }
 __device__ __forceinline__ int frag_col(int i, int lane) { return 8 * (i >> 2) + 2 * (lane & 3) + (i & 1); }
+// The tile row of a consumer thread's row half h: consumer warpgroup w owns rows [64 w, 64 w + 64),
+// its warp j rows [16 j, 16 j + 16) of those; `tid` counts the consumer threads from 0.
+__device__ __forceinline__ int frag_row(int tid, int h) {
+    const unsigned t = unsigned(tid);  // >= 0: shifts and masks, no signed-division fix-ups
+    return int(t / 32 * 16 + t % 32 / 4) + 8 * h;
+}
 
 }  // namespace moda
