@@ -5,16 +5,16 @@ Backends:
 * ``triton`` -- the Triton kernels, forward and backward, on CUDA tensors.
 * ``cuda`` -- the compiled Hopper kernels (``moda_cuda._C``, CUTLASS/CuTe): the forward; its
   backward runs the Triton backward, which reads the same ``lse``, unless
-  ``MODA_CUDA_BACKWARD=cuda`` selects the compiled backward (not yet validated on a GPU). Needs the
-  extension built, a compute capability 9.0 device, float16/bfloat16, D in {64, 128},
-  G in {1, 2, 4, 8, 16}, L <= 256 and TMA-friendly layouts (see ``_cuda_refuses``).
+  ``MODA_CUDA_BACKWARD=cuda`` selects the compiled backward (not yet validated on a GPU).
+  Needs the extension built, a compute capability 9.0 device, float16/bfloat16, D in
+  {64, 128}, G in {1, 2, 4, 8, 16}, L <= 256 and TMA-friendly layouts (see ``_cuda_refuses``).
 * ``reference`` -- pure PyTorch; serves every valid input.
 
 ``backend="auto"`` takes cuda, then triton, then the reference, except where the depth part
 is a large share of the work (``cuda_depth_share``): there triton goes first. Both orders
 follow forward times measured on the H200 (README, bench/NOTES.md); the Triton kernels also
-serve what the compiled forward does not (other head dims, float32, other GPUs). Auto never fails on a
-valid input because a fast path does not cover it: it takes the next one, and when that is
+serve what the compiled forward does not (other head dims, float32, other GPUs). Auto never
+fails on a valid input because a fast path does not cover it: it takes the next one, and when that is
 the reference it warns once per reason (a refusal that another fast path absorbs is silent).
 A backend named explicitly (argument or ``MODA_BACKEND``) that cannot serve the input raises.
 """
@@ -210,7 +210,7 @@ def _cuda_refuses(q: torch.Tensor, shape: MoDAShape, tensors) -> Optional[str]:
             reason = _layout_refuses(name, t)
             if reason:
                 return reason
-    # The backward is the Triton one for now: refuse what it cannot take, too.
+    # The default backward is the Triton one: refuse what it cannot take, too.
     return _int32_offsets_refuse(tensors)
 
 
@@ -240,7 +240,7 @@ def cuda_backward_by() -> str:
 
 def _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk):
     ext = _cuda_ext.load()
-    if _layout_refuses("grad_out", grad_out) or grad_out.data_ptr() % 16:
+    if _layout_refuses("grad_out", grad_out):
         grad_out = grad_out.contiguous()  # dO is loaded with TMA, like q
     grads = [torch.empty(t.shape, device=t.device, dtype=t.dtype) if t is not None else None
              for t in (q, k, v, depth_k, depth_v)]
