@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
     auto load_row_stats = [&](int m, int parity) {
         const int c = tid % 128 % kBlockM;  // column (query row within the step)
         const bool is_delta = tid % 128 >= kBlockM;
-        const int row = m * kBlockM + c, t = row / G, head = hk * G + row % G;
+        const int row = m * kBlockM + c, t = row >> p.group_log2, head = hk * G + (row & (G - 1));
         float value = 0.f;
         if (t < p.seqlen) {
             const int64_t i = (int64_t(batch) * p.kv_heads * G + head) * p.seqlen + t;
