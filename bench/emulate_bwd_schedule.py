@@ -1,6 +1,7 @@
 """The key-stationary backward kernel's schedule (csrc/moda_bwd_kernel.h), emulated in float64
-on the CPU: the same CTAs (128 sequence keys, or one depth box), the same query-row steps
-(64 G-folded rows over [t_first, t_last]), the same masks and delta / grad_lse handling.
+on the CPU: the same CTAs (one block of 128 sequence keys, or a run of depth boxes), the same
+query-row steps (64 G-folded rows over [t_first, t_last]), the same masks, the same
+unmasked-step rule, and the same delta / grad_lse handling.
 Prints the relative error of dK, dV, d depth_k, d depth_v against autograd on the reference,
 for a few small cases. Checks the tiling arithmetic, not the CUDA code.
 
@@ -37,7 +38,19 @@ def key_block(j, n_seq, T, L, C, causal, BN, Lb, Tb, slot_blocks):
     return False, keys, (s0 if causal else s0 // C * C), min((s_last // C + 1) * C, T) - 1
 
 
-def emulate(case, q, k, v, dk, dv, out, lse, dout, glse):
+def cta_work(i, Hk, B, n_seq, n_depth, per_cta):
+    """(hk, b, j_begin, j_end) of CTA i, as CtaWork::of orders them."""
+    heads = Hk * B
+    if i < n_seq * heads:
+        head, j = i % heads, i // heads
+        return head % Hk, head // Hk, j, j + 1
+    i -= n_seq * heads
+    runs = (n_depth + per_cta - 1) // per_cta
+    head, box = i // runs, i % runs * per_cta
+    return head % Hk, head // Hk, n_seq + box, n_seq + box + min(per_cta, n_depth - box)
+
+
+def emulate(case, q, k, v, dk, dv, out, lse, dout, glse, per_cta=3):
     B, T, Hq, D = q.shape
     Hk, L, C, causal = case.Hk, case.L, case.chunk, case.causal
     G, scale, log2e = Hq // Hk, D ** -0.5, math.log2(math.e)
@@ -57,47 +70,53 @@ def emulate(case, q, k, v, dk, dv, out, lse, dout, glse):
         first = t // C * C
         return first, (t if causal else min(first + C, T) - 1)
 
-    for b in range(B):
-        for hk in range(Hk):
-            for j in range(n_seq + n_depth):
-                is_seq, keys, t_first, t_last = key_block(j, n_seq, T, L, C, causal, BN, Lb, Tb, slot_blocks)
-                Kt = torch.zeros(BN, D, dtype=torch.float64)
-                Vt = torch.zeros(BN, D, dtype=torch.float64)
-                for r, (s, l, ok) in enumerate(keys):
-                    if ok:
-                        Kt[r] = k[b, s, hk] if is_seq else dk[b, s, l, hk]
-                        Vt[r] = v[b, s, hk] if is_seq else dv[b, s, l, hk]
-                dK = torch.zeros(BN, D, dtype=torch.float64)
-                dV = torch.zeros(BN, D, dtype=torch.float64)
-                for m in range(t_first * G // BM, ((t_last + 1) * G + BM - 1) // BM):
-                    Q = torch.zeros(BM, D, dtype=torch.float64)
-                    dO = torch.zeros(BM, D, dtype=torch.float64)
-                    lse2 = torch.zeros(BM, dtype=torch.float64)
-                    dl = torch.zeros(BM, dtype=torch.float64)
-                    ts = [(m * BM + c) // G for c in range(BM)]
-                    for c in range(BM):
-                        t, h = ts[c], hk * G + (m * BM + c) % G
-                        if t < T:
-                            Q[c], dO[c] = q[b, t, h], dout[b, t, h]
-                            lse2[c], dl[c] = lse[b, h, t] * log2e, delta[b, h, t]
-                    S, dP = Kt @ Q.T, Vt @ dO.T  # keys x rows
-                    P = torch.zeros_like(S)
-                    for r, (s, l, ok) in enumerate(keys):
-                        for c in range(BM):
-                            t = ts[c]
-                            if not ok or t >= T:
-                                continue
-                            first, last = window(t)
-                            visible = ((not causal) or s <= t) if is_seq else first <= s <= last
-                            if visible:
-                                P[r, c] = 2 ** (S[r, c] * scale * log2e - lse2[c])
-                    dV += P @ dO
-                    dK += (P * (dP - dl[None, :])) @ Q
-                for r, (s, l, ok) in enumerate(keys):
-                    if ok and is_seq:
-                        grads["k"][b, s, hk], grads["v"][b, s, hk] = dK[r] * scale, dV[r]
-                    elif ok:
-                        grads["dk"][b, s, l, hk], grads["dv"][b, s, l, hk] = dK[r] * scale, dV[r]
+    n_ctas = (n_seq + (n_depth + per_cta - 1) // per_cta) * Hk * B
+    blocks = [(hk, b, j) for i in range(n_ctas) for hk, b, j0, j1 in [cta_work(i, Hk, B, n_seq, n_depth, per_cta)]
+              for j in range(j0, j1)]
+    assert sorted(blocks) == sorted((hk, b, j) for hk in range(Hk) for b in range(B) for j in range(n_seq + n_depth))
+    for hk, b, j in blocks:
+        is_seq, keys, t_first, t_last = key_block(j, n_seq, T, L, C, causal, BN, Lb, Tb, slot_blocks)
+        Kt = torch.zeros(BN, D, dtype=torch.float64)
+        Vt = torch.zeros(BN, D, dtype=torch.float64)
+        for r, (s, l, ok) in enumerate(keys):
+            if ok:
+                Kt[r] = k[b, s, hk] if is_seq else dk[b, s, l, hk]
+                Vt[r] = v[b, s, hk] if is_seq else dv[b, s, l, hk]
+        dK = torch.zeros(BN, D, dtype=torch.float64)
+        dV = torch.zeros(BN, D, dtype=torch.float64)
+        for m in range(t_first * G // BM, ((t_last + 1) * G + BM - 1) // BM):
+            Q = torch.zeros(BM, D, dtype=torch.float64)
+            dO = torch.zeros(BM, D, dtype=torch.float64)
+            lse2 = torch.zeros(BM, dtype=torch.float64)
+            dl = torch.zeros(BM, dtype=torch.float64)
+            ts = [(m * BM + c) // G for c in range(BM)]
+            for c in range(BM):
+                t, h = ts[c], hk * G + (m * BM + c) % G
+                if t < T:
+                    Q[c], dO[c] = q[b, t, h], dout[b, t, h]
+                    lse2[c], dl[c] = lse[b, h, t] * log2e, delta[b, h, t]
+            S, dP = Kt @ Q.T, Vt @ dO.T  # keys x rows
+            key_end = (j + 1) * BN if is_seq else 0
+            unmasked = is_seq and key_end <= T and ts[-1] < T and (not causal or ts[0] >= key_end - 1)
+            P = torch.zeros_like(S)
+            for r, (s, l, ok) in enumerate(keys):
+                for c in range(BM):
+                    t = ts[c]
+                    if not ok or t >= T:
+                        continue
+                    first, last = window(t)
+                    visible = ((not causal) or s <= t) if is_seq else first <= s <= last
+                    if visible:
+                        P[r, c] = 2 ** (S[r, c] * scale * log2e - lse2[c])
+            # The kernel skips the mask on such steps: every entry must be visible.
+            assert not unmasked or bool((P > 0).all()), "a step taken as unmasked has a masked entry"
+            dV += P @ dO
+            dK += (P * (dP - dl[None, :])) @ Q
+        for r, (s, l, ok) in enumerate(keys):
+            if ok and is_seq:
+                grads["k"][b, s, hk], grads["v"][b, s, hk] = dK[r] * scale, dV[r]
+            elif ok:
+                grads["dk"][b, s, l, hk], grads["dv"][b, s, l, hk] = dK[r] * scale, dV[r]
     return grads["k"], grads["v"], grads["dk"], grads["dv"]
 
 

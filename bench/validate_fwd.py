@@ -44,7 +44,9 @@ CASES = [
     (Case(B=1, T=2048, Hq=32, Hk=8, D=128, L=32), None),
     (Case(B=1, T=129, Hq=16, Hk=4, D=64, L=7), None),
 ]
-SMALL = [(Case(B=1, T=77, Hq=8, Hk=2, D=64, L=5), None)]
+# For compute-sanitizer: a tiny case, and one with enough depth boxes that the backward's CTAs
+# walk runs of several (the last run shorter).
+SMALL = [(Case(B=1, T=77, Hq=8, Hk=2, D=64, L=5), None), (Case(B=1, T=2048, Hq=4, Hk=2, D=64, L=64, seq=False), None)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -127,6 +127,8 @@ void bwd(const at::Tensor& q, const std::optional<at::Tensor>& k, const std::opt
     }
     at::Tensor delta = at::empty_like(lse);
     p.delta = delta.data_ptr<float>();
+    at::Tensor row_stats = at::empty({moda::bwd_row_stats_floats(p.fwd)}, lse.options());
+    p.row_stats = row_stats.data_ptr<float>();
     check_tensor(grad_q, "grad_q", q, 4);
     TORCH_CHECK(grad_q.sizes() == q.sizes(), "grad_q must have q's shape");
     p.grad_q = grad_q.data_ptr();

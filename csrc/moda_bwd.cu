@@ -8,6 +8,7 @@
 
 #include <cutlass/numeric_types.h>
 
+#include "moda_bwd_traits.h"
 #include "moda_params.h"
 
 namespace moda {
@@ -19,7 +20,10 @@ namespace {
 
 // dO is loaded with TMA like q; the gradients are written as pairs of elements (4 bytes).
 std::string check_bwd(const BwdParams& a) {
-    if (a.dout == nullptr || a.delta == nullptr) return "dout and the delta scratch buffer are required";
+    if (a.dout == nullptr || a.delta == nullptr || a.row_stats == nullptr) {
+        return "dout and the delta and row_stats scratch buffers are required";
+    }
+    if (reinterpret_cast<uintptr_t>(a.row_stats) % 16 != 0) return "row_stats must be 16-byte aligned (bulk copies)";
     if (reinterpret_cast<uintptr_t>(a.dout) % 16 != 0) return "dout must start at a 16-byte aligned address";
     for (int64_t s : {a.do_batch_stride, a.do_seq_stride, a.do_head_stride}) {
         if (s % 8 != 0) return "dout's strides but the last must be multiples of 8 elements (16 bytes)";
@@ -43,6 +47,12 @@ std::string check_bwd(const BwdParams& a) {
 }
 
 }  // namespace
+
+int64_t bwd_row_stats_floats(const FwdParams& params) {
+    if (params.kv_heads <= 0 || params.q_heads % params.kv_heads != 0) return 0;  // check_supported says why
+    const int G = params.q_heads / params.kv_heads;
+    return int64_t(params.batch) * params.kv_heads * bwd_row_steps(params.seqlen, G) * 2 * kBwdStepRows;
+}
 
 const char* run_bwd(const BwdParams& params, void* stream) {
     static thread_local std::string error;

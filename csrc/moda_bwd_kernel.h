@@ -1,17 +1,22 @@
 // MoDA backward for Hopper (sm_90a), key-stationary part: dK, dV and the depth gradients.
 //
-// One CTA owns kBlockN = 128 keys of one (batch, kv head): 128 sequence keys, or one depth box
-// of [Tb positions x Lb slots] as in the forward. It keeps K and V in shared memory and
-// streams, through a TMA pipeline, the kBlockM = 64 G-folded query rows (Q and dO tiles) that
-// can see those keys: for sequence keys the rows from the causal diagonal down (all rows when
-// not causal); for a depth box only the rows of the positions whose depth window holds the
-// box's positions. Each of the two consumer warpgroups owns 64 of the keys and per step runs
+// A key block is kBlockN = 128 keys of one (batch, kv head): 128 sequence keys, or one depth
+// box of [Tb positions x Lb slots] as in the forward. A CTA works on one sequence block, or on
+// a run of consecutive depth boxes (CtaWork), keeping a block's K and V in shared memory (two
+// buffers: the next box's keys load during the current one) and streaming, through a TMA
+// pipeline, the kBlockM = 64 G-folded query rows that can see those keys: Q and dO tiles, and
+// the rows' lse and delta as one bulk copy. For sequence keys those are the rows from the
+// causal diagonal down (all rows when not causal); for a depth box only the rows of the
+// positions whose depth window holds the box's positions. Each of the two consumer warpgroups
+// owns 64 of the keys and per step runs
 //     S^T = K Q^T,  dP^T = V dO^T                         (keys x rows, operands in smem)
 //     P^T = exp2(S^T * scale * log2 e - lse * log2 e)      (masked entries 0)
 //     dV += P^T dO,  dS^T = P^T (dP^T - delta),  dK += dS^T Q
-// with delta = rowsum(dO * O) - grad_lse (moda_bwd_preprocess_kernel). Every gradient row of
-// K, V, depth K and depth V is reduced inside one CTA, over all its readers, in a fixed order:
-// no atomics, so these gradients are deterministic. dQ is not computed here.
+// with delta = rowsum(dO * O) - grad_lse (moda_bwd_preprocess_kernel). Steps whose rows see all
+// of a sequence block's keys skip the mask; at D = 64 a step's dV and dK run while the next
+// step's S^T and dP^T are issued. Every gradient row of K, V, depth K and depth V is reduced
+// inside one CTA, over all its readers, in a fixed order: no atomics, so these gradients are
+// deterministic. dQ is not computed here.
 #pragma once
 
 #include <cuda.h>
@@ -36,8 +41,7 @@ struct BwdKernelParams {
     CUtensorMap tma_v;
     CUtensorMap tma_dk;   // depth_k, depth_v as [D, Hk, L, T, B]; box [64, 1, Lb, Tb, 1]
     CUtensorMap tma_dv;
-    const float* lse;     // [B, Hq, T], natural log
-    const float* delta;   // [B, Hq, T]
+    const float* row_stats;  // [B, Hk, row steps, 2, kBlockM]: log2-scaled lse, then delta (preprocess)
     void* grad_k;         // [B, T, Hk, D]        (unused without sequence keys)
     void* grad_v;
     void* grad_depth_k;   // [B, T, L, Hk, D]     (unused when L = 0)
@@ -46,17 +50,44 @@ struct BwdKernelParams {
     int64_t gv_batch_stride, gv_seq_stride, gv_head_stride;
     int64_t gdk_batch_stride, gdk_seq_stride, gdk_slot_stride, gdk_head_stride;
     int64_t gdv_batch_stride, gdv_seq_stride, gdv_slot_stride, gdv_head_stride;
-    int seqlen, kv_heads, group, depth, depth_chunk;
+    int batch, seqlen, kv_heads, group, depth, depth_chunk;
     int group_log2;           // G is a power of two: row / G is a shift
     int depth_box_slots;      // Lb
     int depth_box_positions;  // Tb
     int depth_slot_blocks;    // ceil(L / Lb)
     int n_seq_blocks;         // ceil(T / 128) with sequence keys, else 0
+    int n_depth_boxes;        // ceil(T / Tb) * depth_slot_blocks, 0 when L = 0
+    int depth_boxes_per_cta;  // consecutive depth boxes one CTA walks
+    int depth_ctas_per_head;  // ceil(n_depth_boxes / depth_boxes_per_cta)
+    int n_row_steps;          // ceil(T * G / kBlockM)
     float scale;              // softmax scale
     float scale_log2;         // scale * log2(e)
 };
 
-// The 128 keys of one CTA: key r is sequence key n * 128 + r, or depth row (s0 + r / Lb,
+// What one CTA works on: key blocks [j_begin, j_end) of one (batch, kv head); j <
+// n_seq_blocks is sequence block j, else depth box j - n_seq_blocks. Sequence blocks come
+// first, one per CTA, block-major over all heads and batches: causal block 0 reads every
+// query row, the last one only the diagonal, so the longest CTAs start first. Then runs of
+// depth_boxes_per_cta depth boxes: a box is one short step, so a CTA walks several, loading
+// the next box's keys while it works on the current one.
+struct CtaWork {
+    int hk, batch, j_begin, j_end;
+    __device__ static CtaWork of(BwdKernelParams const& p, int i) {
+        const int heads = p.kv_heads * p.batch;
+        const int seq_ctas = p.n_seq_blocks * heads;
+        if (i < seq_ctas) {
+            const int head = i % heads, j = i / heads;
+            return {head % p.kv_heads, head / p.kv_heads, j, j + 1};
+        }
+        i -= seq_ctas;
+        const int head = i / p.depth_ctas_per_head;
+        const int box = i % p.depth_ctas_per_head * p.depth_boxes_per_cta;
+        const int j = p.n_seq_blocks + box;
+        return {head % p.kv_heads, head / p.kv_heads, j, j + min(p.depth_boxes_per_cta, p.n_depth_boxes - box)};
+    }
+};
+
+// The 128 keys of one key block: key r is sequence key n * 128 + r, or depth row (s0 + r / Lb,
 // l0 + r % Lb); and the query positions [t_first, t_last] that may read any of them.
 struct KeyBlock {
     bool is_seq;
@@ -86,26 +117,43 @@ struct KeyBlock {
     }
 };
 
-// delta = rowsum(dO * O) - grad_lse, one thread per (batch, query head, position), float32
-// [B, Hq, T]. out and dout are [B, T, Hq, D] with the given strides (elements).
-template <class Element, int D>
-__global__ void moda_bwd_preprocess_kernel(const Element* out, const Element* dout, const float* grad_lse,
-                                           float* delta, int B, int T, int Hq, int64_t o_batch, int64_t o_seq,
+// delta = rowsum(dO * O) - grad_lse, one thread per G-folded query row (b, hk, row = t G + g),
+// rows padded to whole steps of kRows. Writes delta as [B, Hq, T] (for dQ) and both row
+// statistics as [B, Hk, steps, 2, kRows]: lse * log2(e), then delta, so that the key-stationary
+// kernel brings a step's statistics with one bulk copy. Padding rows get zeros: finite, and
+// their probabilities are masked to zero. out and dout are [B, T, Hq, D] with the given
+// strides (elements); lse, grad_lse and delta [B, Hq, T] contiguous.
+template <class Element, int D, int kRows>
+__global__ void moda_bwd_preprocess_kernel(const Element* out, const Element* dout, const float* lse,
+                                           const float* grad_lse, float* delta, float* row_stats, int B, int T,
+                                           int Hk, int group_log2, int steps, int64_t o_batch, int64_t o_seq,
                                            int64_t o_head, int64_t do_batch, int64_t do_seq, int64_t do_head) {
-    const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // (b * Hq + h) * T + t
-    if (i >= int64_t(B) * Hq * T) return;
-    const int t = int(i % T), h = int(i / T % Hq), b = int(i / T / Hq);
-    const Element* o = out + b * o_batch + t * o_seq + h * o_head;
-    const Element* g = dout + b * do_batch + t * do_seq + h * do_head;
-    float acc = 0.f;
-    CUTLASS_PRAGMA_UNROLL
-    for (int d = 0; d < D; d += 8) {  // 16-byte loads
-        const auto ov = *reinterpret_cast<const cutlass::Array<Element, 8>*>(o + d);
-        const auto gv = *reinterpret_cast<const cutlass::Array<Element, 8>*>(g + d);
+    const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // ((b Hk + hk) steps + step) kRows + c
+    if (i >= int64_t(B) * Hk * steps * kRows) return;
+    const int64_t block = i / kRows;  // (b Hk + hk) steps + step
+    const int row = int(block % steps) * kRows + int(i % kRows);
+    const int bh = int(block / steps), b = bh / Hk;
+    const int G = 1 << group_log2, t = row >> group_log2, h = bh % Hk * G + (row & (G - 1));
+    float lse2 = 0.f, d = 0.f;
+    if (t < T) {
+        const Element* o = out + b * o_batch + t * o_seq + h * o_head;
+        const Element* g = dout + b * do_batch + t * do_seq + h * do_head;
+        float acc = 0.f;
         CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < 8; ++e) acc += float(ov[e]) * float(gv[e]);
+        for (int e0 = 0; e0 < D; e0 += 8) {  // 16-byte loads
+            const auto ov = *reinterpret_cast<const cutlass::Array<Element, 8>*>(o + e0);
+            const auto gv = *reinterpret_cast<const cutlass::Array<Element, 8>*>(g + e0);
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < 8; ++e) acc += float(ov[e]) * float(gv[e]);
+        }
+        const int64_t j = (int64_t(b) * Hk * G + h) * T + t;
+        d = acc - (grad_lse != nullptr ? grad_lse[j] : 0.f);
+        delta[j] = d;
+        lse2 = lse[j] * 1.4426950408889634f;
     }
-    delta[i] = acc - (grad_lse != nullptr ? grad_lse[i] : 0.f);
+    float* stats = row_stats + block * 2 * kRows;
+    stats[i % kRows] = lse2;
+    stats[kRows + i % kRows] = d;
 }
 
 template <class Traits, bool kCausal>
@@ -122,18 +170,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
     auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
 
     const int warp_group = threadIdx.x / 128;
-    const int hk = blockIdx.y;
-    const int batch = blockIdx.z;
+    const CtaWork work = CtaWork::of(p, blockIdx.x);
+    const int hk = work.hk, batch = work.batch;
     const int G = p.group;
-    const KeyBlock kb = KeyBlock::make<kCausal>(p, blockIdx.x);
-    // The query-row steps: rows [t_first * G, (t_last + 1) * G) in steps of kBlockM.
-    const int m_begin = kb.t_first * G / kBlockM;
-    const int m_end = ((kb.t_last + 1) * G + kBlockM - 1) / kBlockM;
+    // The query-row steps of a key block: rows [t_first * G, (t_last + 1) * G) in steps of kBlockM.
+    auto first_step = [&](KeyBlock const& kb) { return kb.t_first * G / kBlockM; };
+    auto end_step = [&](KeyBlock const& kb) { return ((kb.t_last + 1) * G + kBlockM - 1) / kBlockM; };
 
     Pipeline pipe(smem.pipe, tma_pipeline_params<Pipeline>(Traits::kStepBytes, Traits::kConsumerWGs),
                   Shape<_1, _1, _1>{});
     if (threadIdx.x == 0) {
-        Barrier::init(&smem.kv_full, 1);
+        for (int b = 0; b < Traits::kKVBuffers; ++b) {
+            Barrier::init(&smem.kv_full[b], 1);
+            cutlass::arch::ClusterBarrier::init(&smem.kv_empty[b], 128 * Traits::kConsumerWGs);
+        }
         cutlass::arch::fence_barrier_init();
     }
     __syncthreads();
@@ -144,27 +194,35 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
         if (threadIdx.x != 0) return;
         prefetch_tma_descriptor(&p.tma_q);
         prefetch_tma_descriptor(&p.tma_do);
-        Barrier::arrive_and_expect_tx(&smem.kv_full, Traits::kKVBytes);
-        if (kb.is_seq) {
-            prefetch_tma_descriptor(&p.tma_k);
-            prefetch_tma_descriptor(&p.tma_v);
-            tma_load_rows<kBlockN, kHeadDim>(&p.tma_k, &smem.kv_full, smem.k.data(), hk, kb.n * kBlockN, batch, 0);
-            tma_load_rows<kBlockN, kHeadDim>(&p.tma_v, &smem.kv_full, smem.v.data(), hk, kb.n * kBlockN, batch, 0);
-        } else {
-            prefetch_tma_descriptor(&p.tma_dk);
-            prefetch_tma_descriptor(&p.tma_dv);
-            tma_load_rows<kBlockN, kHeadDim>(&p.tma_dk, &smem.kv_full, smem.k.data(), hk, kb.l0, kb.s0, batch);
-            tma_load_rows<kBlockN, kHeadDim>(&p.tma_dv, &smem.kv_full, smem.v.data(), hk, kb.l0, kb.s0, batch);
-        }
+        const float* stats = p.row_stats + int64_t(batch * p.kv_heads + hk) * p.n_row_steps * 2 * kBlockM;
         PipelineState write = cutlass::make_producer_start_state<Pipeline>();
-        for (int m = m_begin; m < m_end; ++m) {
-            pipe.producer_acquire(write);
-            uint64_t* full = pipe.producer_get_barrier(write);
-            const int offset = write.index() * kBlockM * kHeadDim;
-            const int t0 = m * kBlockM / G;
-            tma_load_rows<kBlockM, kHeadDim>(&p.tma_q, full, smem.q.data() + offset, 0, hk, t0, batch);
-            tma_load_rows<kBlockM, kHeadDim>(&p.tma_do, full, smem.dout.data() + offset, 0, hk, t0, batch);
-            ++write;
+        for (int j = work.j_begin; j < work.j_end; ++j) {
+            const int w = j - work.j_begin, buf = w % Traits::kKVBuffers;
+            if (w >= Traits::kKVBuffers) {  // wait until the consumers are done with this buffer's last block
+                cutlass::arch::ClusterBarrier::wait(&smem.kv_empty[buf], (w / Traits::kKVBuffers - 1) & 1);
+            }
+            const KeyBlock kb = KeyBlock::make<kCausal>(p, j);
+            Element* k_dst = smem.k.data() + buf * kBlockN * kHeadDim;
+            Element* v_dst = smem.v.data() + buf * kBlockN * kHeadDim;
+            Barrier::arrive_and_expect_tx(&smem.kv_full[buf], Traits::kKVBytes);
+            if (kb.is_seq) {
+                tma_load_rows<kBlockN, kHeadDim>(&p.tma_k, &smem.kv_full[buf], k_dst, hk, kb.n * kBlockN, batch, 0);
+                tma_load_rows<kBlockN, kHeadDim>(&p.tma_v, &smem.kv_full[buf], v_dst, hk, kb.n * kBlockN, batch, 0);
+            } else {
+                tma_load_rows<kBlockN, kHeadDim>(&p.tma_dk, &smem.kv_full[buf], k_dst, hk, kb.l0, kb.s0, batch);
+                tma_load_rows<kBlockN, kHeadDim>(&p.tma_dv, &smem.kv_full[buf], v_dst, hk, kb.l0, kb.s0, batch);
+            }
+            for (int m = first_step(kb); m < end_step(kb); ++m) {
+                pipe.producer_acquire(write);
+                uint64_t* full = pipe.producer_get_barrier(write);
+                const int offset = write.index() * kBlockM * kHeadDim;
+                const int t0 = m * kBlockM / G;
+                tma_load_rows<kBlockM, kHeadDim>(&p.tma_q, full, smem.q.data() + offset, 0, hk, t0, batch);
+                tma_load_rows<kBlockM, kHeadDim>(&p.tma_do, full, smem.dout.data() + offset, 0, hk, t0, batch);
+                SM90_BULK_COPY_G2S::copy(stats + m * 2 * kBlockM, full,
+                                         smem.row_stats.data() + write.index() * 2 * kBlockM, Traits::kRowStatsBytes);
+                ++write;
+            }
         }
         return;
     }
@@ -172,7 +230,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
     // ---------------------------------------------------------------------- consumers
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
     const int tid = threadIdx.x - 128;
-    const int wg = __shfl_sync(0xffffffff, tid / 128, 0);  // warp-uniform, so wgmma is never in a divergent branch
     const int lane = tid % 32;
 
     typename Traits::TiledMmaSdP mma_sdp;
@@ -185,128 +242,159 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
     Tensor sdO = make_tensor(make_smem_ptr(smem.dout.data()), typename Traits::SmemLayoutQ{});
     Tensor sQt = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQt{});
     Tensor sdOt = make_tensor(make_smem_ptr(smem.dout.data()), typename Traits::SmemLayoutQt{});
-    Tensor tSrK = thr_sdp.partition_fragment_A(sK);      // smem descriptors
+    Tensor tSrK = thr_sdp.partition_fragment_A(sK);      // smem descriptors (MMA, M, K, buffer)
     Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);      // (MMA, N, K, stage)
     Tensor tdPrV = thr_sdp.partition_fragment_A(sV);
     Tensor tdPrdO = thr_sdp.partition_fragment_B(sdO);
     Tensor tdVrdO = thr_kv.partition_fragment_B(sdOt);   // (MMA, D, K, stage)
     Tensor tdKrQ = thr_kv.partition_fragment_B(sQt);
-    Tensor tSrS = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});  // S^T, then P^T (fp32)
-    Tensor tdPrdP = partition_fragment_C(mma_sdp, Shape<Int<kBlockN>, Int<kBlockM>>{});
+    using ScoreShape = Shape<Int<kBlockN>, Int<kBlockM>>;  // S^T and dP^T: keys x rows, fp32, fresh per step
     Tensor tdVrdV = partition_fragment_C(mma_kv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
     Tensor tdKrdK = partition_fragment_C(mma_kv, Shape<Int<kBlockN>, Int<kHeadDim>>{});
     // P^T and dS^T as the register A operands: the accumulator's flat order, grouped by k = 16.
     Tensor tPrP = make_tensor<Element>(Shape<Shape<_2, _2, _2>, _1, Int<kBlockM / 16>>{});
     Tensor tdSrdS = make_tensor<Element>(Shape<Shape<_2, _2, _2>, _1, Int<kBlockM / 16>>{});
-    static_assert(decltype(size(tSrS))::value == decltype(size(tPrP))::value, "P^T is S^T's registers, converted");
-    static_assert(decltype(size(tdPrdP))::value == decltype(size(tdSrdS))::value, "dS^T is dP^T's registers");
+    static_assert(decltype(size(partition_fragment_C(mma_sdp, ScoreShape{})))::value == decltype(size(tPrP))::value,
+                  "P^T and dS^T are the score registers, converted");
     static_assert(decltype(size(tdKrdK))::value == kHeadDim / 2, "two key rows x D / 4 column pairs per thread");
-    clear(tdVrdV);
-    clear(tdKrdK);
 
-    // This thread's two keys (accumulator rows): row in the tile, position, slot, and whether
-    // they exist.
-    int key_row[2], key_pos[2];
-    bool key_ok[2];
-    CUTLASS_PRAGMA_UNROLL
-    for (int h = 0; h < 2; ++h) {
-        const int r = key_row[h] = frag_row(tid, h);
-        if (kb.is_seq) {
-            key_pos[h] = kb.n * kBlockN + r;
-            key_ok[h] = key_pos[h] < p.seqlen;
-        } else {
-            key_pos[h] = kb.s0 + r / p.depth_box_slots;
-            key_ok[h] = key_pos[h] < p.seqlen && kb.l0 + r % p.depth_box_slots < p.depth;
-        }
-    }
-    // May the query at position t read this thread's key h? A depth row (s, l) is read by the
-    // queries of s's chunk (from s on when causal); with chunks of one position, by s alone.
-    int key_chunk[2];
-    CUTLASS_PRAGMA_UNROLL
-    for (int h = 0; h < 2; ++h) key_chunk[h] = key_pos[h] / p.depth_chunk;
-    auto visible = [&](int h, int t) {
-        if (!key_ok[h] || t >= p.seqlen) return false;
-        if (kb.is_seq) return !kCausal || key_pos[h] <= t;
-        if (p.depth_chunk == 1) return key_pos[h] == t;
-        return key_chunk[h] == t / p.depth_chunk && (!kCausal || key_pos[h] <= t);
-    };
+    PipelineState read, done;
+    for (int j = work.j_begin; j < work.j_end; ++j) {
+        const int w = j - work.j_begin, buf = w % Traits::kKVBuffers;
+        const KeyBlock kb = KeyBlock::make<kCausal>(p, j);
+        const int m_begin = first_step(kb), m_end = end_step(kb);
 
-    // lse (log2-scaled) and delta of a step's rows, loaded by each warpgroup into its own
-    // buffer (two, alternating between steps; one named barrier per step).
-    const uint32_t stats_barrier = 2 + wg;  // user ids 2, 3
-    auto load_row_stats = [&](int m, int parity) {
-        const int c = tid % 128 % kBlockM;  // column (query row within the step)
-        const bool is_delta = tid % 128 >= kBlockM;
-        const int row = m * kBlockM + c, t = row >> p.group_log2, head = hk * G + (row & (G - 1));
-        float value = 0.f;
-        if (t < p.seqlen) {
-            const int64_t i = (int64_t(batch) * p.kv_heads * G + head) * p.seqlen + t;
-            value = is_delta ? p.delta[i] : p.lse[i] * 1.4426950408889634f;
-        }
-        smem.row_stats[wg][parity][(is_delta ? kBlockM : 0) + c] = value;
-        cutlass::arch::NamedBarrier::sync(128, stats_barrier);
-    };
-
-    Barrier::wait(&smem.kv_full, 0);
-    PipelineState read;
-    for (int m = m_begin; m < m_end; ++m) {
-        const int parity = m & 1;
-        load_row_stats(m, parity);
-        const float* lse2 = smem.row_stats[wg][parity];
-        const float* delta = lse2 + kBlockM;
-        pipe.consumer_wait(read);
-        const int stage = read.index();
-        wgmma_issue<true, false>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
-        wgmma_issue<true, false>(mma_sdp, tdPrV, tdPrdO(_, _, _, stage), tdPrdP);
-        wgmma_wait<1>(tSrS);  // S^T ready; dP^T may still run
+        // This thread's two keys (accumulator rows): row in the block, position, slot, and
+        // whether they exist.
+        int key_row[2], key_pos[2], key_chunk[2];
+        bool key_ok[2];
         CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < size(tSrS); ++e) {
-            const int c = frag_col(e, lane);
-            const bool ok = visible(frag_row_half(e), (m * kBlockM + c) >> p.group_log2);
-            tSrS(e) = ok ? exp2f(tSrS(e) * p.scale_log2 - lse2[c]) : 0.f;
-            tPrP(e) = static_cast<Element>(tSrS(e));
+        for (int h = 0; h < 2; ++h) {
+            const int r = key_row[h] = frag_row(tid, h);
+            if (kb.is_seq) {
+                key_pos[h] = kb.n * kBlockN + r;
+                key_ok[h] = key_pos[h] < p.seqlen;
+            } else {
+                key_pos[h] = kb.s0 + r / p.depth_box_slots;
+                key_ok[h] = key_pos[h] < p.seqlen && kb.l0 + r % p.depth_box_slots < p.depth;
+            }
+            key_chunk[h] = key_pos[h] / p.depth_chunk;
         }
-        wgmma_issue<false, true>(mma_kv, tPrP, tdVrdO(_, _, _, stage), tdVrdV);  // dV += P^T dO
-        wgmma_wait<1>(tdPrdP);  // dP^T ready; dV may still run
-        CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < size(tdPrdP); ++e) {
-            tdSrdS(e) = static_cast<Element>(tSrS(e) * (tdPrdP(e) - delta[frag_col(e, lane)]));
+        // May the query at position t read this thread's key h? A depth row (s, l) is read by
+        // the queries of s's chunk (from s on when causal); with chunks of one position, by s alone.
+        auto visible = [&](int h, int t) {
+            if (!key_ok[h] || t >= p.seqlen) return false;
+            if (kb.is_seq) return !kCausal || key_pos[h] <= t;
+            if (p.depth_chunk == 1) return key_pos[h] == t;
+            return key_chunk[h] == t / p.depth_chunk && (!kCausal || key_pos[h] <= t);
+        };
+        // P^T = exp2(S^T scale log2(e) - lse log2(e)), zero where the step's row may not read
+        // the key: in float in S^T's registers (for dS^T) and as the element type (for dV).
+        auto probabilities = [&](auto masked, auto& tSrS, int m, const float* lse2) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < size(tSrS); ++e) {
+                const int c = frag_col(e, lane);
+                float prob = exp2f(tSrS(e) * p.scale_log2 - lse2[c]);
+                if constexpr (decltype(masked)::value) {
+                    prob = visible(frag_row_half(e), (m * kBlockM + c) >> p.group_log2) ? prob : 0.f;
+                }
+                tSrS(e) = prob;
+                tPrP(e) = static_cast<Element>(prob);
+            }
+        };
+        // A step needs no mask when all its rows exist and read all of the block's keys: a
+        // full sequence block, and (causal) rows at or past its last key. CTA-uniform.
+        const int key_end = kb.is_seq ? (kb.n + 1) * kBlockN : 0;
+        const bool keys_full = kb.is_seq && key_end <= p.seqlen;
+        auto step_unmasked = [&](int m) {
+            const int t_lo = (m * kBlockM) >> p.group_log2, t_hi = (m * kBlockM + kBlockM - 1) >> p.group_log2;
+            return keys_full && t_hi < p.seqlen && (!kCausal || t_lo >= key_end - 1);
+        };
+
+        // With Traits::kOverlapSteps a step's dV and dK are left running while the next step's
+        // S^T and dP^T are issued; the wait for S^T also sees them complete, and only then is
+        // their stage released. Otherwise each step drains its wgmmas before the next starts.
+        // S^T and dP^T are fresh per step, so no accumulator of a wgmma in flight is ever
+        // written by ordinary instructions (ptxas would serialize the wgmmas).
+        Barrier::wait(&smem.kv_full[buf], (w / Traits::kKVBuffers) & 1);
+        for (int m = m_begin; m < m_end; ++m) {
+            pipe.consumer_wait(read);
+            const int stage = read.index();
+            const float* lse2 = smem.row_stats.data() + stage * 2 * kBlockM;
+            const float* delta = lse2 + kBlockM;
+            Tensor tSrS = partition_fragment_C(mma_sdp, ScoreShape{});
+            Tensor tdPrdP = partition_fragment_C(mma_sdp, ScoreShape{});
+            wgmma_issue<true, false>(mma_sdp, tSrK(_, _, _, buf), tSrQ(_, _, _, stage), tSrS);
+            wgmma_issue<true, false>(mma_sdp, tdPrV(_, _, _, buf), tdPrdO(_, _, _, stage), tdPrdP);
+            wgmma_wait<1>(tSrS);  // S^T ready, and the previous step's dV and dK; dP^T may still run
+            warpgroup_fence_operand(tdKrdK);
+            warpgroup_fence_operand(tdVrdV);
+            if (Traits::kOverlapSteps && m > m_begin) pipe.consumer_release(done);
+            if (step_unmasked(m)) {
+                probabilities(cute::false_type{}, tSrS, m, lse2);
+            } else {
+                probabilities(cute::true_type{}, tSrS, m, lse2);
+            }
+            // dV and dK start from zero at the block's first step (scale-out 0), not from
+            // cleared registers: zeroing is an ordinary write to an accumulator.
+            const auto accumulate = m > m_begin ? GMMA::ScaleOut::One : GMMA::ScaleOut::Zero;
+            mma_kv.accumulate_ = accumulate;
+            wgmma_issue<false, true>(mma_kv, tPrP, tdVrdO(_, _, _, stage), tdVrdV);  // dV += P^T dO
+            wgmma_wait<1>(tdPrdP);  // dP^T ready; dV may still run
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < size(tdPrdP); ++e) {
+                tdSrdS(e) = static_cast<Element>(tSrS(e) * (tdPrdP(e) - delta[frag_col(e, lane)]));
+            }
+            mma_kv.accumulate_ = accumulate;
+            wgmma_issue<false, true>(mma_kv, tdSrdS, tdKrQ(_, _, _, stage), tdKrdK);  // dK += dS^T Q
+            if constexpr (Traits::kOverlapSteps) {
+                done = read;
+            } else {
+                wgmma_wait<0>(tdKrdK);
+                warpgroup_fence_operand(tdVrdV);
+                pipe.consumer_release(read);
+            }
+            ++read;
         }
-        wgmma_issue<false, true>(mma_kv, tdSrdS, tdKrQ(_, _, _, stage), tdKrdK);  // dK += dS^T Q
         wgmma_wait<0>(tdKrdK);
         warpgroup_fence_operand(tdVrdV);
-        pipe.consumer_release(read);
-        ++read;
-    }
-
-    // ---------------------------------------------------------------------- epilogue
-    // dK = scale * sum dS^T Q (S was scaled); dV as accumulated. Rows past T or L are dropped.
-    Element* gk = static_cast<Element*>(kb.is_seq ? p.grad_k : p.grad_depth_k);
-    Element* gv = static_cast<Element*>(kb.is_seq ? p.grad_v : p.grad_depth_v);
-    CUTLASS_PRAGMA_UNROLL
-    for (int h = 0; h < 2; ++h) {
-        if (!key_ok[h]) continue;
-        int64_t k_off, v_off;
-        if (kb.is_seq) {
-            k_off = batch * p.gk_batch_stride + key_pos[h] * p.gk_seq_stride + hk * p.gk_head_stride;
-            v_off = batch * p.gv_batch_stride + key_pos[h] * p.gv_seq_stride + hk * p.gv_head_stride;
-        } else {
-            const int l = kb.l0 + key_row[h] % p.depth_box_slots;
-            k_off = batch * p.gdk_batch_stride + key_pos[h] * p.gdk_seq_stride + l * p.gdk_slot_stride +
-                    hk * p.gdk_head_stride;
-            v_off = batch * p.gdv_batch_stride + key_pos[h] * p.gdv_seq_stride + l * p.gdv_slot_stride +
-                    hk * p.gdv_head_stride;
+        cutlass::arch::ClusterBarrier::arrive(&smem.kv_empty[buf]);  // K and V of this buffer no longer read
+        if (m_begin < m_end) {
+            if (Traits::kOverlapSteps) pipe.consumer_release(done);
+        } else {  // no query row reads these keys: zero gradients
+            clear(tdVrdV);
+            clear(tdKrdK);
         }
+
+        // ------------------------------------------------------------------ epilogue
+        // dK = scale * sum dS^T Q (S was scaled); dV as accumulated. Rows past T or L are dropped.
+        Element* gk = static_cast<Element*>(kb.is_seq ? p.grad_k : p.grad_depth_k);
+        Element* gv = static_cast<Element*>(kb.is_seq ? p.grad_v : p.grad_depth_v);
         CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < size(tdKrdK); e += 4) {
-            // Elements e + 2h and e + 2h + 1 are this row's adjacent column pair: one 4-byte store each.
-            cutlass::Array<Element, 2> k_pair, v_pair;
-            k_pair[0] = static_cast<Element>(tdKrdK(e + 2 * h) * p.scale);
-            k_pair[1] = static_cast<Element>(tdKrdK(e + 2 * h + 1) * p.scale);
-            v_pair[0] = static_cast<Element>(tdVrdV(e + 2 * h));
-            v_pair[1] = static_cast<Element>(tdVrdV(e + 2 * h + 1));
-            *reinterpret_cast<cutlass::Array<Element, 2>*>(gk + k_off + frag_col(e, lane)) = k_pair;
-            *reinterpret_cast<cutlass::Array<Element, 2>*>(gv + v_off + frag_col(e, lane)) = v_pair;
+        for (int h = 0; h < 2; ++h) {
+            if (!key_ok[h]) continue;
+            int64_t k_off, v_off;
+            if (kb.is_seq) {
+                k_off = batch * p.gk_batch_stride + key_pos[h] * p.gk_seq_stride + hk * p.gk_head_stride;
+                v_off = batch * p.gv_batch_stride + key_pos[h] * p.gv_seq_stride + hk * p.gv_head_stride;
+            } else {
+                const int l = kb.l0 + key_row[h] % p.depth_box_slots;
+                k_off = batch * p.gdk_batch_stride + key_pos[h] * p.gdk_seq_stride + l * p.gdk_slot_stride +
+                        hk * p.gdk_head_stride;
+                v_off = batch * p.gdv_batch_stride + key_pos[h] * p.gdv_seq_stride + l * p.gdv_slot_stride +
+                        hk * p.gdv_head_stride;
+            }
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < size(tdKrdK); e += 4) {
+                // Elements e + 2h and e + 2h + 1 are this row's adjacent column pair: one 4-byte store each.
+                cutlass::Array<Element, 2> k_pair, v_pair;
+                k_pair[0] = static_cast<Element>(tdKrdK(e + 2 * h) * p.scale);
+                k_pair[1] = static_cast<Element>(tdKrdK(e + 2 * h + 1) * p.scale);
+                v_pair[0] = static_cast<Element>(tdVrdV(e + 2 * h));
+                v_pair[1] = static_cast<Element>(tdVrdV(e + 2 * h + 1));
+                *reinterpret_cast<cutlass::Array<Element, 2>*>(gk + k_off + frag_col(e, lane)) = k_pair;
+                *reinterpret_cast<cutlass::Array<Element, 2>*>(gv + v_off + frag_col(e, lane)) = v_pair;
+            }
         }
     }
 }

@@ -5,6 +5,8 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include <string>
 
 #include "moda_bwd_dq_kernel.h"
@@ -16,7 +18,7 @@
 namespace moda {
 
 // Pipeline stages per head dim, not tuned yet: of the key-stationary kernel's Q / dO tiles
-// (shared memory: K, V once, plus 2 x kStages x [64 x D]) and of the dQ kernel's K / V tiles
+// (shared memory: two buffers of K, V, plus 2 x kStages x [64 x D]) and of the dQ kernel's K / V tiles
 // (Q, dO once, plus 2 x kStages x [64 x D]).
 template <int D> struct BwdConfig;
 template <> struct BwdConfig<64> { static constexpr int kStages = 3, kStagesDq = 3; };
@@ -41,8 +43,7 @@ std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {  // after
     if (!err.empty()) return err;
     const int Lb = depth_box_slots(L, kBlockN);
 
-    p.lse = f.lse;
-    p.delta = a.delta;
+    p.row_stats = a.row_stats;
     p.grad_k = a.grad_k;
     p.grad_v = a.grad_v;
     p.grad_depth_k = a.grad_depth_k;
@@ -53,6 +54,7 @@ std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {  // after
     p.gdk_slot_stride = a.gdk_slot_stride, p.gdk_head_stride = a.gdk_head_stride;
     p.gdv_batch_stride = a.gdv_batch_stride, p.gdv_seq_stride = a.gdv_seq_stride;
     p.gdv_slot_stride = a.gdv_slot_stride, p.gdv_head_stride = a.gdv_head_stride;
+    p.batch = B;
     p.seqlen = T;
     p.kv_heads = Hk;
     p.group = G;
@@ -63,16 +65,25 @@ std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {  // after
     p.depth_box_positions = kBlockN / Lb;
     p.depth_slot_blocks = L > 0 ? (L + Lb - 1) / Lb : 0;
     p.n_seq_blocks = f.has_seq ? (T + kBlockN - 1) / kBlockN : 0;
+    p.n_depth_boxes = L > 0 ? (T + p.depth_box_positions - 1) / p.depth_box_positions * p.depth_slot_blocks : 0;
+    // Runs of depth boxes per CTA: long enough that loading the next box's keys hides behind
+    // the current one, short enough to leave a few runs per SM for the tail (at most 16).
+    int device = 0, sms = 132;
+    if (cudaGetDevice(&device) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    const int64_t all_boxes = int64_t(p.n_depth_boxes) * Hk * B;
+    p.depth_boxes_per_cta = int(std::max<int64_t>(1, std::min<int64_t>(16, all_boxes / (4 * int64_t(sms)))));
+    p.depth_ctas_per_head = (p.n_depth_boxes + p.depth_boxes_per_cta - 1) / p.depth_boxes_per_cta;
+    p.n_row_steps = bwd_row_steps(T, G);
     p.scale = f.scale;
     p.scale_log2 = f.scale * 1.4426950408889634f;
-    const int n_depth_boxes = L > 0 ? (T + p.depth_box_positions - 1) / p.depth_box_positions * p.depth_slot_blocks : 0;
 
     const size_t smem = sizeof(typename Traits::SharedStorage);
     auto kernel = f.causal ? &moda_bwd_dkdv_kernel<Traits, true> : &moda_bwd_dkdv_kernel<Traits, false>;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
-    dim3 grid(p.n_seq_blocks + n_depth_boxes, Hk, B);
-    kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+    const int64_t ctas = int64_t(p.n_seq_blocks + p.depth_ctas_per_head) * Hk * B;  // ordered by CtaWork::of
+    if (ctas >= (int64_t(1) << 31)) return "too many key blocks for one grid";
+    kernel<<<unsigned(ctas), Traits::kThreads, smem, stream>>>(p);
     e = cudaGetLastError();
     if (e != cudaSuccess) return std::string("kernel launch: ") + cudaGetErrorString(e);
     return {};
@@ -108,14 +119,16 @@ std::string launch_bwd_dq(const BwdParams& a, cudaStream_t stream) {  // after t
 template <class Element, int D>
 std::string launch_bwd(const BwdParams& a, cudaStream_t stream) {
     const FwdParams& f = a.fwd;
-    const int B = f.batch, T = f.seqlen, Hq = f.q_heads;
-    // delta = rowsum(dO * O) - grad_lse
-    const int64_t rows = int64_t(B) * Hq * T;
+    const int B = f.batch, T = f.seqlen, Hk = f.kv_heads, G = f.q_heads / Hk;
+    // delta = rowsum(dO * O) - grad_lse, and the row statistics in the key-stationary kernel's layout
+    const int steps = bwd_row_steps(T, G);
+    const int64_t rows = int64_t(B) * Hk * steps * kBwdStepRows;
     const int threads = 256;
-    moda_bwd_preprocess_kernel<Element, D><<<unsigned((rows + threads - 1) / threads), threads, 0, stream>>>(
-        static_cast<const Element*>(f.out), static_cast<const Element*>(a.dout), a.grad_lse, a.delta, B, T, Hq,
-        f.out_batch_stride, f.out_seq_stride, f.out_head_stride, a.do_batch_stride, a.do_seq_stride,
-        a.do_head_stride);
+    moda_bwd_preprocess_kernel<Element, D, kBwdStepRows>
+        <<<unsigned((rows + threads - 1) / threads), threads, 0, stream>>>(
+            static_cast<const Element*>(f.out), static_cast<const Element*>(a.dout), f.lse, a.grad_lse, a.delta,
+            a.row_stats, B, T, Hk, __builtin_ctz(G), steps, f.out_batch_stride, f.out_seq_stride, f.out_head_stride,
+            a.do_batch_stride, a.do_seq_stride, a.do_head_stride);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return std::string("preprocess launch: ") + cudaGetErrorString(e);
 

@@ -10,17 +10,26 @@ namespace moda {
 
 using namespace cute;
 
+// G-folded query rows per step of the key-stationary kernel; also the block of its row
+// statistics (lse, delta) that the preprocess lays out for one bulk copy per step.
+constexpr int kBwdStepRows = 64;
+// Steps over the T * G folded rows of one (batch, kv head).
+inline int bwd_row_steps(int seqlen, int group) { return (seqlen * group + kBwdStepRows - 1) / kBwdStepRows; }
+
 template <class Element_, int kHeadDim_, int kStages_>
 struct BwdTraits {
     using Element = Element_;
     static constexpr int kHeadDim = kHeadDim_;
     static constexpr int kBlockN = 128;  // keys (sequence keys or one depth box) per CTA: 64 per consumer warpgroup
-    static constexpr int kBlockM = 64;   // G-folded query rows per step
+    static constexpr int kBlockM = kBwdStepRows;  // G-folded query rows per step
     static constexpr int kStages = kStages_;
     static constexpr int kConsumerWGs = 2;
     static constexpr int kThreads = 128 * (1 + kConsumerWGs);  // warpgroup 0 produces
     static constexpr int kProducerRegs = 24;
     static constexpr int kConsumerRegs = 240;
+    // Overlap a step's dV / dK with the next step's S / dP: two more 64 x 64 fp32 accumulators
+    // live at once, which fit at D = 64 but not beside D = 128's dK and dV (ptxas serializes).
+    static constexpr bool kOverlapSteps = kHeadDim == 64;
     static_assert(kHeadDim % 64 == 0, "TMA boxes span 64 head-dim elements (the 128-byte swizzle width)");
 
     // Keys are the M dimension: S^T = K Q^T and dP^T = V dO^T with both operands in shared
@@ -36,7 +45,10 @@ struct BwdTraits {
         AtomLayoutMNK{}));
 
     using SmemAtom = GMMA::Layout_K_SW128_Atom<Element>;
-    using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+    // K and V in two buffers: a CTA that walks several depth boxes loads the next box's keys
+    // while it works on the current one.
+    static constexpr int kKVBuffers = 2;
+    using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kKVBuffers>>{}));
     using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));
     // Q^T and dO^T: the same bytes, indexed (d, row, stage).
     using SmemLayoutQt = decltype(composition(
@@ -49,15 +61,16 @@ struct BwdTraits {
         cute::array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> v;
         cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
         cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> dout;
-        // Per consumer warpgroup, two alternating steps: log2-scaled lse, then delta, of the
-        // step's kBlockM query rows.
-        float row_stats[kConsumerWGs][2][2 * kBlockM];
+        // Per stage, the step's rows' log2-scaled lse then delta (a bulk copy beside Q and dO).
+        cute::array_aligned<float, kStages * 2 * kBlockM, 128> row_stats;
         typename Pipeline::SharedStorage pipe;
-        alignas(8) uint64_t kv_full;
+        alignas(8) uint64_t kv_full[kKVBuffers];   // TMA of a buffer's K and V done
+        alignas(8) uint64_t kv_empty[kKVBuffers];  // every consumer thread done reading it
     };
 
-    static constexpr int kStepBytes = 2 * kBlockM * kHeadDim * int(sizeof(Element));  // one Q and one dO tile
-    static constexpr int kKVBytes = 2 * kBlockN * kHeadDim * int(sizeof(Element));
+    static constexpr int kRowStatsBytes = 2 * kBlockM * int(sizeof(float));
+    static constexpr int kStepBytes = 2 * kBlockM * kHeadDim * int(sizeof(Element)) + kRowStatsBytes;  // Q, dO, stats
+    static constexpr int kKVBytes = 2 * kBlockN * kHeadDim * int(sizeof(Element));  // one buffer of K and V
 };
 
 }  // namespace moda

@@ -48,6 +48,7 @@ struct BwdParams {
     int64_t do_batch_stride, do_seq_stride, do_head_stride;
     const float* grad_lse;  // [B, Hq, T] contiguous, or null
     float* delta;           // scratch [B, Hq, T] contiguous: rowsum(dO * O) - grad_lse
+    float* row_stats;       // scratch of bwd_row_stats_floats(fwd) floats (see moda_bwd_kernel.h)
     void* grad_q;
     void* grad_k;
     void* grad_v;
@@ -64,6 +65,8 @@ struct BwdParams {
 // Launches on `stream` (a cudaStream_t passed as void* to keep this header CUDA-free).
 const char* run_fwd(const FwdParams& params, void* stream);
 const char* run_bwd(const BwdParams& params, void* stream);
+// Size of BwdParams::row_stats, in floats.
+int64_t bwd_row_stats_floats(const FwdParams& params);
 
 // What the kernels support of a problem: an empty string, or why not.
 std::string check_supported(const FwdParams& params);

@@ -3,10 +3,9 @@
 Backends:
 
 * ``triton`` -- the Triton kernels, forward and backward, on CUDA tensors.
-* ``cuda`` -- the compiled Hopper kernels (``moda_cuda._C``, CUTLASS/CuTe): the forward; its
-  backward runs the Triton backward, which reads the same ``lse``, unless
-  ``MODA_CUDA_BACKWARD=cuda`` selects the compiled backward (not yet validated on a GPU).
-  Needs the extension built, a compute capability 9.0 device, float16/bfloat16, D in
+* ``cuda`` -- the compiled Hopper kernels (``moda_cuda._C``, CUTLASS/CuTe), forward and
+  backward; ``MODA_CUDA_BACKWARD=triton`` runs the Triton backward after the compiled forward
+  instead (it reads the same ``lse``). Needs the extension built, a compute capability 9.0 device, float16/bfloat16, D in
   {64, 128}, G in {1, 2, 4, 8, 16}, L <= 256 and TMA-friendly layouts (see ``_cuda_refuses``).
 * ``reference`` -- pure PyTorch; serves every valid input.
 
@@ -44,7 +43,7 @@ class Backend:
     """One implementation of the op. ``unavailable``/``refuses`` return a reason, or None.
 
     ``backward_by`` says which implementation is behind ``backward`` when that can be another
-    backend's (the cuda backend's backward is Triton's unless MODA_CUDA_BACKWARD=cuda).
+    backend's (the cuda backend's backward is Triton's with MODA_CUDA_BACKWARD=triton).
     """
 
     name: str
@@ -223,16 +222,16 @@ def _cuda_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk):
     return out, lse
 
 
-# The compiled backward (csrc/moda_bwd*.h: all five gradients, no atomics) is written but has
-# not run on a GPU yet, so the cuda backend's gradients come from the Triton backward (which
-# reads the compiled forward's out and lse as they are) unless MODA_CUDA_BACKWARD=cuda selects
-# it, to validate it (bench/validate_bwd.py, MODA_CUDA_BACKWARD=cuda pytest -m cuda).
+# The cuda backend's gradients come from the compiled backward (csrc/moda_bwd*.h: all five
+# gradients, no atomics), validated on the H200 (bench/validate_bwd.py, pytest -m cuda) and
+# faster there than the Triton one (README). MODA_CUDA_BACKWARD=triton selects the Triton
+# backward instead, which reads the compiled forward's out and lse as they are.
 CUDA_BACKWARD_ENV = "MODA_CUDA_BACKWARD"
 
 
 def cuda_backward_by() -> str:
-    """``"triton"`` (default) or ``"cuda"``: which kernels compute the cuda backend's gradients."""
-    choice = os.environ.get(CUDA_BACKWARD_ENV, "").strip() or "triton"
+    """``"cuda"`` (default) or ``"triton"``: which kernels compute the cuda backend's gradients."""
+    choice = os.environ.get(CUDA_BACKWARD_ENV, "").strip() or "cuda"
     if choice not in ("triton", "cuda"):
         raise ValueError(f"{CUDA_BACKWARD_ENV}={choice!r}; allowed: triton, cuda")
     return choice

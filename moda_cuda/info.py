@@ -82,7 +82,7 @@ def info(print_it: bool = True, shape: Optional[Sequence[int]] = None, dtype: st
         },
         **_cuda_extension(),
         "MODA_BACKEND": os.environ.get(dispatch.ENV_VAR, "") or "(unset: auto)",
-        "MODA_CUDA_BACKWARD": os.environ.get(dispatch.CUDA_BACKWARD_ENV, "") or "(unset: triton)",
+        "MODA_CUDA_BACKWARD": os.environ.get(dispatch.CUDA_BACKWARD_ENV, "") or "(unset: cuda)",
     }
     if shape is not None:
         backend = _backend_for(shape, dtype)

@@ -1,5 +1,5 @@
 """The cuda backend's policy, on any machine: availability, what it refuses and why, and
-the glue around the extension (its forward's buffers, its backward being Triton's).
+the glue around the extension (its forward's buffers, the Triton backward behind it).
 
 ``refuses`` is called on real tensors whose sizes, strides and pointers are what they are;
 only the device check is replaced (CPU and meta tensors stand in for CUDA ones), so every
@@ -43,19 +43,20 @@ def inputs(case=GOOD, dtype=torch.bfloat16, **kw):
 # ----------------------------------------------------------------------------- availability
 
 
-def test_registry_order_and_backward_names():
+def test_registry_order_and_backward_names(monkeypatch):
+    monkeypatch.delenv(dispatch.CUDA_BACKWARD_ENV, raising=False)
     assert list(dispatch.BACKENDS) == ["triton", "cuda", "reference"]
     # The compiled forward measures faster than Triton's on the H200: auto tries it first.
     assert dispatch._AUTO_ORDER == (dispatch.CUDA, dispatch.TRITON)
-    assert dispatch.CUDA.backward_name == "triton"  # no CUDA backward yet
+    assert dispatch.CUDA.backward_name == "cuda"  # the compiled backward, unless MODA_CUDA_BACKWARD=triton
     assert dispatch.TRITON.backward_name == "triton" and dispatch.REFERENCE.backward_name == "reference"
 
 
 def test_cuda_backward_switch(monkeypatch):
     monkeypatch.delenv(dispatch.CUDA_BACKWARD_ENV, raising=False)
-    assert dispatch.cuda_backward_by() == "triton" and dispatch.CUDA.backward_name == "triton"
-    monkeypatch.setenv(dispatch.CUDA_BACKWARD_ENV, "cuda")
-    assert dispatch.CUDA.backward_name == "cuda"
+    assert dispatch.cuda_backward_by() == "cuda" and dispatch.CUDA.backward_name == "cuda"
+    monkeypatch.setenv(dispatch.CUDA_BACKWARD_ENV, "triton")
+    assert dispatch.CUDA.backward_name == "triton"
     monkeypatch.setenv(dispatch.CUDA_BACKWARD_ENV, "fast")
     with pytest.raises(ValueError, match="MODA_CUDA_BACKWARD='fast'; allowed: triton, cuda"):
         dispatch.cuda_backward_by()
@@ -293,9 +294,11 @@ class FakeExtension:
 @pytest.mark.parametrize("case", [GOOD.but(chunk=3, causal=False), GOOD.but(seq=False, chunk=2)], ids=str)
 def test_forward_buffers_and_triton_backward(monkeypatch, case):
     """The cuda forward hands the extension contiguous out [B,T,Hq,D] / lse [B,Hq,T] float32 buffers;
-    its backward is the Triton backward fed with that out and lse (Triton's interpreter on CPU)."""
+    with MODA_CUDA_BACKWARD=triton its backward is the Triton backward fed with that out and lse
+    (Triton's interpreter on CPU)."""
     if dispatch._triton_unavailable():
         pytest.skip(f"Triton backward unavailable: {dispatch._triton_unavailable()}")
+    monkeypatch.setenv(dispatch.CUDA_BACKWARD_ENV, "triton")
     fake = FakeExtension()
     monkeypatch.setattr(_cuda_ext, "load", lambda: fake)
     q, k, v, dk, dv = make_inputs(case, torch.float16, "cpu")
@@ -328,6 +331,7 @@ def test_forward_buffers_and_triton_backward(monkeypatch, case):
 
 
 def test_backward_without_triton_says_so(monkeypatch):
+    monkeypatch.setenv(dispatch.CUDA_BACKWARD_ENV, "triton")
     monkeypatch.setattr(dispatch, "_triton_unavailable", lambda: "triton is not installed")
     q, k, v, dk, dv = inputs()
     with pytest.raises(RuntimeError, match="backward runs the Triton kernels, which are unavailable: triton is not"):

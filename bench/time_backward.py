@@ -1,0 +1,66 @@
+"""Forward+backward time of MoDA backends with per-kernel GPU times, on the issue shapes and the
+paper geometry without depth (whose difference is what the depth part costs each kernel).
+
+A quick look at where the backward's time goes, without bench_moda.py's baselines and
+checks: ``triton.testing.do_bench`` (100 ms warm-up, 300 ms of repetitions, mean) for the
+step, per-kernel times from torch.profiler over a few steps (bench_moda.kernel_breakdown).
+README tables come from bench_moda.py (medians); this is for the kernel breakdown.
+
+    python bench/time_backward.py --out DIR                  # cuda and triton backends
+    python bench/time_backward.py --backends cuda --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_moda  # noqa: E402
+from bench_moda import Shape, kernel_breakdown, make_inputs  # noqa: E402
+
+import moda_cuda  # noqa: E402
+
+SHAPES = [Shape(1, 16384, 64, 8, 64, 64), Shape(1, 16384, 64, 8, 64, 0), Shape(1, 8192, 32, 8, 128, 32),
+          Shape(1, 4096, 64, 8, 64, 64)]
+
+
+def _fwd_bwd(fn, inputs, grad_out):
+    # allow_unused: with L = 0 the depth tensors are empty and get no gradient
+    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out, allow_unused=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="directory for time_backward.json")
+    p.add_argument("--backends", default="cuda,triton")
+    a = p.parse_args()
+    bench_moda._fwd_bwd = _fwd_bwd  # kernel_breakdown steps through it too
+    rows = []
+    for s in SHAPES:
+        inputs = make_inputs(s)
+        grad_out = torch.randn(s.B, s.T, s.Hq, s.D, device="cuda", dtype=torch.bfloat16)
+        for backend in a.backends.split(","):
+            def fn(*x, backend=backend):
+                return moda_cuda.moda_attention(*x, backend=backend)
+
+            ms = triton.testing.do_bench(_fwd_bwd(fn, inputs, grad_out), warmup=100, rep=300)
+            kernels = kernel_breakdown(fn, inputs, grad_out)
+            rows.append(dict(shape=[s.B, s.T, s.Hq, s.Hk, s.D, s.L], backend=backend, fwd_bwd_ms=ms, kernels=kernels))
+            top = "  ".join(f"{t:.3f} {name[:28]}" for name, t in list(kernels.items())[:4])
+            print(f"{s.label()} {backend:7s} fwd+bwd {ms:8.3f} ms  {top}", flush=True)
+        del inputs, grad_out
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "time_backward.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
