@@ -6,7 +6,7 @@ Input: the source page of a report as CSV, e.g.
     ncu -i fwd.ncu-rep --page source --csv --print-source sass > fwd_sass.csv
     python bench/ncu_source_summary.py fwd_sass.csv
 
-(``bench/sweep_fwd_config.sh --ncu CFG`` makes that CSV.) Prints the share of warp-state
+(``bench/sweep_config.sh --ncu CFG`` makes that CSV.) Prints the share of warp-state
 samples per opcode and the instructions with the most samples, with their main stall reasons.
 """
 

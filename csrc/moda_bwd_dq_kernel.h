@@ -17,7 +17,7 @@ namespace moda {
 
 using namespace cute;
 
-template <class Element_, int kHeadDim_, int kStages_>
+template <class Element_, int kHeadDim_, int kStages_, bool kOverlapTiles_>
 struct BwdDqTraits {
     using Element = Element_;
     static constexpr int kHeadDim = kHeadDim_;
@@ -28,9 +28,8 @@ struct BwdDqTraits {
     static constexpr int kThreads = 128 * (1 + kConsumerWGs);
     static constexpr int kProducerRegs = 24;
     static constexpr int kConsumerRegs = 240;
-    // Leave a tile's dQ product running into the next tile (measured: no change at D = 64,
-    // about 10% slower at D = 128 together with a third stage, so there it drains per tile).
-    static constexpr bool kOverlapTiles = kHeadDim == 64;
+    // Leave a tile's dQ product running into the next tile (BwdConfig).
+    static constexpr bool kOverlapTiles = kOverlapTiles_;
 
     using AtomLayoutMNK = Layout<Shape<Int<kConsumerWGs>, _1, _1>>;
     using TiledMmaSdP = decltype(make_tiled_mma(

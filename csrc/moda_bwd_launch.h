@@ -17,16 +17,29 @@
 
 namespace moda {
 
-// Pipeline stages per head dim, not tuned yet: of the key-stationary kernel's Q / dO tiles
-// (shared memory: two buffers of K, V, plus 2 x kStages x [64 x D]) and of the dQ kernel's K / V tiles
-// (Q, dO once, plus 2 x kStages x [64 x D]).
+// Schedule per head dim (measurements: bench/NOTES.md, "Hopper CUDA backward"):
+// - kStages, kStagesDq: pipeline stages of the key-stationary kernel's Q / dO tiles (shared
+//   memory: two buffers of K, V, plus 2 x kStages x [64 x D]) and of the dQ kernel's K / V
+//   tiles (Q, dO once, plus 2 x kStages x [64 x D]). Not tuned yet.
+// - kOverlapSteps: the key-stationary kernel leaves a step's dV / dK running while it issues
+//   the next step's S^T / dP^T. Two more 64 x 64 fp32 accumulators live at once: they fit at
+//   D = 64, not beside D = 128's dK and dV (ptxas serializes the wgmmas, C7512).
+// - kOverlapTiles: the dQ kernel leaves a tile's dQ product running into the next tile. No
+//   change at D = 64; at D = 128, with a third stage, about 10% slower.
 template <int D> struct BwdConfig;
-template <> struct BwdConfig<64> { static constexpr int kStages = 3, kStagesDq = 3; };
-template <> struct BwdConfig<128> { static constexpr int kStages = 2, kStagesDq = 2; };
+template <> struct BwdConfig<64> {
+    static constexpr int kStages = 3, kStagesDq = 3;
+    static constexpr bool kOverlapSteps = true, kOverlapTiles = true;
+};
+template <> struct BwdConfig<128> {
+    static constexpr int kStages = 2, kStagesDq = 2;
+    static constexpr bool kOverlapSteps = false, kOverlapTiles = false;
+};
 
 template <class Element, int D>
 std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {  // after the preprocess
-    using Traits = BwdTraits<Element, D, BwdConfig<D>::kStages>;
+    using Config = BwdConfig<D>;
+    using Traits = BwdTraits<Element, D, Config::kStages, Config::kOverlapSteps>;
     constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
     const FwdParams& f = a.fwd;
     const bool bf16 = f.dtype == DType::kBFloat16;
@@ -91,7 +104,8 @@ std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {  // after
 
 template <class Element, int D>
 std::string launch_bwd_dq(const BwdParams& a, cudaStream_t stream) {  // after the preprocess
-    using Traits = BwdDqTraits<Element, D, BwdConfig<D>::kStagesDq>;
+    using Config = BwdConfig<D>;
+    using Traits = BwdDqTraits<Element, D, Config::kStagesDq, Config::kOverlapTiles>;
     const FwdParams& f = a.fwd;
     BwdDqKernelParams p{};
     std::string err = make_fwd_kernel_params(f, Traits::kBlockM, Traits::kBlockN, p.fwd);

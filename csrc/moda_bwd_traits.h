@@ -16,7 +16,7 @@ constexpr int kBwdStepRows = 64;
 // Steps over the T * G folded rows of one (batch, kv head).
 inline int bwd_row_steps(int seqlen, int group) { return (seqlen * group + kBwdStepRows - 1) / kBwdStepRows; }
 
-template <class Element_, int kHeadDim_, int kStages_>
+template <class Element_, int kHeadDim_, int kStages_, bool kOverlapSteps_>
 struct BwdTraits {
     using Element = Element_;
     static constexpr int kHeadDim = kHeadDim_;
@@ -27,9 +27,8 @@ struct BwdTraits {
     static constexpr int kThreads = 128 * (1 + kConsumerWGs);  // warpgroup 0 produces
     static constexpr int kProducerRegs = 24;
     static constexpr int kConsumerRegs = 240;
-    // Overlap a step's dV / dK with the next step's S / dP: two more 64 x 64 fp32 accumulators
-    // live at once, which fit at D = 64 but not beside D = 128's dK and dV (ptxas serializes).
-    static constexpr bool kOverlapSteps = kHeadDim == 64;
+    // Leave a step's dV / dK running while the next step's S / dP are issued (BwdConfig).
+    static constexpr bool kOverlapSteps = kOverlapSteps_;
     static_assert(kHeadDim % 64 == 0, "TMA boxes span 64 head-dim elements (the 128-byte swizzle width)");
 
     // Keys are the M dimension: S^T = K Q^T and dP^T = V dO^T with both operands in shared

@@ -81,27 +81,28 @@ def test_kernel_instantiation_compiles(tmp_path):
     _compile(_one_instantiation(), tmp_path)
 
 
-@pytest.mark.parametrize("head_dim, field, value, instantiation", [
-    (None, "kWarpDepth", "true", "moda_fwd_bf16_hdim128.cu"),
-    (64, "kConsumerWGs", "3", "moda_fwd_bf16_hdim64.cu"),
-], ids=["warp_depth", "three_consumer_warpgroups"])
-def test_schedule_variants_compile(tmp_path, head_dim, field, value, instantiation):
-    """Schedules that FwdConfig can select but the default build does not (off until measured:
-    csrc/moda_fwd_launch.h): compile them, as bench/sweep_fwd_config.sh would build them, so
-    that they cannot rot unnoticed."""
+@pytest.mark.parametrize("config, head_dim, field, value, instantiation", [
+    ("FwdConfig", None, "kWarpDepth", "true", "moda_fwd_bf16_hdim128.cu"),
+    ("FwdConfig", 64, "kConsumerWGs", "3", "moda_fwd_bf16_hdim64.cu"),
+    ("BwdConfig", 128, "kOverlapTiles", "true", "moda_bwd_bf16_hdim128.cu"),
+], ids=["warp_depth", "three_consumer_warpgroups", "dq_tile_overlap_d128"])
+def test_schedule_variants_compile(tmp_path, config, head_dim, field, value, instantiation):
+    """Schedules that FwdConfig / BwdConfig can select but the default build does not (off
+    until measured faster: csrc/moda_fwd_launch.h, csrc/moda_bwd_launch.h): compile them, as
+    bench/sweep_config.sh would build them, so that they cannot rot unnoticed."""
     csrc = tmp_path / "csrc"
     shutil.copytree(ROOT / "csrc", csrc)
-    launch = csrc / "moda_fwd_launch.h"
+    launch = csrc / ("moda_fwd_launch.h" if config == "FwdConfig" else "moda_bwd_launch.h")
     text = launch.read_text()
     pattern = re.compile(rf"(static constexpr [^\n]*\b{field} = )[^,;]+")
     if head_dim is None:
         text, n = pattern.subn(rf"\g<1>{value}", text)
     else:
-        head, sep, rest = text.partition(f"struct FwdConfig<{head_dim}>")
+        head, sep, rest = text.partition(f"struct {config}<{head_dim}>")
         body, end, tail = rest.partition("};")
         body, n = pattern.subn(rf"\g<1>{value}", body)
         text = head + sep + body + end + tail
-    assert n >= 1, f"no FwdConfig field {field} in {launch}"
+    assert n >= 1, f"no {config} field {field} in {launch}"
     launch.write_text(text)
     _compile(csrc / "instantiations" / instantiation, tmp_path, include_root=tmp_path)
 

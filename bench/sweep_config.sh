@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Build, check and time the CUDA forward (--direction fwd, the default) or backward
+# (--direction bwd) under several schedules in one GPU run.
+#
+# Each configuration is a comma-separated list of assignments to FwdConfig
+# (csrc/moda_fwd_launch.h) or BwdConfig (csrc/moda_bwd_launch.h): FIELD=VALUE for both head
+# dims, 64.FIELD=VALUE or 128.FIELD=VALUE for one; "base" is the committed configuration. Each
+# is a scratch copy of this checkout with the assignments applied. All copies are built at
+# once (`setup.py build_ext --inplace`, the compiles share the cores); then each is imported
+# through PYTHONPATH, checked (validate_fwd.py or validate_bwd.py, bf16) and timed: the
+# forward alone with bench_moda.py, or forward+backward per kernel with time_backward.py.
+# The Triton kernels are timed once beside them. --ncu CFG adds the Nsight table, with warp
+# stall reasons, of configuration CFG on the paper geometry, and a per-instruction profile of
+# its main kernel. Logs and JSON per configuration under --out; the checkout's own install
+# is not touched.
+#
+# Usage: bench/sweep_config.sh --out DIR [--direction fwd|bwd] [--configs LIST] [--ncu CFG]
+#   e.g. --configs "base kWarpDepth=true 64.kConsumerWGs=3"
+#        --direction bwd --configs "base 128.kOverlapTiles=true,128.kStagesDq=3"
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+out="" configs="base" ncu_cfg="" direction=fwd
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --out) out=$2; shift 2 ;;
+        --direction) direction=$2; shift 2 ;;
+        --configs) configs=$2; shift 2 ;;
+        --ncu) ncu_cfg=$2; shift 2 ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+done
+[ -n "$out" ] || { echo "usage: $0 --out DIR [--direction fwd|bwd] [--configs LIST] [--ncu CFG]" >&2; exit 2; }
+case "$direction" in
+    fwd) config_struct=FwdConfig launch_header=moda_fwd_launch.h main_kernel=moda_fwd_kernel
+         validate=(python3 bench/validate_fwd.py --backend cuda --dtypes bf16)
+         time_one=(python3 bench/bench_moda.py --fwd-only --no-baselines --no-check --shapes probe) ;;
+    bwd) config_struct=BwdConfig launch_header=moda_bwd_launch.h main_kernel=moda_bwd_dkdv_kernel
+         validate=(python3 bench/validate_bwd.py --dtypes bf16)
+         time_one=(python3 bench/time_backward.py) ;;
+    *) echo "--direction must be fwd or bwd, got $direction" >&2; exit 2 ;;
+esac
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+n_configs=$(wc -w <<<"$configs")
+jobs_each=$(( ($(nproc) + n_configs - 1) / n_configs ))
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+
+name_of() { local n=${1//./}; n=${n//=/}; echo "${n//,/_}"; }
+configure() {  # DIR CFG: apply CFG's assignments to the config struct in DIR/csrc/
+    local launch="$1/csrc/$launch_header" item field value scope
+    [ "$2" = base ] && return 0
+    for item in ${2//,/ }; do
+        field=${item%%=*} value=${item#*=} scope=""
+        case "$field" in 64.*|128.*) scope="/struct $config_struct<${field%%.*}>/,/};/"; field=${field#*.} ;; esac
+        grep -q "static constexpr .*\b$field = " "$launch" || { echo "!! no $config_struct field $field" >&2; return 1; }
+        sed -i -E "${scope}{/static constexpr/ s/\b($field = )[^,;]+/\1$value/}" "$launch"
+    done
+}
+
+for cfg in $configs; do
+    work="$scratch/$(name_of "$cfg")"
+    mkdir -p "$work"
+    cp -r setup.py pyproject.toml MANIFEST.in README.md moda_cuda triton_ref csrc "$work"/
+    ln -s ../triton_ref "$work/moda_cuda/triton_ref"  # what the install's package mapping does
+    configure "$work" "$cfg" || exit 2
+    (cd "$work" && MAX_JOBS=$jobs_each python3 setup.py build_ext --inplace >"$out/$(name_of "$cfg").build.log" 2>&1) &
+done
+echo "== building $n_configs configurations"
+wait
+
+first=$(name_of "${configs%% *}")
+PYTHONPATH="$scratch/$first${PYTHONPATH:+:$PYTHONPATH}" timeout 300 "${time_one[@]}" --backends triton \
+    --out "$out/triton" >"$out/triton.bench.log" 2>&1
+grep -E "^B=|moda_cuda\[" "$out/triton.bench.log"
+
+for cfg in $configs; do
+    name=$(name_of "$cfg")
+    work="$scratch/$name"
+    echo "== $name"
+    if ! ls "$work"/moda_cuda/_C*.so >/dev/null 2>&1; then
+        echo "!! build failed"; tail -5 "$out/$name.build.log"; continue
+    fi
+    export_path="$work${PYTHONPATH:+:$PYTHONPATH}"
+    if command -v cuobjdump >/dev/null; then  # the kernels' SASS, for reading the schedule
+        cuobjdump -sass "$work"/moda_cuda/_C*.so | gzip >"$out/$name.sass.gz"
+    fi
+    (cd / && PYTHONPATH=$export_path python3 -c "import torch, moda_cuda._C as c; print('extension:', c.__file__)")
+    PYTHONPATH=$export_path timeout 150 "${validate[@]}" >"$out/$name.validate.log" 2>&1
+    tail -n 1 "$out/$name.validate.log"
+    PYTHONPATH=$export_path timeout 200 "${time_one[@]}" --backends cuda --out "$out/$name" \
+        >"$out/$name.bench.log" 2>&1
+    grep -E "^B=|moda_cuda\[" "$out/$name.bench.log"
+    if [ "$cfg" = "$ncu_cfg" ]; then
+        PYTHONPATH=$export_path timeout 240 python3 bench/profile_ncu.py --stalls --backend cuda \
+            --direction "$direction" --out "$out/ncu_$name" >"$out/$name.ncu.log" 2>&1
+        tail -n 30 "$out/$name.ncu.log"
+        # Per-instruction stall samples of the main kernel (SASS with source lines).
+        PYTHONPATH=$export_path timeout 240 ncu --clock-control none --profile-from-start off --set full --import-source yes \
+            -k "regex:$main_kernel" -c 1 -f -o "$out/ncu_$name/$direction" \
+            python3 bench/profile_ncu.py --worker --backend cuda --direction "$direction" \
+            >"$out/$name.ncu_source.log" 2>&1 &&
+            ncu -i "$out/ncu_$name/$direction.ncu-rep" --page source --csv --print-source sass \
+                >"$out/ncu_$name/${direction}_sass.csv" 2>>"$out/$name.ncu_source.log"
+        tail -n 3 "$out/$name.ncu_source.log"
+    fi
+done
