@@ -8,7 +8,7 @@ before it are not.
 
     python bench/profile_ncu.py --backend triton --shape 1,16384,64,8,64,64 --out bench/results
     python bench/profile_ncu.py --direction fwd --shape 1,4096,64,8,64,64 --out /tmp/ncu
-    MODA_CUDA_BACKWARD=cuda python bench/profile_ncu.py --backend cuda --direction bwd --out DIR
+    python bench/profile_ncu.py --backend cuda --direction bwd --out DIR
 
 (the last one reports the compiled backward's kernels: preprocess, dK/dV, dQ).
 

@@ -1,13 +1,12 @@
 """Gradients of the compiled backward (``_C.bwd``: dQ, dK, dV, d depth_k, d depth_v) against
 the float64 reference, over validate_fwd.py's cases, as a table.
 
-The compiled backward is not wired into dispatch yet (the cuda backend's backward is the
-Triton one); this is its check. Fresh random inputs and dO (and, every other case, a random
-gradient for lse), gradient buffers filled with NaN before the call, relative L2 error per
-gradient. Exits non-zero when any case is over tolerance.
+The kernels are called directly, whatever dispatch would pick. Fresh random inputs and dO
+(and, every other case, a random gradient for lse), gradient buffers filled with NaN before
+the call, relative L2 error per gradient. Exits non-zero when any case is over tolerance.
 
     python bench/validate_bwd.py
-    python bench/validate_bwd.py --small     # one tiny case (for compute-sanitizer)
+    python bench/validate_bwd.py --small     # two small cases (for compute-sanitizer)
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-
 #include <string>
 
 #include "moda_bwd_dq_kernel.h"

@@ -5,8 +5,9 @@ Backends:
 * ``triton`` -- the Triton kernels, forward and backward, on CUDA tensors.
 * ``cuda`` -- the compiled Hopper kernels (``moda_cuda._C``, CUTLASS/CuTe), forward and
   backward; ``MODA_CUDA_BACKWARD=triton`` runs the Triton backward after the compiled forward
-  instead (it reads the same ``lse``). Needs the extension built, a compute capability 9.0 device, float16/bfloat16, D in
-  {64, 128}, G in {1, 2, 4, 8, 16}, L <= 256 and TMA-friendly layouts (see ``_cuda_refuses``).
+  instead (it reads the same ``lse``). Needs the extension built, a compute capability 9.0
+  device, float16/bfloat16, D in {64, 128}, G in {1, 2, 4, 8, 16}, L <= 256 and TMA-friendly
+  layouts (see ``_cuda_refuses``).
 * ``reference`` -- pure PyTorch; serves every valid input.
 
 ``backend="auto"`` takes cuda, then triton, then the reference, except where the depth part

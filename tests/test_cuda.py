@@ -196,8 +196,9 @@ def test_bitwise_deterministic_gradients():
 
 @pytest.mark.parametrize("case", [B.but(chunk=3), B.but(causal=False, L=0), B.but(D=128, seq=False)], ids=str)
 def test_compiled_backward_is_exact_and_bitwise_repeatable(case, monkeypatch):
-    """The compiled backward (whatever MODA_CUDA_BACKWARD says): all five gradients against the float64
-    reference, and the same bits on a second run (no atomics anywhere)."""
+    """The compiled backward (forced, whatever MODA_CUDA_BACKWARD the environment sets): all
+    five gradients against the float64 reference, and the same bits on a second run (no
+    atomics anywhere)."""
     require_cuda_backend()
     monkeypatch.setenv(dispatch.CUDA_BACKWARD_ENV, "cuda")
     check_backend(case, torch.bfloat16, "cuda", "cuda")
