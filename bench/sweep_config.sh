@@ -4,39 +4,44 @@
 #
 # Each configuration is a comma-separated list of assignments to FwdConfig
 # (csrc/moda_fwd_launch.h) or BwdConfig (csrc/moda_bwd_launch.h): FIELD=VALUE for both head
-# dims, 64.FIELD=VALUE or 128.FIELD=VALUE for one; "base" is the committed configuration. Each
-# is a scratch copy of this checkout with the assignments applied. All copies are built at
-# once (`setup.py build_ext --inplace`, the compiles share the cores); then each is imported
-# through PYTHONPATH, checked (validate_fwd.py or validate_bwd.py, bf16) and timed: the
-# forward alone with bench_moda.py, or forward+backward per kernel with time_backward.py.
-# The Triton kernels are timed once beside them. --ncu CFG adds the Nsight table, with warp
-# stall reasons, of configuration CFG on the paper geometry, and a per-instruction profile of
-# its main kernel. Logs and JSON per configuration under --out; the checkout's own install
-# is not touched.
+# dims, 64.FIELD=VALUE or 128.FIELD=VALUE for one, prefixed fwd: or bwd: to set the other
+# direction's struct (the backward's timing includes the forward kernel); "base" is the
+# committed configuration. Each is a scratch copy of this checkout with the assignments
+# applied. All copies are built at once (`setup.py build_ext --inplace`, the compiles share
+# the cores); then each is imported through PYTHONPATH, checked (validate_fwd.py, and
+# validate_bwd.py for bwd; bf16) and timed: the forward alone with bench_moda.py, or
+# forward+backward per kernel with time_backward.py. The Triton kernels are timed once
+# beside them (not with --no-triton). --ncu CFG adds the Nsight table, with warp stall
+# reasons, of configuration CFG on the paper geometry, and a per-instruction profile of its
+# main kernel. Logs and JSON per configuration under --out; the checkout's own install is
+# not touched.
 #
-# Usage: bench/sweep_config.sh --out DIR [--direction fwd|bwd] [--configs LIST] [--ncu CFG]
-#   e.g. --configs "base kWarpDepth=true 64.kConsumerWGs=3"
+# Usage: bench/sweep_config.sh --out DIR [--direction fwd|bwd] [--configs LIST] [--ncu CFG] [--no-triton]
+#   e.g. --configs "base kWarpDepth=true 64.kConsumerWGs=2"
 #        --direction bwd --configs "base 128.kOverlapTiles=true,128.kStagesDq=3"
+#        --direction bwd --configs "base 64.kKVBuffers=2,fwd:kStripeDepth=false"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-out="" configs="base" ncu_cfg="" direction=fwd
+out="" configs="base" ncu_cfg="" direction=fwd triton=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
         --direction) direction=$2; shift 2 ;;
         --configs) configs=$2; shift 2 ;;
         --ncu) ncu_cfg=$2; shift 2 ;;
+        --no-triton) triton=0; shift ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
-[ -n "$out" ] || { echo "usage: $0 --out DIR [--direction fwd|bwd] [--configs LIST] [--ncu CFG]" >&2; exit 2; }
+[ -n "$out" ] || { echo "usage: $0 --out DIR [--direction fwd|bwd] [--configs LIST] [--ncu CFG] [--no-triton]" >&2; exit 2; }
 case "$direction" in
     fwd) config_struct=FwdConfig launch_header=moda_fwd_launch.h main_kernel=moda_fwd_kernel
          validate=(python3 bench/validate_fwd.py --backend cuda --dtypes bf16)
          time_one=(python3 bench/bench_moda.py --fwd-only --no-baselines --no-check --shapes probe) ;;
     bwd) config_struct=BwdConfig launch_header=moda_bwd_launch.h main_kernel=moda_bwd_dkdv_kernel
-         validate=(python3 bench/validate_bwd.py --dtypes bf16)
+         # the forward's check too: a configuration may set the forward's struct (fwd:)
+         validate=(bash -c "python3 bench/validate_fwd.py --backend cuda --dtypes bf16 && python3 bench/validate_bwd.py --dtypes bf16")
          time_one=(python3 bench/time_backward.py) ;;
     *) echo "--direction must be fwd or bwd, got $direction" >&2; exit 2 ;;
 esac
@@ -48,14 +53,19 @@ jobs_each=$(( ($(nproc) + n_configs - 1) / n_configs ))
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
-name_of() { local n=${1//./}; n=${n//=/}; echo "${n//,/_}"; }
-configure() {  # DIR CFG: apply CFG's assignments to the config struct in DIR/csrc/
-    local launch="$1/csrc/$launch_header" item field value scope
+name_of() { local n=${1//./}; n=${n//=/}; n=${n//:/-}; echo "${n//,/_}"; }
+configure() {  # DIR CFG: apply CFG's assignments to the config structs in DIR/csrc/
+    local item field value scope struct launch
     [ "$2" = base ] && return 0
     for item in ${2//,/ }; do
-        field=${item%%=*} value=${item#*=} scope=""
-        case "$field" in 64.*|128.*) scope="/struct $config_struct<${field%%.*}>/,/};/"; field=${field#*.} ;; esac
-        grep -q "static constexpr .*\b$field = " "$launch" || { echo "!! no $config_struct field $field" >&2; return 1; }
+        struct=$config_struct launch="$1/csrc/$launch_header"
+        case "$item" in  # fwd:/bwd: name the other direction's struct
+            fwd:*) struct=FwdConfig launch="$1/csrc/moda_fwd_launch.h"; item=${item#fwd:} ;;
+            bwd:*) struct=BwdConfig launch="$1/csrc/moda_bwd_launch.h"; item=${item#bwd:} ;;
+        esac
+        field=${item%%=*} value=${item#*=} scope="/struct $struct</,/};/"
+        case "$field" in 64.*|128.*) scope="/struct $struct<${field%%.*}>/,/};/"; field=${field#*.} ;; esac
+        grep -q "static constexpr .*\b$field = " "$launch" || { echo "!! no $struct field $field" >&2; return 1; }
         sed -i -E "${scope}{/static constexpr/ s/\b($field = )[^,;]+/\1$value/}" "$launch"
     done
 }
@@ -72,9 +82,11 @@ echo "== building $n_configs configurations"
 wait
 
 first=$(name_of "${configs%% *}")
-PYTHONPATH="$scratch/$first${PYTHONPATH:+:$PYTHONPATH}" timeout 300 "${time_one[@]}" --backends triton \
-    --out "$out/triton" >"$out/triton.bench.log" 2>&1
-grep -E "^B=|moda_cuda\[" "$out/triton.bench.log"
+if [ $triton = 1 ]; then
+    PYTHONPATH="$scratch/$first${PYTHONPATH:+:$PYTHONPATH}" timeout 300 "${time_one[@]}" --backends triton \
+        --out "$out/triton" >"$out/triton.bench.log" 2>&1
+    grep -E "^B=|moda_cuda\[" "$out/triton.bench.log"
+fi
 
 for cfg in $configs; do
     name=$(name_of "$cfg")
@@ -88,7 +100,7 @@ for cfg in $configs; do
         cuobjdump -sass "$work"/moda_cuda/_C*.so | gzip >"$out/$name.sass.gz"
     fi
     (cd / && PYTHONPATH=$export_path python3 -c "import torch, moda_cuda._C as c; print('extension:', c.__file__)")
-    PYTHONPATH=$export_path timeout 150 "${validate[@]}" >"$out/$name.validate.log" 2>&1
+    PYTHONPATH=$export_path timeout 200 "${validate[@]}" >"$out/$name.validate.log" 2>&1
     tail -n 1 "$out/$name.validate.log"
     PYTHONPATH=$export_path timeout 200 "${time_one[@]}" --backends cuda --out "$out/$name" \
         >"$out/$name.bench.log" 2>&1

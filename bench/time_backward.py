@@ -8,6 +8,7 @@ README tables come from bench_moda.py (medians); this is for the kernel breakdow
 
     python bench/time_backward.py --out DIR                  # cuda and triton backends
     python bench/time_backward.py --backends cuda --out DIR
+    python bench/time_backward.py --backends auto,cuda,triton --seqlens 4096 --out DIR
 """
 
 from __future__ import annotations
@@ -39,11 +40,15 @@ def _fwd_bwd(fn, inputs, grad_out):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for time_backward.json")
-    p.add_argument("--backends", default="cuda,triton")
+    p.add_argument("--backends", default="cuda,triton", help="comma-separated moda_cuda backends (auto too)")
+    p.add_argument("--seqlens", default="", help="only the shapes of these T (comma-separated; default all)")
     a = p.parse_args()
+    seqlens = {int(t) for t in a.seqlens.split(",") if t}
     bench_moda._fwd_bwd = _fwd_bwd  # kernel_breakdown steps through it too
     rows = []
     for s in SHAPES:
+        if seqlens and s.T not in seqlens:
+            continue
         inputs = make_inputs(s)
         grad_out = torch.randn(s.B, s.T, s.Hq, s.D, device="cuda", dtype=torch.bfloat16)
         for backend in a.backends.split(","):

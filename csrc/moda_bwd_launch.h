@@ -18,27 +18,34 @@ namespace moda {
 
 // Schedule per head dim (measurements: bench/NOTES.md, "Hopper CUDA backward"):
 // - kStages, kStagesDq: pipeline stages of the key-stationary kernel's Q / dO tiles (shared
-//   memory: two buffers of K, V, plus 2 x kStages x [64 x D]) and of the dQ kernel's K / V
-//   tiles (Q, dO once, plus 2 x kStages x [64 x D]). Not tuned yet.
+//   memory: kKVBuffers buffers of K, V, plus 2 x kStages x [64 x D]) and of the dQ kernel's
+//   K / V tiles (Q, dO once, plus 2 x kStages x [64 x D]). Not tuned yet.
 // - kOverlapSteps: the key-stationary kernel leaves a step's dV / dK running while it issues
 //   the next step's S^T / dP^T. Two more 64 x 64 fp32 accumulators live at once: they fit at
 //   D = 64, not beside D = 128's dK and dV (ptxas serializes the wgmmas, C7512).
 // - kOverlapTiles: the dQ kernel leaves a tile's dQ product running into the next tile. No
 //   change at D = 64; at D = 128, with a third stage, about 10% slower.
+// - kKVBuffers: K / V buffers of the key-stationary kernel; a CTA walking a run of depth
+//   boxes keeps kKVBuffers - 1 boxes' loads in flight behind the one it works on (shared
+//   memory: kKVBuffers x 2 x [128 x D]). Four at D = 64 measured within 1.5% of two.
+// - kStripeDepthDq: the dQ kernel's depth tile order (TileAt, as the forward's kStripeDepth).
+//   No faster at D = 64, slower at D = 128 (1.59 against 1.48 ms at T = 8192); off.
 template <int D> struct BwdConfig;
 template <> struct BwdConfig<64> {
-    static constexpr int kStages = 3, kStagesDq = 3;
+    static constexpr int kStages = 3, kStagesDq = 3, kKVBuffers = 2;
     static constexpr bool kOverlapSteps = true, kOverlapTiles = true;
+    static constexpr bool kStripeDepthDq = false;
 };
 template <> struct BwdConfig<128> {
-    static constexpr int kStages = 2, kStagesDq = 2;
+    static constexpr int kStages = 2, kStagesDq = 2, kKVBuffers = 2;
     static constexpr bool kOverlapSteps = false, kOverlapTiles = false;
+    static constexpr bool kStripeDepthDq = false;
 };
 
 template <class Element, int D>
 std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {  // after the preprocess
     using Config = BwdConfig<D>;
-    using Traits = BwdTraits<Element, D, Config::kStages, Config::kOverlapSteps>;
+    using Traits = BwdTraits<Element, D, Config::kStages, Config::kOverlapSteps, Config::kKVBuffers>;
     constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
     const FwdParams& f = a.fwd;
     const bool bf16 = f.dtype == DType::kBFloat16;
@@ -107,7 +114,7 @@ std::string launch_bwd_dq(const BwdParams& a, cudaStream_t stream) {  // after t
     using Traits = BwdDqTraits<Element, D, Config::kStagesDq, Config::kOverlapTiles>;
     const FwdParams& f = a.fwd;
     BwdDqKernelParams p{};
-    std::string err = make_fwd_kernel_params(f, Traits::kBlockM, Traits::kBlockN, p.fwd);
+    std::string err = make_fwd_kernel_params(f, Traits::kBlockM, Traits::kBlockN, Config::kStripeDepthDq, p.fwd);
     if (!err.empty()) return err;
     err = make_folded_rows_map(&p.tma_do, f.dtype == DType::kBFloat16, a.dout, D, f.q_heads / f.kv_heads,
                                f.kv_heads, f.seqlen, f.batch, a.do_batch_stride, a.do_seq_stride, a.do_head_stride,
@@ -135,10 +142,10 @@ std::string launch_bwd(const BwdParams& a, cudaStream_t stream) {
     const int B = f.batch, T = f.seqlen, Hk = f.kv_heads, G = f.q_heads / Hk;
     // delta = rowsum(dO * O) - grad_lse, and the row statistics in the key-stationary kernel's layout
     const int steps = bwd_row_steps(T, G);
-    const int64_t rows = int64_t(B) * Hk * steps * kBwdStepRows;
+    const int64_t lanes = int64_t(B) * Hk * steps * kBwdStepRows * (D / 8);  // D / 8 threads per row
     const int threads = 256;
     moda_bwd_preprocess_kernel<Element, D, kBwdStepRows>
-        <<<unsigned((rows + threads - 1) / threads), threads, 0, stream>>>(
+        <<<unsigned((lanes + threads - 1) / threads), threads, 0, stream>>>(
             static_cast<const Element*>(f.out), static_cast<const Element*>(a.dout), f.lse, a.grad_lse, a.delta,
             a.row_stats, B, T, Hk, __builtin_ctz(G), steps, f.out_batch_stride, f.out_seq_stride, f.out_head_stride,
             a.do_batch_stride, a.do_seq_stride, a.do_head_stride);

@@ -1,5 +1,5 @@
 // MoDA forward for Hopper (sm_90a): TMA loads on an mbarrier pipeline, wgmma, one producer
-// warpgroup and two consumer warpgroups.
+// warpgroup and two or three consumer warpgroups (FwdConfig::kConsumerWGs).
 //
 // One CTA owns kBlockM = 64 x (consumer warpgroups) G-folded query rows of one (batch, kv
 // head): folded row R = t * G + g is query head hk * G + g at position t, so the CTA covers
@@ -65,6 +65,7 @@ struct FwdKernelParams {
     int depth_slot_blocks;    // ceil(L / Lb)
     int num_m_blocks;
     int has_seq;
+    int depth_stripes;        // depth tiles visited in this many round-robin stripes (see TileAt)
     float scale_log2;         // softmax scale * log2(e): scores are exponentiated with exp2
 };
 
@@ -97,6 +98,14 @@ struct TileSchedule {
 
 // Tile i of a schedule: sequence tile n (walked last to first), or depth tile d with the
 // first position s0 and first slot l0 of its box.
+//
+// Depth boxes are position-major, so the boxes that one consumer warpgroup's rows see are
+// consecutive, and in that order the warpgroups take the depth phase one after another:
+// while one multiplies its boxes, the others wait for boxes that cannot load until it
+// releases its stages. With p.depth_stripes = W (the consumer warpgroups), the n depth tiles
+// are cut into W contiguous stripes (sizes differ by at most one), visited round-robin: the
+// first box of every stripe, then the second of every stripe, ... so that consecutive
+// pipeline stages hold boxes of different warpgroups and the warpgroups work on them at once.
 struct TileAt {
     bool is_seq;
     int n;
@@ -104,10 +113,22 @@ struct TileAt {
     __device__ TileAt(FwdKernelParams const& p, TileSchedule const& sched, int i)
         : is_seq(i < sched.n_seq), n(sched.n_seq - 1 - i) {
         if (!is_seq) {
-            const int d = i - sched.n_seq;
+            const int d = striped(i - sched.n_seq, sched.n_depth, p.depth_stripes);
             s0 = sched.s_lo + d / p.depth_slot_blocks * p.depth_box_positions;
             l0 = d % p.depth_slot_blocks * p.depth_box_slots;
         }
+    }
+    // The k-th of n items visited round-robin over w contiguous stripes: the first `big`
+    // stripes hold `per` items, the others per - 1; rows 0 .. per - 2 visit every stripe, the
+    // last row only the big ones. A permutation of [0, n).
+    __device__ static int striped(int k, int n, int w) {
+        if (w <= 1 || n <= w) return k;
+        const int per = (n + w - 1) / w, big = n - w * (per - 1);
+        const int full_rows = w * (per - 1);
+        const int stripe = k < full_rows ? k % w : k - full_rows;
+        const int row = k < full_rows ? k / w : per - 1;
+        const int start = stripe < big ? stripe * per : big * per + (stripe - big) * (per - 1);
+        return start + row;
     }
 };
 

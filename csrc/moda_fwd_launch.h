@@ -15,31 +15,39 @@ namespace moda {
 // Tile sizes and schedule per head dim: kBlockN keys per stage, kStages stages (shared
 // memory: q + 2 x kStages x [kBlockN x D], at most 227 KB); kOverlap: run tile i's softmax
 // while tile i-1's P V product runs; kPingPong: the consumer warpgroups take turns issuing
-// their matmuls. Chosen by measurement (bench/sweep_fwd_config.sh, bench/NOTES.md), H200,
-// forward of the issue shapes: at D = 64 the serial order is fastest (the overlapped one
-// costs 5-6%, with turn-taking 6-7%), at D = 128 the overlapped one (2-4% faster) with a
-// third stage (the most that fit; 1% faster). Five stages at D = 64 measured no faster.
-// kWarpDepth: depth tiles on each warp's own rows with mma.sync instead of the warpgroup's
-// dense wgmma (see moda_fwd_kernel.h); kConsumerWGs = 3: 192-row CTAs, a third warp per
-// scheduler to hide the softmax's latency (160 registers each). Both off until measured.
+// their matmuls; kConsumerWGs: 64-row consumer warpgroups per CTA (3: 192-row CTAs, a third
+// warp per scheduler to hide the softmax's latency, 160 registers each); kStripeDepth: depth
+// tiles in round-robin stripes, one per warpgroup (TileAt); kWarpDepth: depth tiles on each
+// warp's own rows with mma.sync instead of the warpgroup's dense wgmma (moda_fwd_kernel.h).
+// Chosen by measurement (bench/sweep_config.sh, bench/NOTES.md), H200, forward of the issue
+// shapes. D = 64: three warpgroups, overlapped: 5.34 ms at T = 16384 against 5.83 with two
+// warpgroups in serial order (with two, serial was fastest: overlapped 5-6% slower,
+// turn-taking 6-7%). D = 128: two warpgroups, overlapped (2-4% faster than serial), a third
+// stage (the most that fit; 1% faster). kStripeDepth measured no faster (D = 64: within 1%;
+// D = 128: 1.30 against 1.19 ms at T = 8192, where run-to-run noise reached 5%); off.
+// kWarpDepth measured 1.4x slower (even at L = 0: the code beside the main loop costs it
+// registers); off.
 template <int D> struct FwdConfig;
 template <> struct FwdConfig<64> {
     static constexpr int kBlockN = 128, kStages = 3;
-    static constexpr bool kOverlap = false, kPingPong = false;
+    static constexpr bool kOverlap = true, kPingPong = false;
+    static constexpr int kConsumerWGs = 3;
+    static constexpr bool kStripeDepth = false;
     static constexpr bool kWarpDepth = false;
-    static constexpr int kConsumerWGs = 2;
 };
 template <> struct FwdConfig<128> {
     static constexpr int kBlockN = 128, kStages = 3;
     static constexpr bool kOverlap = true, kPingPong = false;
-    static constexpr bool kWarpDepth = false;
     static constexpr int kConsumerWGs = 2;
+    static constexpr bool kStripeDepth = false;
+    static constexpr bool kWarpDepth = false;
 };
 
 // The query-stationary kernels' parameters (the forward's, and the backward's dQ kernel's):
 // tensor maps with query boxes of kBlockM G-folded rows and key boxes of kBlockN rows, the
-// depth-box geometry, and the outputs. Returns an error message, or an empty string.
-inline std::string make_fwd_kernel_params(const FwdParams& a, int kBlockM, int kBlockN, FwdKernelParams& p) {
+// depth-box geometry, the tile order, and the outputs. Returns an error message, or an empty string.
+inline std::string make_fwd_kernel_params(const FwdParams& a, int kBlockM, int kBlockN, bool stripe_depth,
+                                          FwdKernelParams& p) {
     const bool bf16 = a.dtype == DType::kBFloat16;
     const int B = a.batch, T = a.seqlen, Hk = a.kv_heads, G = a.q_heads / a.kv_heads, L = a.depth;
     std::string err = make_folded_rows_map(&p.tma_q, bf16, a.q, a.head_dim, G, Hk, T, B, a.q_batch_stride,
@@ -63,6 +71,7 @@ inline std::string make_fwd_kernel_params(const FwdParams& a, int kBlockM, int k
     p.depth_slot_blocks = L > 0 ? (L + Lb - 1) / Lb : 0;
     p.num_m_blocks = (T * G + kBlockM - 1) / kBlockM;
     p.has_seq = a.has_seq;
+    p.depth_stripes = stripe_depth ? kBlockM / 64 : 1;  // one stripe per 64-row consumer warpgroup
     p.scale_log2 = a.scale * 1.4426950408889634f;
     return {};
 }
@@ -72,7 +81,7 @@ std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
     using Config = FwdConfig<D>;
     using Traits = FwdTraits<Element, D, Config::kBlockN, Config::kStages, Config::kConsumerWGs>;
     FwdKernelParams p{};
-    const std::string err = make_fwd_kernel_params(a, Traits::kBlockM, Traits::kBlockN, p);
+    const std::string err = make_fwd_kernel_params(a, Traits::kBlockM, Traits::kBlockN, Config::kStripeDepth, p);
     if (!err.empty()) return err;
 
     const size_t smem = sizeof(typename Traits::SharedStorage);

@@ -10,10 +10,13 @@ Backends:
   layouts (see ``_cuda_refuses``).
 * ``reference`` -- pure PyTorch; serves every valid input.
 
-``backend="auto"`` takes cuda, then triton, then the reference, except where the depth part
-is a large share of the work (``cuda_depth_share``): there triton goes first. Both orders
-follow forward times measured on the H200 (README, bench/NOTES.md); the Triton kernels also
-serve what the compiled forward does not (other head dims, float32, other GPUs). Auto never
+``backend="auto"`` chooses each direction by its own measured speed (H200; README,
+bench/NOTES.md). The forward: cuda, then triton, then the reference, except where the depth
+part is a large share of the work (``cuda_depth_share``): there triton goes first. The
+backward: cuda, then triton, then the reference, whichever forward ran (the compiled
+backward measured faster on every benchmark shape, and reads any forward's ``out`` and
+``lse``). The Triton kernels also serve what the compiled kernels do not (other head dims,
+float32, other GPUs). Auto never
 fails on a valid input because a fast path does not cover it: it takes the next one, and when that is
 the reference it warns once per reason (a refusal that another fast path absorbs is silent).
 A backend named explicitly (argument or ``MODA_BACKEND``) that cannot serve the input raises.
@@ -290,9 +293,13 @@ def cuda_depth_share(shape: MoDAShape) -> float:
     return (64 / shape.group) * shape.depth / max(shape.seqlen / 2, 1)
 
 
-def _auto_order(shape: MoDAShape) -> Tuple["Backend", ...]:
-    """``_AUTO_ORDER``, with the compiled forward moved last where its depth share is large."""
-    if cuda_depth_share(shape) <= _CUDA_MAX_DEPTH_SHARE:
+DIRECTIONS = ("forward", "backward")
+
+
+def _auto_order(shape: MoDAShape, direction: str = "forward") -> Tuple["Backend", ...]:
+    """``_AUTO_ORDER``; for the forward, with the compiled forward moved last where its depth
+    share is large (the compiled backward is the faster one at every measured share)."""
+    if direction == "backward" or cuda_depth_share(shape) <= _CUDA_MAX_DEPTH_SHARE:
         return _AUTO_ORDER
     return tuple(b for b in _AUTO_ORDER if b is not CUDA) + tuple(b for b in _AUTO_ORDER if b is CUDA)
 
@@ -320,8 +327,10 @@ def _warn_once(key: Tuple[str, str], message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def resolve(requested: str, q: torch.Tensor, shape: MoDAShape, tensors) -> Backend:
-    """The backend that runs this call (see the module docstring for the policy)."""
+def resolve(requested: str, q: torch.Tensor, shape: MoDAShape, tensors, direction: str = "forward") -> Backend:
+    """The backend that runs this call's ``direction`` (see the module docstring for the policy)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if requested == "auto":
         requested = os.environ.get(ENV_VAR, "").strip() or "auto"
     if requested != "auto":
@@ -337,7 +346,7 @@ def resolve(requested: str, q: torch.Tensor, shape: MoDAShape, tensors) -> Backe
     if not q.is_cuda:  # the fast paths are GPU kernels (the Triton interpreter is for testing only)
         return REFERENCE
     refusals = []
-    for backend in _auto_order(shape):
+    for backend in _auto_order(shape, direction):
         if backend.unavailable() is not None:
             continue
         reason = backend.refuses(q, shape, tensors)

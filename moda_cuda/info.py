@@ -47,8 +47,8 @@ def _cuda_extension() -> dict:
     }
 
 
-def _backend_for(shape: Sequence[int], dtype: str) -> dispatch.Backend:
-    """The backend ``backend="auto"`` picks for a problem of this shape on this machine."""
+def _backend_for(shape: Sequence[int], dtype: str, direction: str = "forward") -> dispatch.Backend:
+    """The backend ``backend="auto"`` picks for one direction of a problem of this shape on this machine."""
     B, T, Hq, Hk, D, L = shape
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = dict(device="meta", dtype=getattr(torch, dtype))
@@ -59,16 +59,16 @@ def _backend_for(shape: Sequence[int], dtype: str) -> dispatch.Backend:
     # The policy looks at q's device and dtype and at every tensor's extent: a one-element
     # tensor stands in for q on the real device, meta tensors for the rest of the problem.
     q_dev = torch.empty(1, device=device, dtype=q.dtype)
-    return dispatch.resolve("auto", q_dev, spec, (q, k, k, dk, dk))
+    return dispatch.resolve("auto", q_dev, spec, (q, k, k, dk, dk), direction)
 
 
 def info(print_it: bool = True, shape: Optional[Sequence[int]] = None, dtype: str = "bfloat16") -> dict:
     """Versions, devices and backends; printed as a short report unless ``print_it=False``.
 
-    With ``shape = (B, T, Hq, Hk, D, L)`` it also says which backend runs that problem
-    (``backend for ...``: the one dispatch picks, which runs the forward) and which
-    implementation computes its gradients (``backward for ...``; the cuda backend's backward
-    is the Triton one for now).
+    With ``shape = (B, T, Hq, Hk, D, L)`` it also says which backend runs that problem's
+    forward (``backend for ...``: the one dispatch picks) and which implementation computes
+    its gradients (``backward for ...``: the backend auto picks for the backward, and behind
+    the cuda one its compiled backward, or Triton's with ``MODA_CUDA_BACKWARD=triton``).
     """
     report = {
         "moda_cuda": _package_version(),
@@ -85,9 +85,8 @@ def info(print_it: bool = True, shape: Optional[Sequence[int]] = None, dtype: st
         "MODA_CUDA_BACKWARD": os.environ.get(dispatch.CUDA_BACKWARD_ENV, "") or "(unset: cuda)",
     }
     if shape is not None:
-        backend = _backend_for(shape, dtype)
-        report[f"backend for {tuple(shape)} {dtype}"] = backend.name
-        report[f"backward for {tuple(shape)} {dtype}"] = backend.backward_name
+        report[f"backend for {tuple(shape)} {dtype}"] = _backend_for(shape, dtype).name
+        report[f"backward for {tuple(shape)} {dtype}"] = _backend_for(shape, dtype, "backward").backward_name
     if print_it:
         width = max(map(len, report))
         for key, value in report.items():

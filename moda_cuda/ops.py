@@ -3,7 +3,8 @@
 * ``moda::attention`` -- the public op; ``backend="auto"`` policy (``MODA_BACKEND`` honoured).
 * ``moda::attention_with_backend`` -- the same op with the backend named, used when a caller
   asks for one explicitly (``moda_attention(..., backend="triton")``).
-* ``moda::attention_backward`` -- gradients of both, run by the backend that ran the forward.
+* ``moda::attention_backward`` -- gradients of both: by the backend named, or with "auto" by
+  the backend auto picks for the backward (``dispatch``), which need not be the forward's.
 
 ``deterministic=True`` asks for bitwise-repeatable gradients; the Triton and reference
 backwards are deterministic by construction, so for them it changes nothing.
@@ -57,7 +58,9 @@ def _fake_forward(q, k, v, depth_k, depth_v, scale=None, causal=True, depth_chun
 def _backward_impl(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
                    deterministic, backend):
     shape = check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
-    impl = dispatch.resolve(backend, q, shape, (q, k, v, depth_k, depth_v))
+    # "auto" picks the backward on its own speed: it may differ from the forward's backend
+    # (every backward reads any forward's out and lse, which share one convention).
+    impl = dispatch.resolve(backend, q, shape, (q, k, v, depth_k, depth_v), direction="backward")
     sc = default_scale(shape.head_dim, scale)
     grads = impl.backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, sc, causal, depth_chunk,
                           deterministic)

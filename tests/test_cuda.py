@@ -164,7 +164,22 @@ def test_cuda_backend_on_h200():
     assert report["backward for (1, 16384, 64, 8, 64, 64) bfloat16"] == dispatch.CUDA.backward_name
     report = moda_cuda.info(print_it=False, shape=(1, 4096, 64, 8, 64, 64))  # depth share 1/4
     assert report["backend for (1, 4096, 64, 8, 64, 64) bfloat16"] == "triton"
+    assert report["backward for (1, 4096, 64, 8, 64, 64) bfloat16"] == dispatch.CUDA.backward_name
     assert report["cuda extension"] == "built" and "sm_90a" in report["cuda extension archs"]
+
+
+def test_auto_pairs_a_triton_forward_with_the_compiled_backward(monkeypatch):
+    """Where the depth share sends auto's forward to Triton, its backward is still the
+    compiled one (faster on every benchmark shape), reading the Triton forward's out and lse:
+    all five gradients against the float64 reference."""
+    require_cuda_backend()
+    monkeypatch.setenv(dispatch.CUDA_BACKWARD_ENV, "cuda")
+    case = Case(B=1, T=256, Hq=16, Hk=2, D=64, L=16, chunk=2)  # depth share 1
+    inputs = make_inputs(case, torch.bfloat16, "cuda")
+    shape = moda_cuda.check_inputs(*inputs, None, True, case.chunk)
+    assert dispatch.resolve("auto", inputs[0], shape, inputs) is dispatch.TRITON
+    assert dispatch.resolve("auto", inputs[0], shape, inputs, direction="backward") is dispatch.CUDA
+    check_backend(case, torch.bfloat16, "cuda", "auto")
 
 
 def test_auto_takes_triton_where_cuda_refuses():

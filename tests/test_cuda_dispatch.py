@@ -245,6 +245,20 @@ def test_auto_order_moves_cuda_last_where_the_depth_share_is_large():
     assert dispatch._auto_order(_spec(4096, 64, 8, 64, has_seq=False)) == (dispatch.TRITON, dispatch.CUDA)
 
 
+@pytest.mark.parametrize("spec", [_spec(16384, 64, 8, 64), _spec(4096, 64, 8, 64),
+                                  _spec(4096, 64, 8, 64, has_seq=False), _spec(1, 16, 16, 4)], ids=str)
+def test_auto_order_of_the_backward_is_cuda_first_at_every_depth_share(spec):
+    """The compiled backward measured faster on every benchmark shape, whichever forward ran."""
+    assert dispatch._auto_order(spec, "backward") == (dispatch.CUDA, dispatch.TRITON)
+
+
+def test_resolve_rejects_an_unknown_direction():
+    q = inputs()[0]
+    shape = moda_cuda.check_inputs(*inputs(), None, True, 1)
+    with pytest.raises(ValueError, match="direction must be one of"):
+        dispatch.resolve("auto", q, shape, (), direction="sideways")
+
+
 
 def test_auto_passes_a_cuda_refusal_to_triton_silently(monkeypatch):
     """A fast path's refusal is silent when the next fast path serves; warnings only for the reference."""
