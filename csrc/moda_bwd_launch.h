@@ -30,22 +30,28 @@ namespace moda {
 //   memory: kKVBuffers x 2 x [128 x D]). Four at D = 64 measured within 1.5% of two.
 // - kStripeDepthDq: the dQ kernel's depth tile order (TileAt, as the forward's kStripeDepth).
 //   No faster at D = 64, slower at D = 128 (1.59 against 1.48 ms at T = 8192); off.
+// - kDepthPrefetch, kDepthPrefetchDq: depth boxes asked of L2 this many boxes (tiles) before
+//   their load, in the key-stationary kernel's depth runs and in the dQ kernel (0: none). Not
+//   measured yet; off.
 template <int D> struct BwdConfig;
 template <> struct BwdConfig<64> {
     static constexpr int kStages = 3, kStagesDq = 3, kKVBuffers = 2;
     static constexpr bool kOverlapSteps = true, kOverlapTiles = true;
     static constexpr bool kStripeDepthDq = false;
+    static constexpr int kDepthPrefetch = 0, kDepthPrefetchDq = 0;
 };
 template <> struct BwdConfig<128> {
     static constexpr int kStages = 2, kStagesDq = 2, kKVBuffers = 2;
     static constexpr bool kOverlapSteps = false, kOverlapTiles = false;
     static constexpr bool kStripeDepthDq = false;
+    static constexpr int kDepthPrefetch = 0, kDepthPrefetchDq = 0;
 };
 
 template <class Element, int D>
 std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {  // after the preprocess
     using Config = BwdConfig<D>;
-    using Traits = BwdTraits<Element, D, Config::kStages, Config::kOverlapSteps, Config::kKVBuffers>;
+    using Traits =
+        BwdTraits<Element, D, Config::kStages, Config::kOverlapSteps, Config::kKVBuffers, Config::kDepthPrefetch>;
     constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
     const FwdParams& f = a.fwd;
     const bool bf16 = f.dtype == DType::kBFloat16;
@@ -111,7 +117,7 @@ std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {  // after
 template <class Element, int D>
 std::string launch_bwd_dq(const BwdParams& a, cudaStream_t stream) {  // after the preprocess
     using Config = BwdConfig<D>;
-    using Traits = BwdDqTraits<Element, D, Config::kStagesDq, Config::kOverlapTiles>;
+    using Traits = BwdDqTraits<Element, D, Config::kStagesDq, Config::kOverlapTiles, Config::kDepthPrefetchDq>;
     const FwdParams& f = a.fwd;
     BwdDqKernelParams p{};
     std::string err = make_fwd_kernel_params(f, Traits::kBlockM, Traits::kBlockN, Config::kStripeDepthDq, p.fwd);

@@ -174,8 +174,10 @@ struct QueryBlock {
 // The producer thread's stream of key tiles for a query-stationary CTA: each tile of the
 // schedule into the K pipeline's and the V pipeline's next stage (a sequence box [64, 1,
 // kBlockN, 1, 1] at position n * kBlockN, or a depth box [64, 1, Lb, Tb, 1] at slot l0,
-// position s0).
-template <int kBlockN, int kHeadDim, class Pipeline, class Element>
+// position s0). With kDepthPrefetch = A > 0 a depth box is also asked of L2 when the tile A
+// places before it is issued: no other CTA reads a CTA's depth rows, so their loads come
+// from DRAM, and the pipeline's few stages do not cover that latency.
+template <int kBlockN, int kHeadDim, int kDepthPrefetch, class Pipeline, class Element>
 __device__ __forceinline__ void produce_key_tiles(FwdKernelParams const& p, TileSchedule const& sched,
                                                   Pipeline& pipe_k, Pipeline& pipe_v, Element* sK, Element* sV,
                                                   int hk, int batch) {
@@ -187,8 +189,23 @@ __device__ __forceinline__ void produce_key_tiles(FwdKernelParams const& p, Tile
         prefetch_tma_descriptor(&p.tma_dk);
         prefetch_tma_descriptor(&p.tma_dv);
     }
+    auto prefetch_depth = [&](int i) {
+        if (i >= sched.size()) return;
+        const TileAt tile(p, sched, i);
+        if (tile.is_seq) return;
+        tma_prefetch_rows<kHeadDim>(&p.tma_dk, hk, tile.l0, tile.s0, batch);
+        tma_prefetch_rows<kHeadDim>(&p.tma_dv, hk, tile.l0, tile.s0, batch);
+    };
+    if constexpr (kDepthPrefetch > 0) {
+        if (p.depth > 0) {
+            for (int i = 0; i < kDepthPrefetch; ++i) prefetch_depth(i);
+        }
+    }
     auto write = cutlass::make_producer_start_state<Pipeline>();
     for (int i = 0; i < sched.size(); ++i) {
+        if constexpr (kDepthPrefetch > 0) {
+            if (p.depth > 0) prefetch_depth(i + kDepthPrefetch);
+        }
         const int stage_offset = write.index() * kBlockN * kHeadDim;
         const TileAt tile(p, sched, i);
         auto load = [&](Pipeline& pipe, CUtensorMap const* seq_map, CUtensorMap const* depth_map, Element* buf) {
@@ -299,7 +316,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         prefetch_tma_descriptor(&p.tma_q);
         Barrier::arrive_and_expect_tx(&smem.q_full, Traits::kQBytes);
         tma_load_rows<kBlockM, kHeadDim>(&p.tma_q, &smem.q_full, sQ_ptr, 0, hk, t_lo, batch);
-        produce_key_tiles<kBlockN, kHeadDim>(p, sched, pipe_k, pipe_v, sK_ptr, sV_ptr, hk, batch);
+        produce_key_tiles<kBlockN, kHeadDim, Traits::kDepthPrefetch>(p, sched, pipe_k, pipe_v, sK_ptr, sV_ptr, hk,
+                                                                     batch);
         return;
     }
 

@@ -17,8 +17,10 @@ namespace moda {
 // while tile i-1's P V product runs; kPingPong: the consumer warpgroups take turns issuing
 // their matmuls; kConsumerWGs: 64-row consumer warpgroups per CTA (3: 192-row CTAs, a third
 // warp per scheduler to hide the softmax's latency, 160 registers each); kStripeDepth: depth
-// tiles in round-robin stripes, one per warpgroup (TileAt); kWarpDepth: depth tiles on each
-// warp's own rows with mma.sync instead of the warpgroup's dense wgmma (moda_fwd_kernel.h).
+// tiles in round-robin stripes, one per warpgroup (TileAt); kDepthPrefetch: depth tiles
+// asked of L2 this many tiles before their load (produce_key_tiles; 0: none); kWarpDepth:
+// depth tiles on each warp's own rows with mma.sync instead of the warpgroup's dense wgmma
+// (moda_fwd_kernel.h).
 // Chosen by measurement (bench/sweep_config.sh, bench/NOTES.md), H200, forward of the issue
 // shapes. D = 64: three warpgroups, overlapped: 5.34 ms at T = 16384 against 5.83 with two
 // warpgroups in serial order (with two, serial was fastest: overlapped 5-6% slower,
@@ -26,13 +28,14 @@ namespace moda {
 // stage (the most that fit; 1% faster). kStripeDepth measured no faster (D = 64: within 1%;
 // D = 128: 1.30 against 1.19 ms at T = 8192, where run-to-run noise reached 5%); off.
 // kWarpDepth measured 1.4x slower (even at L = 0: the code beside the main loop costs it
-// registers); off.
+// registers); off. kDepthPrefetch is not measured yet; off.
 template <int D> struct FwdConfig;
 template <> struct FwdConfig<64> {
     static constexpr int kBlockN = 128, kStages = 3;
     static constexpr bool kOverlap = true, kPingPong = false;
     static constexpr int kConsumerWGs = 3;
     static constexpr bool kStripeDepth = false;
+    static constexpr int kDepthPrefetch = 0;
     static constexpr bool kWarpDepth = false;
 };
 template <> struct FwdConfig<128> {
@@ -40,6 +43,7 @@ template <> struct FwdConfig<128> {
     static constexpr bool kOverlap = true, kPingPong = false;
     static constexpr int kConsumerWGs = 2;
     static constexpr bool kStripeDepth = false;
+    static constexpr int kDepthPrefetch = 0;
     static constexpr bool kWarpDepth = false;
 };
 
@@ -79,7 +83,8 @@ inline std::string make_fwd_kernel_params(const FwdParams& a, int kBlockM, int k
 template <class Element, int D>
 std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
     using Config = FwdConfig<D>;
-    using Traits = FwdTraits<Element, D, Config::kBlockN, Config::kStages, Config::kConsumerWGs>;
+    using Traits =
+        FwdTraits<Element, D, Config::kBlockN, Config::kStages, Config::kConsumerWGs, Config::kDepthPrefetch>;
     FwdKernelParams p{};
     const std::string err = make_fwd_kernel_params(a, Traits::kBlockM, Traits::kBlockN, Config::kStripeDepth, p);
     if (!err.empty()) return err;

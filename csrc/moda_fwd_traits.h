@@ -15,7 +15,8 @@ namespace moda {
 
 using namespace cute;
 
-template <class Element_, int kHeadDim_, int kBlockN_, int kStages_, int kConsumerWGs_ = 2>
+template <class Element_, int kHeadDim_, int kBlockN_, int kStages_, int kConsumerWGs_ = 2,
+          int kDepthPrefetch_ = 0>
 struct FwdTraits {
     using Element = Element_;
     static constexpr int kHeadDim = kHeadDim_;
@@ -23,6 +24,7 @@ struct FwdTraits {
     static constexpr int kBlockM = 64 * kConsumerWGs;   // G-folded query rows per CTA: 64 per consumer warpgroup
     static constexpr int kBlockN = kBlockN_;
     static constexpr int kStages = kStages_;
+    static constexpr int kDepthPrefetch = kDepthPrefetch_;  // depth tiles asked of L2 this far ahead (0: none)
     static constexpr int kThreads = 128 * (1 + kConsumerWGs);  // warpgroup 0 produces
     // Register split (setmaxnreg): the producer needs few, the consumers hold S, P and O. The
     // 64K registers of the SM shared out in multiples of 8, at most 240 each (2 warpgroups:
