@@ -100,12 +100,12 @@ struct TileSchedule {
 // first position s0 and first slot l0 of its box.
 //
 // Depth boxes are position-major, so the boxes that one consumer warpgroup's rows see are
-// consecutive, and in that order the warpgroups take the depth phase one after another:
-// while one multiplies its boxes, the others wait for boxes that cannot load until it
-// releases its stages. With p.depth_stripes = W (the consumer warpgroups), the n depth tiles
-// are cut into W contiguous stripes (sizes differ by at most one), visited round-robin: the
-// first box of every stripe, then the second of every stripe, ... so that consecutive
-// pipeline stages hold boxes of different warpgroups and the warpgroups work on them at once.
+// consecutive: in that order a warpgroup's boxes fill the pipeline's stages while the other
+// warpgroups skip them. With p.depth_stripes = W (the consumer warpgroups), the n depth
+// tiles are cut into W contiguous stripes (sizes differ by at most one), visited
+// round-robin: the first box of every stripe, then the second of every stripe, ... so that
+// consecutive stages hold boxes of different warpgroups, which can work on them at once.
+// (Measured no faster than the plain order: FwdConfig::kStripeDepth.)
 struct TileAt {
     bool is_seq;
     int n;

@@ -16,10 +16,10 @@ part is a large share of the work (``cuda_depth_share``): there triton goes firs
 backward: cuda, then triton, then the reference, whichever forward ran (the compiled
 backward measured faster on every benchmark shape, and reads any forward's ``out`` and
 ``lse``). The Triton kernels also serve what the compiled kernels do not (other head dims,
-float32, other GPUs). Auto never
-fails on a valid input because a fast path does not cover it: it takes the next one, and when that is
-the reference it warns once per reason (a refusal that another fast path absorbs is silent).
-A backend named explicitly (argument or ``MODA_BACKEND``) that cannot serve the input raises.
+float32, other GPUs). Auto never fails on a valid input because a fast path does not cover
+it: it takes the next one, and when that is the reference it warns once per reason (a
+refusal that another fast path absorbs is silent). A backend named explicitly (argument or
+``MODA_BACKEND``) that cannot serve the input raises.
 """
 
 from __future__ import annotations
