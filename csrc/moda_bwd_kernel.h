@@ -2,10 +2,10 @@
 //
 // A key block is kBlockN = 128 keys of one (batch, kv head): 128 sequence keys, or one depth
 // box of [Tb positions x Lb slots] as in the forward. A CTA works on one sequence block, or on
-// a run of consecutive depth boxes (CtaWork), keeping a block's K and V in shared memory (two
-// buffers: the next box's keys load during the current one) and streaming, through a TMA
-// pipeline, the kBlockM = 64 G-folded query rows that can see those keys: Q and dO tiles, and
-// the rows' lse and delta as one bulk copy. For sequence keys those are the rows from the
+// a run of consecutive depth boxes (CtaWork), keeping a block's K and V in shared memory
+// (kKVBuffers buffers: the next boxes' keys load during the current one) and streaming,
+// through a TMA pipeline, the kBlockM = 64 G-folded query rows that can see those keys: Q and
+// dO tiles, and the rows' lse and delta as one bulk copy. For sequence keys those are the rows from the
 // causal diagonal down (all rows when not causal); for a depth box only the rows of the
 // positions whose depth window holds the box's positions. Each of the two consumer warpgroups
 // owns 64 of the keys and per step runs

@@ -213,7 +213,8 @@ def _cuda_refuses(q: torch.Tensor, shape: MoDAShape, tensors) -> Optional[str]:
             reason = _layout_refuses(name, t)
             if reason:
                 return reason
-    # The default backward is the Triton one: refuse what it cannot take, too.
+    # The Triton backward (MODA_CUDA_BACKWARD=triton) offsets in int32: refuse what it cannot
+    # take, so that either backward serves every input this backend accepts.
     return _int32_offsets_refuse(tensors)
 
 
