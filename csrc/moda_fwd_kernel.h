@@ -27,7 +27,9 @@
 // row sees at most one position's slots (1/8 of the products kept at G = 8). With kWarpDepth
 // each warp computes its own 16 rows instead (mma.sync; a warp that sees nothing of the box
 // skips it), so the waste drops to what one warp's rows span, and the softmax of the tile runs
-// in one warp instead of four.
+// in one warp instead of four. With kSwapDepth (depth_chunk = 1) the box is the M side instead
+// and 16 query rows the N side (see depth_tile_swapped): 1/2 of the products kept at L = 64,
+// G = 8.
 #pragma once
 
 #include <cuda.h>
@@ -149,6 +151,8 @@ __device__ __forceinline__ T quad_allreduce_sum(T x) {
 // 128 threads wait on it and the other warpgroup's 128 threads have arrived.
 constexpr uint32_t kTurnBarrier = 0;  // user ids 0, 1 (CUTLASS offsets them past its reserved ones)
 constexpr uint32_t kTurnThreads = 256;
+// Named barriers of one consumer warpgroup's operand-swapped depth tiles (kSwapDepth): ids 2 + w.
+constexpr uint32_t kSwapBarrier = 2;
 
 template <bool kEnabled>
 __device__ __forceinline__ void wait_for_turn(int wg) {
@@ -176,8 +180,12 @@ struct QueryBlock {
 // kBlockN, 1, 1] at position n * kBlockN, or a depth box [64, 1, Lb, Tb, 1] at slot l0,
 // position s0). With kDepthPrefetch = A > 0 a depth box is also asked of L2 when the tile A
 // places before it is issued: no other CTA reads a CTA's depth rows, so their loads come
-// from DRAM, and the pipeline's few stages do not cover that latency.
-template <int kBlockN, int kHeadDim, int kDepthPrefetch, class Pipeline, class Element>
+// from DRAM, and the pipeline's few stages do not cover that latency. With
+// kDepthEvictFirst the depth rows are loaded with the evict-first L2 policy, for the same
+// reason: streamed through L2 once, they should not evict the sequence keys that the other
+// CTAs of the kv head will read.
+template <int kBlockN, int kHeadDim, int kDepthPrefetch, bool kDepthEvictFirst = false, class Pipeline,
+          class Element>
 __device__ __forceinline__ void produce_key_tiles(FwdKernelParams const& p, TileSchedule const& sched,
                                                   Pipeline& pipe_k, Pipeline& pipe_v, Element* sK, Element* sV,
                                                   int hk, int batch) {
@@ -214,7 +222,10 @@ __device__ __forceinline__ void produce_key_tiles(FwdKernelParams const& p, Tile
             if (tile.is_seq) {
                 tma_load_rows<kBlockN, kHeadDim>(seq_map, full, buf + stage_offset, hk, tile.n * kBlockN, batch, 0);
             } else {
-                tma_load_rows<kBlockN, kHeadDim>(depth_map, full, buf + stage_offset, hk, tile.l0, tile.s0, batch);
+                constexpr auto kDepthHint =
+                    kDepthEvictFirst ? TMA::CacheHintSm90::EVICT_FIRST : TMA::CacheHintSm90::EVICT_NORMAL;
+                tma_load_rows<kBlockN, kHeadDim, kDepthHint>(depth_map, full, buf + stage_offset, hk, tile.l0, tile.s0,
+                                                             batch);
             }
         };
         load(pipe_k, &p.tma_k, &p.tma_dk, sK);
@@ -316,7 +327,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         prefetch_tma_descriptor(&p.tma_q);
         Barrier::arrive_and_expect_tx(&smem.q_full, Traits::kQBytes);
         tma_load_rows<kBlockM, kHeadDim>(&p.tma_q, &smem.q_full, sQ_ptr, 0, hk, t_lo, batch);
-        produce_key_tiles<kBlockN, kHeadDim, Traits::kDepthPrefetch>(p, sched, pipe_k, pipe_v, sK_ptr, sV_ptr, hk,
+        produce_key_tiles<kBlockN, kHeadDim, Traits::kDepthPrefetch, Traits::kDepthEvictFirst>(p, sched, pipe_k, pipe_v,
+                                                                                            sK_ptr, sV_ptr, hk,
                                                                      batch);
         return;
     }
@@ -484,8 +496,168 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         pipe_v.consumer_release(state);
     };
 
-    for (int i = 0; i < sched.size(); ++i) {
-        const TileAt tile(p, sched, i);
+    // kSwapDepth: one depth box with the operands swapped (see FwdTraits::kSwapRows), for
+    // depth_chunk = 1, where a query row sees exactly its own position's slots. For each
+    // block of 16 of this warpgroup's rows that see the box:
+    //   S^T = K_box Q_rows^T   [kBlockN slots x 16 rows], wgmma M = slots, N = query rows;
+    //   a column (query row) softmax over the slots: each warp reduces its slot rows, the
+    //   four warps meet in shared memory (named barrier 1 of 4);
+    //   P^T -> shared memory as the B operand of the second product (barrier 2);
+    //   O^T = V_box^T P^T      [D x 16 rows], V^T read MN-major as for the P V product;
+    //   every warp's product done, P^T dead (barrier 3);
+    //   O^T -> shared memory (barrier 4), whence the warp that owns the 16 rows in the
+    //   accumulator layout merges (max, sum, O^T) into its online-softmax state, exactly as
+    //   a key tile's scores would be (rescale by exp2 of the max difference).
+    // One scratch buffer per warpgroup serves P^T and then O^T: the next block writes P^T only
+    // after its barrier 1, which the owning warp reaches after its merge read O^T. The column
+    // maxima are written before barrier 1, so they alternate between two buffers
+    // (compute-sanitizer's racecheck caught the single-buffered version).
+    // Only values the main loop holds anyway are used here (with depth_chunk = 1, t_lo is
+    // sched.s_lo and this warpgroup's positions are [wg_first, wg_last]): the main loop runs
+    // at the register limit, and one more value live across it spills.
+    constexpr int kSwapRows = Traits::kSwapRows;
+    int swap_blocks = 0;  // blocks done: the parity picks the column statistics' buffer
+    auto depth_tile_swapped = [&](TileAt const& tile, PipelineState const& state) {
+        if constexpr (Traits::kSwapDepth) {
+            const int wg_warp = __shfl_sync(0xffffffff, (tid % 128) / 32, 0);
+            auto& scratch = smem.swap[wg];
+            typename Traits::TiledMmaSwapS mma_ss;
+            typename Traits::TiledMmaSwapO mma_so;
+            auto thr_ss = mma_ss.get_thread_slice(tid % 128);
+            auto thr_so = mma_so.get_thread_slice(tid % 128);
+            Tensor sPt = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(scratch.pt_or_o)),
+                                     typename Traits::SmemLayoutPt{});
+            float(*sOt)[Traits::kSwapOStride] = reinterpret_cast<float(*)[Traits::kSwapOStride]>(scratch.pt_or_o);
+            Tensor tXrK = thr_ss.partition_fragment_A(sK);   // (MMA, kBlockN / 64, D / 16, stage)
+            Tensor tXrQ = thr_ss.partition_fragment_B(sQ);   // (MMA, kBlockM / 16, D / 16)
+            Tensor tXrV = thr_so.partition_fragment_A(sVt);  // (MMA, D / 64, kBlockN / 16, stage)
+            Tensor tXrP = thr_so.partition_fragment_B(sPt);  // (MMA, 1, kBlockN / 16)
+            Tensor tXsS = partition_fragment_C(mma_ss, Shape<Int<kBlockN>, Int<kSwapRows>>{});  // (MMA, kBlockN / 64, 1)
+            Tensor tXoO = partition_fragment_C(mma_so, Shape<Int<kHeadDim>, Int<kSwapRows>>{});  // (MMA, D / 64, 1)
+            const int lb_shift = __ffs(p.depth_box_slots) - 1;  // Lb and G are powers of two
+            const int g_shift = __ffs(G) - 1;
+            const int slot_end = min(p.depth - tile.l0, p.depth_box_slots);  // valid slots of a box position
+            // This warpgroup's rows that read the box, local to the CTA.
+            const int pos_begin = max(tile.s0, wg_first);
+            const int pos_end = min(tile.s0 + p.depth_box_positions, wg_last + 1);
+            const int rows_begin = (pos_begin - sched.s_lo) * G, rows_end = (pos_end - sched.s_lo) * G;
+            const int box_pos0 = tile.s0 - sched.s_lo;  // the box's first position, local to the CTA
+            pipe_k.consumer_wait(state);
+            pipe_v.consumer_wait(state);
+            for (int rows0 = rows_begin / kSwapRows * kSwapRows; rows0 < rows_end; rows0 += kSwapRows) {
+                // The thread's coordinates, opaque to the compiler: else it hoists the ~60
+                // addresses and masks derived from them out of the loop and spills them.
+                int ln = lane, wq = wg_warp;
+                asm volatile("" : "+r"(ln), "+r"(wq));
+                auto& col_max_buf = scratch.col_max[swap_blocks & 1];
+                auto& col_sum_buf = scratch.col_sum[swap_blocks & 1];
+                ++swap_blocks;
+                // S^T for the query rows [rows0, rows0 + 16): B is that 16-row block of Q.
+                Tensor q_rows = tXrQ(_, rows0 / kSwapRows, _);
+                Tensor tXrQb = make_tensor(q_rows.data(),
+                                           make_layout(layout<0>(q_rows), Layout<_1, _0>{}, layout<1>(q_rows)));
+                wgmma_issue<true, false>(mma_ss, tXrK(_, _, _, state.index()), tXrQb, tXsS);
+                wgmma_wait<0>(tXsS);
+                // Mask: slot row i (box position i >> lb_shift, slot l0 + (i & (Lb - 1))) is seen
+                // by column c (CTA row rows0 + c, position (rows0 + c) >> g_shift) iff the
+                // positions match and the slot exists. Then each column's max over the slots.
+                // This thread's four columns: j -> 8 (j >> 1) + 2 (lane % 4) + (j & 1).
+                float col_max[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+                CUTLASS_PRAGMA_UNROLL
+                for (int a = 0; a < size<1>(tXsS); ++a) {
+                    CUTLASS_PRAGMA_UNROLL
+                    for (int e = 0; e < size<0>(tXsS); ++e) {
+                        const int i = 64 * a + 16 * wq + ln / 4 + 8 * frag_row_half(e);
+                        const int c = frag_col(e, ln);
+                        const bool seen = ((rows0 + c) >> g_shift) == box_pos0 + (i >> lb_shift) &&
+                                          (i & (p.depth_box_slots - 1)) < slot_end;
+                        float& s = tXsS(e, a, 0);
+                        if (!seen) s = -INFINITY;
+                        const int j = (e & 1) + 2 * (e >> 2);
+                        col_max[j] = fmaxf(col_max[j], s);
+                    }
+                }
+                CUTLASS_PRAGMA_UNROLL
+                for (int j = 0; j < 4; ++j) {
+                    CUTLASS_PRAGMA_UNROLL
+                    for (int m = 4; m < 32; m *= 2) col_max[j] = fmaxf(col_max[j], __shfl_xor_sync(0xffffffff, col_max[j], m));
+                    if (ln < 4) col_max_buf[wq][8 * (j >> 1) + 2 * ln + (j & 1)] = col_max[j];
+                }
+                cutlass::arch::NamedBarrier::sync(128, kSwapBarrier + wg);
+                float offset[4], col_sum[4] = {0.f, 0.f, 0.f, 0.f};
+                CUTLASS_PRAGMA_UNROLL
+                for (int j = 0; j < 4; ++j) {
+                    const int c = 8 * (j >> 1) + 2 * (ln & 3) + (j & 1);
+                    float m = col_max_buf[0][c];
+                    CUTLASS_PRAGMA_UNROLL
+                    for (int w = 1; w < 4; ++w) m = fmaxf(m, col_max_buf[w][c]);
+                    offset[j] = m == -INFINITY ? 0.f : m * scale_log2;  // a row that sees nothing: P = 0
+                }
+                CUTLASS_PRAGMA_UNROLL
+                for (int a = 0; a < size<1>(tXsS); ++a) {
+                    CUTLASS_PRAGMA_UNROLL
+                    for (int e = 0; e < size<0>(tXsS); ++e) {
+                        const int i = 64 * a + 16 * wq + ln / 4 + 8 * frag_row_half(e);
+                        const int c = frag_col(e, ln);
+                        const int j = (e & 1) + 2 * (e >> 2);
+                        const float prob = exp2f(tXsS(e, a, 0) * scale_log2 - offset[j]);
+                        col_sum[j] += prob;
+                        sPt(c, i) = static_cast<Element>(prob);
+                    }
+                }
+                CUTLASS_PRAGMA_UNROLL
+                for (int j = 0; j < 4; ++j) {
+                    CUTLASS_PRAGMA_UNROLL
+                    for (int m = 4; m < 32; m *= 2) col_sum[j] += __shfl_xor_sync(0xffffffff, col_sum[j], m);
+                    if (ln < 4) col_sum_buf[wq][8 * (j >> 1) + 2 * ln + (j & 1)] = col_sum[j];
+                }
+                cutlass::arch::fence_view_async_shared();  // P^T, written by threads, is read by wgmma
+                cutlass::arch::NamedBarrier::sync(128, kSwapBarrier + wg);
+                wgmma_issue<true, false>(mma_so, tXrV(_, _, _, state.index()), tXrP, tXoO);
+                wgmma_wait<0>(tXoO);
+                cutlass::arch::NamedBarrier::sync(128, kSwapBarrier + wg);  // every warp's product done: P^T dead
+                CUTLASS_PRAGMA_UNROLL
+                for (int a = 0; a < size<1>(tXoO); ++a) {
+                    CUTLASS_PRAGMA_UNROLL
+                    for (int e = 0; e < size<0>(tXoO); ++e) {
+                        const int d = 64 * a + 16 * wq + ln / 4 + 8 * frag_row_half(e);
+                        sOt[frag_col(e, ln)][d] = tXoO(e, a, 0);
+                    }
+                }
+                cutlass::arch::NamedBarrier::sync(128, kSwapBarrier + wg);
+                // The warp that owns rows [rows0, rows0 + 16) merges them: its ln holds row
+                // rows0 + ln / 4 + 8 h in half h, the columns frag_col of O.
+                if (wq == (rows0 % 64) / 16) {
+                    CUTLASS_PRAGMA_UNROLL
+                    for (int h = 0; h < 2; ++h) {
+                        const int c = ln / 4 + 8 * h;
+                        float m = col_max_buf[0][c], l = col_sum_buf[0][c];
+                        CUTLASS_PRAGMA_UNROLL
+                        for (int w = 1; w < 4; ++w) {
+                            m = fmaxf(m, col_max_buf[w][c]);
+                            l += col_sum_buf[w][c];
+                        }
+                        if (m == -INFINITY) continue;  // this row sees none of the box
+                        const float new_max = fmaxf(row_max[h], m);
+                        const float alpha = exp2f((row_max[h] - new_max) * scale_log2);
+                        const float beta = exp2f((m - new_max) * scale_log2);
+                        row_max[h] = new_max;
+                        row_sum[h] = row_sum[h] * alpha + ((ln & 3) == 0 ? beta * l : 0.f);
+                        CUTLASS_PRAGMA_UNROLL
+                        for (int e = 0; e < size(tOrO); ++e) {
+                            if (frag_row_half(e) != h) continue;
+                            tOrO(e) = tOrO(e) * alpha + beta * sOt[c][frag_col(e, ln)];
+                        }
+                    }
+                }
+            }
+            pipe_k.consumer_release(state);
+            pipe_v.consumer_release(state);
+        }
+    };
+
+    // Whether any of this warpgroup's rows sees a tile.
+    auto wg_sees = [&](TileAt const& tile) {
         bool active = wg_has_rows;
         if (tile.is_seq) {
             if (kCausal) active &= tile.n * kBlockN <= wg_t_hi;
@@ -493,19 +665,33 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             const int s_last = tile.s0 + p.depth_box_positions - 1;
             active &= tile.s0 <= wg_last && s_last >= wg_first;
         }
-        if (!active) {
-            // Nothing this warpgroup can see: hand both stages back untouched (and the turn:
-            // both warpgroups take exactly one turn per tile). A pending product goes first,
-            // so that its V stage is never held across skipped tiles (the producer may need
-            // that stage to fill the ones we wait on).
-            if (has_pending) flush_pending();
-            wait_for_turn<kPingPong>(wg);
-            pass_turn<kPingPong>(wg);
-            pipe_k.consumer_wait(read);
-            pipe_k.consumer_release(read);
-            pipe_v.consumer_wait(read);
-            pipe_v.consumer_release(read);
-            ++read;
+        return active;
+    };
+    // Nothing this warpgroup can see: hand both stages back untouched (and the turn: both
+    // warpgroups take exactly one turn per tile). A pending product goes first, so that its V
+    // stage is never held across skipped tiles (the producer may need that stage to fill the
+    // ones we wait on).
+    auto skip_tile = [&]() {
+        if (has_pending) flush_pending();
+        wait_for_turn<kPingPong>(wg);
+        pass_turn<kPingPong>(wg);
+        pipe_k.consumer_wait(read);
+        pipe_k.consumer_release(read);
+        pipe_v.consumer_wait(read);
+        pipe_v.consumer_release(read);
+        ++read;
+    };
+
+    // The depth tiles come last in the schedule; swapped ones get a loop of their own, after
+    // the last pending P V product, so that none of the main loop's fragments is live there.
+    int n_main = sched.size();
+    if constexpr (Traits::kSwapDepth) {
+        if (p.depth_chunk == 1) n_main = sched.n_seq;
+    }
+    for (int i = 0; i < n_main; ++i) {
+        const TileAt tile(p, sched, i);
+        if (!wg_sees(tile)) {
+            skip_tile();
             continue;
         }
         if constexpr (kWarpDepth) {
@@ -552,6 +738,19 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         ++read;
     }
     if (has_pending) flush_pending();
+    if constexpr (Traits::kSwapDepth) {
+        for (int i = n_main; i < sched.size(); ++i) {
+            const TileAt tile(p, sched, i);
+            if (!wg_sees(tile)) {
+                skip_tile();
+                continue;
+            }
+            wait_for_turn<kPingPong>(wg);
+            pass_turn<kPingPong>(wg);
+            depth_tile_swapped(tile, read);
+            ++read;
+        }
+    }
     if (wg == 0) wait_for_turn<kPingPong>(wg);  // take warpgroup 1's last hand-over: no arrival left pending
 
     // ---------------------------------------------------------------------- epilogue

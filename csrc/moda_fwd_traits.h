@@ -16,7 +16,7 @@ namespace moda {
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockN_, int kStages_, int kConsumerWGs_ = 2,
-          int kDepthPrefetch_ = 0>
+          int kDepthPrefetch_ = 0, bool kSwapDepth_ = false, bool kDepthEvictFirst_ = false>
 struct FwdTraits {
     using Element = Element_;
     static constexpr int kHeadDim = kHeadDim_;
@@ -25,6 +25,8 @@ struct FwdTraits {
     static constexpr int kBlockN = kBlockN_;
     static constexpr int kStages = kStages_;
     static constexpr int kDepthPrefetch = kDepthPrefetch_;  // depth tiles asked of L2 this far ahead (0: none)
+    static constexpr bool kSwapDepth = kSwapDepth_;         // operand-swapped depth tiles (see below)
+    static constexpr bool kDepthEvictFirst = kDepthEvictFirst_;  // depth rows loaded evict-first (L2)
     static constexpr int kThreads = 128 * (1 + kConsumerWGs);  // warpgroup 0 produces
     // Register split (setmaxnreg): the producer needs few, the consumers hold S, P and O. The
     // 64K registers of the SM shared out in multiples of 8, at most 240 each (2 warpgroups:
@@ -64,6 +66,32 @@ struct FwdTraits {
     using SmemLayoutVt = decltype(composition(
         SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
 
+    // Operand-swapped depth tiles (FwdConfig::kSwapDepth; depth_chunk = 1 only): a depth box's
+    // kBlockN slot rows are the M side and a block of kSwapRows query rows the N side, so the
+    // products are S^T = K_box Q_rows^T and O^T = V_box^T P^T. A query row sees only its own
+    // position's slots, so such a block wastes at most what the box holds of other positions
+    // (1/2 at L = 64, G = 8), where the dense tile [64 rows x kBlockN] keeps 1/8.
+    static constexpr int kSwapRows = 16;
+    using TiledMmaSwapS = decltype(make_tiled_mma(
+        GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kSwapRows>, Int<kHeadDim>>>()));
+    using TiledMmaSwapO = decltype(make_tiled_mma(
+        GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kSwapRows>, Int<kBlockN>>, GMMA::Major::MN,
+                             GMMA::Major::K>()));
+    using SmemLayoutPt = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kSwapRows>, Int<kBlockN>>{}));  // P^T, K-major
+    static constexpr int kSwapOStride = kHeadDim + 4;  // O^T rows padded: conflict-free column writes
+    // One consumer warpgroup's scratch: P^T for the second product, then (once that product is
+    // done) O^T handed from the swapped layout to the rows' owners; the per-warp column
+    // maxima and sums of the scores, double-buffered: a block's maxima are written before its
+    // first barrier, while the owning warp may still read the previous block's.
+    struct SwapStorage {
+        static constexpr int kBytes = cute::max(int(cosize_v<SmemLayoutPt> * sizeof(Element)),
+                                                int(kSwapRows * kSwapOStride * sizeof(float)));
+        alignas(1024) char pt_or_o[kBytes];
+        float col_max[2][4][kSwapRows];
+        float col_sum[2][4][kSwapRows];
+    };
+    struct NoSwapStorage {};
+
     using Pipeline = cutlass::PipelineTmaAsync<kStages>;
 
     struct SharedStorage {
@@ -73,6 +101,7 @@ struct FwdTraits {
         typename Pipeline::SharedStorage pipe_k;
         typename Pipeline::SharedStorage pipe_v;
         alignas(8) uint64_t q_full;
+        std::conditional_t<kSwapDepth, SwapStorage[kConsumerWGs], NoSwapStorage> swap;
     };
 
     static constexpr int kTileBytes = kBlockN * kHeadDim * int(sizeof(Element));  // one K or V stage
