@@ -69,8 +69,9 @@ struct FwdTraits {
     // Operand-swapped depth tiles (FwdConfig::kSwapDepth; depth_chunk = 1 only): a depth box's
     // kBlockN slot rows are the M side and a block of kSwapRows query rows the N side, so the
     // products are S^T = K_box Q_rows^T and O^T = V_box^T P^T. A query row sees only its own
-    // position's slots, so such a block wastes at most what the box holds of other positions
-    // (1/2 at L = 64, G = 8), where the dense tile [64 rows x kBlockN] keeps 1/8.
+    // position's slots, so a block wastes only the products of a row with another position's
+    // slots: at L = 64, G = 8 it keeps 1/2 of them, where the dense tile [64 rows x kBlockN]
+    // keeps 1/8.
     static constexpr int kSwapRows = 16;
     using TiledMmaSwapS = decltype(make_tiled_mma(
         GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kSwapRows>, Int<kHeadDim>>>()));
