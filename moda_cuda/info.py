@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -47,8 +47,9 @@ def _cuda_extension() -> dict:
     }
 
 
-def _backend_for(shape: Sequence[int], dtype: str, direction: str = "forward") -> dispatch.Backend:
-    """The backend ``backend="auto"`` picks for one direction of a problem of this shape on this machine."""
+def _backends_for(shape: Sequence[int], dtype: str) -> Dict[str, dispatch.Backend]:
+    """The backend ``backend="auto"`` picks for each direction of a problem of this shape on
+    this machine."""
     B, T, Hq, Hk, D, L = shape
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = dict(device="meta", dtype=getattr(torch, dtype))
@@ -59,7 +60,7 @@ def _backend_for(shape: Sequence[int], dtype: str, direction: str = "forward") -
     # The policy looks at q's device and dtype and at every tensor's extent: a one-element
     # tensor stands in for q on the real device, meta tensors for the rest of the problem.
     q_dev = torch.empty(1, device=device, dtype=q.dtype)
-    return dispatch.resolve("auto", q_dev, spec, (q, k, k, dk, dk), direction)
+    return {d: dispatch.resolve("auto", q_dev, spec, (q, k, k, dk, dk), d) for d in dispatch.DIRECTIONS}
 
 
 def info(print_it: bool = True, shape: Optional[Sequence[int]] = None, dtype: str = "bfloat16") -> dict:
@@ -85,8 +86,9 @@ def info(print_it: bool = True, shape: Optional[Sequence[int]] = None, dtype: st
         "MODA_CUDA_BACKWARD": os.environ.get(dispatch.CUDA_BACKWARD_ENV, "") or "(unset: cuda)",
     }
     if shape is not None:
-        report[f"backend for {tuple(shape)} {dtype}"] = _backend_for(shape, dtype).name
-        report[f"backward for {tuple(shape)} {dtype}"] = _backend_for(shape, dtype, "backward").backward_name
+        picked = _backends_for(shape, dtype)
+        report[f"backend for {tuple(shape)} {dtype}"] = picked["forward"].name
+        report[f"backward for {tuple(shape)} {dtype}"] = picked["backward"].backward_name
     if print_it:
         width = max(map(len, report))
         for key, value in report.items():
