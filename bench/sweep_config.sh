@@ -5,8 +5,9 @@
 # Each configuration is a comma-separated list of assignments to FwdConfig
 # (csrc/moda_fwd_launch.h) or BwdConfig (csrc/moda_bwd_launch.h): FIELD=VALUE for both head
 # dims, 64.FIELD=VALUE or 128.FIELD=VALUE for one, prefixed fwd: or bwd: to set the other
-# direction's struct (the backward's timing includes the forward kernel); "base" is the
-# committed configuration. Each is a scratch copy of this checkout with the assignments
+# direction's struct (the backward's timing includes the forward kernel), or patch:FILE to
+# apply a patch (git apply, paths relative to the checkout; bench/patches/ holds diagnostic
+# ones); "base" is the committed configuration. Each is a scratch copy of this checkout with the assignments
 # applied. All copies are built at once (`setup.py build_ext --inplace`, the compiles share
 # the cores); then each is imported through PYTHONPATH, checked (validate_fwd.py, and
 # validate_bwd.py for bwd; bf16) and timed: the forward alone with bench_moda.py, or
@@ -20,6 +21,7 @@
 #   e.g. --configs "base kWarpDepth=true 64.kConsumerWGs=2"
 #        --direction bwd --configs "base 128.kOverlapTiles=true,128.kStagesDq=3"
 #        --direction bwd --configs "base 64.kKVBuffers=2,fwd:kStripeDepth=false"
+#        --configs "base patch:bench/patches/fwd_depth_loads_from_l2.patch"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -53,11 +55,15 @@ jobs_each=$(( ($(nproc) + n_configs - 1) / n_configs ))
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
-name_of() { local n=${1//./}; n=${n//=/}; n=${n//:/-}; echo "${n//,/_}"; }
+name_of() { local n=${1//./}; n=${n//=/}; n=${n//:/-}; n=${n//\//-}; echo "${n//,/_}"; }
 configure() {  # DIR CFG: apply CFG's assignments to the config structs in DIR/csrc/
     local item field value scope struct launch
     [ "$2" = base ] && return 0
     for item in ${2//,/ }; do
+        if [ "${item#patch:}" != "$item" ]; then
+            git -C "$1" apply "$root/${item#patch:}" || { echo "!! patch ${item#patch:} does not apply" >&2; return 1; }
+            continue
+        fi
         struct=$config_struct launch="$1/csrc/$launch_header"
         case "$item" in  # fwd:/bwd: name the other direction's struct
             fwd:*) struct=FwdConfig launch="$1/csrc/moda_fwd_launch.h"; item=${item#fwd:} ;;

@@ -180,12 +180,8 @@ struct QueryBlock {
 // kBlockN, 1, 1] at position n * kBlockN, or a depth box [64, 1, Lb, Tb, 1] at slot l0,
 // position s0). With kDepthPrefetch = A > 0 a depth box is also asked of L2 when the tile A
 // places before it is issued: no other CTA reads a CTA's depth rows, so their loads come
-// from DRAM, and the pipeline's few stages do not cover that latency. With
-// kDepthEvictFirst the depth rows are loaded with the evict-first L2 policy, for the same
-// reason: streamed through L2 once, they should not evict the sequence keys that the other
-// CTAs of the kv head will read.
-template <int kBlockN, int kHeadDim, int kDepthPrefetch, bool kDepthEvictFirst = false, class Pipeline,
-          class Element>
+// from DRAM, and the pipeline's few stages do not cover that latency.
+template <int kBlockN, int kHeadDim, int kDepthPrefetch, class Pipeline, class Element>
 __device__ __forceinline__ void produce_key_tiles(FwdKernelParams const& p, TileSchedule const& sched,
                                                   Pipeline& pipe_k, Pipeline& pipe_v, Element* sK, Element* sV,
                                                   int hk, int batch) {
@@ -222,10 +218,7 @@ __device__ __forceinline__ void produce_key_tiles(FwdKernelParams const& p, Tile
             if (tile.is_seq) {
                 tma_load_rows<kBlockN, kHeadDim>(seq_map, full, buf + stage_offset, hk, tile.n * kBlockN, batch, 0);
             } else {
-                constexpr auto kDepthHint =
-                    kDepthEvictFirst ? TMA::CacheHintSm90::EVICT_FIRST : TMA::CacheHintSm90::EVICT_NORMAL;
-                tma_load_rows<kBlockN, kHeadDim, kDepthHint>(depth_map, full, buf + stage_offset, hk, tile.l0, tile.s0,
-                                                             batch);
+                tma_load_rows<kBlockN, kHeadDim>(depth_map, full, buf + stage_offset, hk, tile.l0, tile.s0, batch);
             }
         };
         load(pipe_k, &p.tma_k, &p.tma_dk, sK);
@@ -327,8 +320,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         prefetch_tma_descriptor(&p.tma_q);
         Barrier::arrive_and_expect_tx(&smem.q_full, Traits::kQBytes);
         tma_load_rows<kBlockM, kHeadDim>(&p.tma_q, &smem.q_full, sQ_ptr, 0, hk, t_lo, batch);
-        produce_key_tiles<kBlockN, kHeadDim, Traits::kDepthPrefetch, Traits::kDepthEvictFirst>(p, sched, pipe_k, pipe_v,
-                                                                                            sK_ptr, sV_ptr, hk,
+        produce_key_tiles<kBlockN, kHeadDim, Traits::kDepthPrefetch>(p, sched, pipe_k, pipe_v, sK_ptr, sV_ptr, hk,
                                                                      batch);
         return;
     }

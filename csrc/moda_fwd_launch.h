@@ -20,32 +20,31 @@ namespace moda {
 // tiles in round-robin stripes, one per warpgroup (TileAt); kDepthPrefetch: depth tiles
 // asked of L2 this many tiles before their load (produce_key_tiles; 0: none); kSwapDepth:
 // with depth_chunk = 1, depth boxes with the operands swapped (slots as M, 16 query rows as
-// N: FwdTraits::kSwapRows; its scratch needs kStages = 2 at D = 128); kWarpDepth: depth tiles
-// on each warp's own rows with mma.sync instead of the warpgroup's dense wgmma
-// (moda_fwd_kernel.h); kDepthEvictFirst: depth boxes loaded with the evict-first L2 policy
-// (produce_key_tiles).
+// N: FwdTraits::kSwapRows; its scratch needs fewer stages: 2 at D = 128, under 6 at D = 64);
+// kWarpDepth: depth tiles on each warp's own rows with mma.sync instead of the warpgroup's
+// dense wgmma (moda_fwd_kernel.h).
 // Chosen by measurement (bench/sweep_config.sh, bench/NOTES.md), H200, forward of the issue
 // shapes. D = 64: three warpgroups, overlapped: 5.34 ms at T = 16384 against 5.83 with two
 // warpgroups in serial order (with two, serial was fastest: overlapped 5-6% slower,
-// turn-taking 6-7%). D = 128: two warpgroups, overlapped (2-4% faster than serial), a third
-// stage (the most that fit; 1% faster). kStripeDepth measured no faster (D = 64: within 1%;
-// D = 128: 1.30 against 1.19 ms at T = 8192, where run-to-run noise reached 5%); off.
-// kWarpDepth measured 1.4x slower (even at L = 0: the code beside the main loop costs it
-// registers); off. kDepthPrefetch measured slower at every distance (8, 16, 32 tiles: 0.567,
-// 0.571, 0.592 against 0.537 ms at T = 4096; the same at the other shapes); off. kSwapDepth
-// is exact and sanitizer-clean but measured 2-4% slower (0.534 against 0.513 ms at T = 4096,
-// 1.288 against 1.255 at D = 128 with two stages each): a quarter of the dense tile's
-// products did not shorten the depth part, which is bound by its reads, not its matmuls; off.
-// kDepthEvictFirst is not measured yet (bench/NOTES.md, "Next GPU time"); off.
+// turn-taking 6-7%); six stages (the most that fit): 0.499 against 0.528 ms at T = 4096,
+// 5.32 against 5.38 at T = 16384, the same without depth: a CTA's depth boxes come from
+// DRAM, and more of them in flight hide more of that latency (four stages: 1-2%). D = 128:
+// two warpgroups, overlapped (2-4% faster than serial), a third stage (the most that fit;
+// 1% faster). kStripeDepth measured no faster (D = 64: within 1%, and slower beside six
+// stages; D = 128: 1.30 against 1.19 ms at T = 8192, where run-to-run noise reached 5%);
+// off. kWarpDepth measured 1.4x slower (even at L = 0: the code beside the main loop costs
+// it registers); off. kDepthPrefetch measured slower at every distance (8, 16, 32 tiles:
+// 0.567, 0.571, 0.592 against 0.537 ms at T = 4096; the same at the other shapes); off.
+// kSwapDepth is exact and sanitizer-clean but measured 2-4% slower (0.534 against 0.513 ms
+// at T = 4096, 1.288 against 1.255 at D = 128 with two stages each); off.
 template <int D> struct FwdConfig;
 template <> struct FwdConfig<64> {
-    static constexpr int kBlockN = 128, kStages = 3;
+    static constexpr int kBlockN = 128, kStages = 6;
     static constexpr bool kOverlap = true, kPingPong = false;
     static constexpr int kConsumerWGs = 3;
     static constexpr bool kStripeDepth = false;
     static constexpr int kDepthPrefetch = 0;
     static constexpr bool kSwapDepth = false;
-    static constexpr bool kDepthEvictFirst = false;
     static constexpr bool kWarpDepth = false;
 };
 template <> struct FwdConfig<128> {
@@ -55,7 +54,6 @@ template <> struct FwdConfig<128> {
     static constexpr bool kStripeDepth = false;
     static constexpr int kDepthPrefetch = 0;
     static constexpr bool kSwapDepth = false;
-    static constexpr bool kDepthEvictFirst = false;
     static constexpr bool kWarpDepth = false;
 };
 
@@ -96,7 +94,7 @@ template <class Element, int D>
 std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
     using Config = FwdConfig<D>;
     using Traits = FwdTraits<Element, D, Config::kBlockN, Config::kStages, Config::kConsumerWGs,
-                             Config::kDepthPrefetch, Config::kSwapDepth, Config::kDepthEvictFirst>;
+                             Config::kDepthPrefetch, Config::kSwapDepth>;
     static_assert(sizeof(typename Traits::SharedStorage) <= 227 * 1024,
                   "shared memory over the 227 KB an SM90 CTA may have: fewer stages");
     FwdKernelParams p{};

@@ -26,13 +26,11 @@ struct DepthWindow {
     }
 };
 
-// kCacheHint: the L2 policy of the loaded lines (EVICT_FIRST for rows no other CTA reads, so
-// that they do not push out rows that others do).
-template <int N, int D, TMA::CacheHintSm90 kCacheHint = TMA::CacheHintSm90::EVICT_NORMAL, class Element>
+template <int N, int D, class Element>
 __device__ __forceinline__ void tma_load_rows(CUtensorMap const* map, uint64_t* bar, Element* smem, int c1, int c2,
                                               int c3, int c4) {
     // One box per 64 head-dim columns; box j lands kRows x 64 elements after box j-1.
-    constexpr uint64_t kHint = static_cast<uint64_t>(kCacheHint);
+    constexpr uint64_t kHint = static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL);
     CUTLASS_PRAGMA_UNROLL
     for (int j = 0; j < D / 64; ++j) {
         SM90_TMA_LOAD_5D::copy(map, bar, kHint, smem + j * N * 64, j * 64, c1, c2, c3, c4);

@@ -283,7 +283,8 @@ _AUTO_ORDER = (CUDA, TRITON)
 # Measured on the H200 (bf16, causal forward; README, bench/NOTES.md):
 #   share 1/16 (T=16384, G=8, L=64, D=64)  cuda faster
 #   share 1/8  (T=8192,  G=4, L=32, D=128) cuda faster
-#   share 1/4  (T=4096,  G=8, L=64, D=64)  triton faster
+#   share 1/4  (T=4096,  G=8, L=64, D=64)  triton faster before the six-stage forward; since,
+#                                          within run-to-run noise (0.505 against 0.515 ms)
 _CUDA_MAX_DEPTH_SHARE = 1 / 8
 
 
