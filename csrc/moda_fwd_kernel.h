@@ -29,7 +29,8 @@
 // skips it), so the waste drops to what one warp's rows span, and the softmax of the tile runs
 // in one warp instead of four. With kSwapDepth (depth_chunk = 1) the box is the M side instead
 // and 16 query rows the N side (see depth_tile_swapped): 1/2 of the products kept at L = 64,
-// G = 8.
+// G = 8. With kDepthLoop the dense tiles run after the sequence loop, where a warp may skip
+// the softmax of the columns its rows do not see (see depth_tile_sparse).
 #pragma once
 
 #include <cuda.h>
@@ -378,13 +379,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     // Online softmax in base 2 over the scores in tSrS: updates the running max and sum,
     // turns tSrS into probabilities (fp32, in place) and returns the factor by which the
     // output accumulated so far must be rescaled.
-    auto softmax_step = [&](float (&alpha)[2]) {
-        float tile_max[2] = {row_max[0], row_max[1]};
-        CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < size(tSrS); ++e) {
-            tile_max[frag_row_half(e)] = fmaxf(tile_max[frag_row_half(e)], tSrS(e));
-        }
-        float offset[2];
+    // The new running max from this thread's partial tile maxima (reduced over the quad here);
+    // the factor alpha that rescales what was accumulated, and the exponent offset of the
+    // tile's scores.
+    auto update_row_max = [&](float (&tile_max)[2], float (&alpha)[2], float (&offset)[2]) {
         CUTLASS_PRAGMA_UNROLL
         for (int h = 0; h < 2; ++h) {
             tile_max[h] = quad_allreduce_max(tile_max[h]);
@@ -395,6 +393,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             row_max[h] = tile_max[h];
             row_sum[h] *= alpha[h];
         }
+    };
+    auto softmax_step = [&](float (&alpha)[2]) {
+        float tile_max[2] = {row_max[0], row_max[1]};
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < size(tSrS); ++e) {
+            tile_max[frag_row_half(e)] = fmaxf(tile_max[frag_row_half(e)], tSrS(e));
+        }
+        float offset[2];
+        update_row_max(tile_max, alpha, offset);
         CUTLASS_PRAGMA_UNROLL
         for (int e = 0; e < size(tSrS); ++e) {
             const int h = frag_row_half(e);
@@ -648,6 +655,80 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         }
     };
 
+    // kDepthLoop: one depth tile, its two products issued and drained in order (no P V left
+    // running, so the main loop's pending-product registers are free here and a warp may
+    // branch around work it does not need). A row sees one position's slots: a warp none of
+    // whose rows sees the box skips its softmax and output rescale (its probabilities are 0),
+    // and a warp that sees part of it masks and exponentiates only the 16-column blocks its
+    // rows see. At G = 8, L = 64 one warp of four sees a box, and exponentiates half of its
+    // scores; the MUFU unit that computes exp2 runs at 1/8 of the FMA rate.
+    auto depth_tile_sparse = [&](TileAt const& tile, PipelineState const& state) {
+        pipe_k.consumer_wait(state);
+        wgmma_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), tSrS);
+        // While S = Q K^T runs: bit 2 b + h is set if some row of this warp's row half h sees
+        // a column of the 16-column block b (bounds reduced over the warp: uniform branches).
+        int lo[2], hi[2];
+        rows_see.columns(p, tile, lo, hi);
+        uint32_t seen = 0;
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+            const int warp_lo = __reduce_min_sync(0xffffffff, lo[h]);
+            const int warp_hi = __reduce_max_sync(0xffffffff, hi[h]);
+            CUTLASS_PRAGMA_UNROLL
+            for (int b = 0; b < kBlockN / 16; ++b) {
+                if (b * 16 < warp_hi && b * 16 + 16 > warp_lo) seen |= 1u << (2 * b + h);
+            }
+        }
+        wgmma_wait<0>(tSrS);
+        pipe_k.consumer_release(state);
+        // Each score of the blocks this warp sees -> seen_score(e, h), each of the others ->
+        // unseen_score(e): element q of block b, row half h is flat index 8 b + 4 (q / 2) +
+        // 2 h + q % 2 (frag_col).
+        auto for_each_score = [&](auto&& seen_score, auto&& unseen_score) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int b = 0; b < kBlockN / 16; ++b) {
+                CUTLASS_PRAGMA_UNROLL
+                for (int h = 0; h < 2; ++h) {
+                    if ((seen >> (2 * b + h)) & 1u) {
+                        CUTLASS_PRAGMA_UNROLL
+                        for (int q = 0; q < 4; ++q) seen_score(8 * b + 4 * (q >> 1) + 2 * h + (q & 1), h);
+                    } else {
+                        CUTLASS_PRAGMA_UNROLL
+                        for (int q = 0; q < 4; ++q) unseen_score(8 * b + 4 * (q >> 1) + 2 * h + (q & 1));
+                    }
+                }
+            }
+        };
+        if (seen != 0) {
+            const int slot_mask = p.depth_box_slots - 1;
+            const int slot_end = min(p.depth - tile.l0, p.depth_box_slots);
+            float tile_max[2] = {row_max[0], row_max[1]};
+            for_each_score(
+                [&](int e, int h) {
+                    const int c = frag_col(e, lane);
+                    if (c < lo[h] || c >= hi[h] || (c & slot_mask) >= slot_end) tSrS(e) = -INFINITY;
+                    tile_max[h] = fmaxf(tile_max[h], tSrS(e));
+                },
+                [](int) {});
+            float alpha[2], offset[2];
+            update_row_max(tile_max, alpha, offset);
+            for_each_score(
+                [&](int e, int h) {
+                    tSrS(e) = exp2f(tSrS(e) * scale_log2 - offset[h]);
+                    row_sum[h] += tSrS(e);
+                },
+                [&](int e) { tSrS(e) = 0.f; });
+            rescale_and_convert(alpha);
+        } else {
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < size(tOrP); ++e) tOrP(e) = static_cast<Element>(0.f);
+        }
+        pipe_v.consumer_wait(state);
+        wgmma_issue<false, true>(mma_pv, tOrP, tOrV(_, _, _, state.index()), tOrO);
+        wgmma_wait<0>(tOrO);
+        pipe_v.consumer_release(state);
+    };
+
     // Whether any of this warpgroup's rows sees a tile.
     auto wg_sees = [&](TileAt const& tile) {
         bool active = wg_has_rows;
@@ -674,12 +755,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         ++read;
     };
 
-    // The depth tiles come last in the schedule; swapped ones get a loop of their own, after
-    // the last pending P V product, so that none of the main loop's fragments is live there.
+    // The depth tiles come last in the schedule; swapped and sparse ones get a loop of their
+    // own, after the last pending P V product, so that none of the main loop's pending
+    // registers is live there.
     int n_main = sched.size();
     if constexpr (Traits::kSwapDepth) {
         if (p.depth_chunk == 1) n_main = sched.n_seq;
     }
+    if constexpr (Traits::kDepthLoop) n_main = sched.n_seq;
     for (int i = 0; i < n_main; ++i) {
         const TileAt tile(p, sched, i);
         if (!wg_sees(tile)) {
@@ -730,7 +813,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         ++read;
     }
     if (has_pending) flush_pending();
-    if constexpr (Traits::kSwapDepth) {
+    if constexpr (Traits::kSwapDepth || Traits::kDepthLoop) {
         for (int i = n_main; i < sched.size(); ++i) {
             const TileAt tile(p, sched, i);
             if (!wg_sees(tile)) {
@@ -739,7 +822,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             }
             wait_for_turn<kPingPong>(wg);
             pass_turn<kPingPong>(wg);
-            depth_tile_swapped(tile, read);
+            if constexpr (Traits::kSwapDepth) {
+                depth_tile_swapped(tile, read);
+            } else {
+                depth_tile_sparse(tile, read);
+            }
             ++read;
         }
     }

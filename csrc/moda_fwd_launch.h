@@ -22,7 +22,9 @@ namespace moda {
 // with depth_chunk = 1, depth boxes with the operands swapped (slots as M, 16 query rows as
 // N: FwdTraits::kSwapRows; its scratch needs fewer stages: 2 at D = 128, under 6 at D = 64);
 // kWarpDepth: depth tiles on each warp's own rows with mma.sync instead of the warpgroup's
-// dense wgmma (moda_fwd_kernel.h).
+// dense wgmma; kDepthLoop: depth tiles in a loop of their own after the sequence loop, each
+// tile's products drained in order, a warp skipping the softmax of what its rows do not see
+// (both moda_fwd_kernel.h).
 // Chosen by measurement (bench/sweep_config.sh, bench/NOTES.md), H200, forward of the issue
 // shapes. D = 64: three warpgroups, overlapped: 5.34 ms at T = 16384 against 5.83 with two
 // warpgroups in serial order (with two, serial was fastest: overlapped 5-6% slower,
@@ -36,7 +38,10 @@ namespace moda {
 // it registers); off. kDepthPrefetch measured slower at every distance (8, 16, 32 tiles:
 // 0.567, 0.571, 0.592 against 0.537 ms at T = 4096; the same at the other shapes); off.
 // kSwapDepth is exact and sanitizer-clean but measured 2-4% slower (0.534 against 0.513 ms
-// at T = 4096, 1.288 against 1.255 at D = 128 with two stages each); off.
+// at T = 4096, 1.288 against 1.255 at D = 128 with two stages each); off. kDepthLoop is
+// exact (17 cases) and measured within noise of the default: 0.495 against 0.511 ms at
+// T = 4096, 1.299 against 1.298 at D = 128, 5.33 against 5.49 at T = 16384, where the same
+// code without depth measured 4.84 against 4.95; off.
 template <int D> struct FwdConfig;
 template <> struct FwdConfig<64> {
     static constexpr int kBlockN = 128, kStages = 6;
@@ -45,6 +50,7 @@ template <> struct FwdConfig<64> {
     static constexpr bool kStripeDepth = false;
     static constexpr int kDepthPrefetch = 0;
     static constexpr bool kSwapDepth = false;
+    static constexpr bool kDepthLoop = false;
     static constexpr bool kWarpDepth = false;
 };
 template <> struct FwdConfig<128> {
@@ -54,6 +60,7 @@ template <> struct FwdConfig<128> {
     static constexpr bool kStripeDepth = false;
     static constexpr int kDepthPrefetch = 0;
     static constexpr bool kSwapDepth = false;
+    static constexpr bool kDepthLoop = false;
     static constexpr bool kWarpDepth = false;
 };
 
@@ -94,7 +101,7 @@ template <class Element, int D>
 std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
     using Config = FwdConfig<D>;
     using Traits = FwdTraits<Element, D, Config::kBlockN, Config::kStages, Config::kConsumerWGs,
-                             Config::kDepthPrefetch, Config::kSwapDepth>;
+                             Config::kDepthPrefetch, Config::kSwapDepth, Config::kDepthLoop>;
     static_assert(sizeof(typename Traits::SharedStorage) <= 227 * 1024,
                   "shared memory over the 227 KB an SM90 CTA may have: fewer stages");
     FwdKernelParams p{};
