@@ -7,14 +7,14 @@
 # dims, 64.FIELD=VALUE or 128.FIELD=VALUE for one, prefixed fwd: or bwd: to set the other
 # direction's struct (the backward's timing includes the forward kernel), or patch:FILE to
 # apply a patch (git apply, paths relative to the checkout; bench/patches/ holds diagnostic
-# ones); "base" is the committed configuration. Each is a scratch copy of this checkout with the assignments
-# applied. All copies are built at once (`setup.py build_ext --inplace`, the compiles share
-# the cores); then each is imported through PYTHONPATH, checked (validate_fwd.py, and
-# validate_bwd.py for bwd; bf16) and timed: the forward alone with bench_moda.py, or
-# forward+backward per kernel with time_backward.py. The Triton kernels are timed once
-# beside them (not with --no-triton). --ncu CFG adds the Nsight table, with warp stall
-# reasons, of configuration CFG on the paper geometry, and a per-instruction profile of its
-# main kernel. Logs and JSON per configuration under --out; the checkout's own install is
+# ones); "base" is the committed configuration. Each is a scratch copy of this checkout with
+# the assignments applied. All copies are built at once (`setup.py build_ext --inplace`, the
+# compiles share the cores); then each is imported through PYTHONPATH, checked
+# (validate_fwd.py, and validate_bwd.py for bwd; bf16) and timed: the forward alone with
+# bench_moda.py, or forward+backward per kernel with time_backward.py. The Triton kernels are
+# timed once beside them (not with --no-triton). --ncu CFG adds the Nsight table, with warp
+# stall reasons, of configuration CFG on the paper geometry, and a per-instruction profile of
+# its main kernel. Logs and JSON per configuration under --out; the checkout's own install is
 # not touched.
 #
 # Usage: bench/sweep_config.sh --out DIR [--direction fwd|bwd] [--configs LIST] [--ncu CFG] [--no-triton]

@@ -89,7 +89,7 @@ def test_kernel_instantiation_compiles(tmp_path):
     ("BwdConfig", 64, "kDepthPrefetch=4", "moda_bwd_bf16_hdim64.cu"),
     # the swapped tiles' scratch does not fit beside six stages (a static_assert says so)
     ("FwdConfig", 64, "kSwapDepth=true,kStages=3", "moda_fwd_bf16_hdim64.cu"),
-    ("FwdConfig", None, "kDepthLoop=true", "moda_fwd_bf16_hdim128.cu"),
+    ("FwdConfig", None, "kDepthLoop=true", "moda_fwd_bf16_hdim64.cu"),
 ], ids=["warp_depth", "two_consumer_warpgroups_d64", "dq_tile_overlap_d128", "depth_prefetch_fwd",
         "depth_prefetch_dkdv", "swapped_depth_d64", "depth_loop"])
 def test_schedule_variants_compile(tmp_path, config, head_dim, assignments, instantiation):
