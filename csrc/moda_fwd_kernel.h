@@ -376,9 +376,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         if (tile.is_seq && tile.n < sched.first_masked) return;
         rows_see.mask(p, tile, tSrS, lane);
     };
-    // Online softmax in base 2 over the scores in tSrS: updates the running max and sum,
-    // turns tSrS into probabilities (fp32, in place) and returns the factor by which the
-    // output accumulated so far must be rescaled.
     // The new running max from this thread's partial tile maxima (reduced over the quad here);
     // the factor alpha that rescales what was accumulated, and the exponent offset of the
     // tile's scores.
@@ -394,6 +391,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             row_sum[h] *= alpha[h];
         }
     };
+    // Online softmax in base 2 over the scores in tSrS: updates the running max and sum,
+    // turns tSrS into probabilities (fp32, in place) and returns the factor by which the
+    // output accumulated so far must be rescaled.
     auto softmax_step = [&](float (&alpha)[2]) {
         float tile_max[2] = {row_max[0], row_max[1]};
         CUTLASS_PRAGMA_UNROLL
