@@ -9,6 +9,7 @@ README tables come from bench_moda.py (medians); this is for the kernel breakdow
     python bench/time_backward.py --out DIR                  # cuda and triton backends
     python bench/time_backward.py --backends cuda --out DIR
     python bench/time_backward.py --backends auto,cuda,triton --seqlens 4096 --out DIR
+    python bench/time_backward.py --backends cuda,cuda+deterministic --out DIR
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def _fwd_bwd(fn, inputs, grad_out):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for time_backward.json")
-    p.add_argument("--backends", default="cuda,triton", help="comma-separated moda_cuda backends (auto too)")
+    p.add_argument("--backends", default="cuda,triton",
+                   help="comma-separated moda_cuda backends (auto too); '+deterministic' asks for "
+                        "bitwise-repeatable gradients, e.g. cuda+deterministic")
     p.add_argument("--seqlens", default="", help="only the shapes of these T (comma-separated; default all)")
     a = p.parse_args()
     seqlens = {int(t) for t in a.seqlens.split(",") if t}
@@ -52,14 +55,14 @@ def main() -> int:
         inputs = make_inputs(s)
         grad_out = torch.randn(s.B, s.T, s.Hq, s.D, device="cuda", dtype=torch.bfloat16)
         for backend in a.backends.split(","):
-            def fn(*x, backend=backend):
-                return moda_cuda.moda_attention(*x, backend=backend)
+            def fn(*x, _b=backend.split("+")[0], _det=backend.endswith("+deterministic")):
+                return moda_cuda.moda_attention(*x, backend=_b, deterministic=_det)
 
             ms = triton.testing.do_bench(_fwd_bwd(fn, inputs, grad_out), warmup=100, rep=300)
             kernels = kernel_breakdown(fn, inputs, grad_out)
             rows.append(dict(shape=[s.B, s.T, s.Hq, s.Hk, s.D, s.L], backend=backend, fwd_bwd_ms=ms, kernels=kernels))
             top = "  ".join(f"{t:.3f} {name[:28]}" for name, t in list(kernels.items())[:4])
-            print(f"{s.label()} {backend:7s} fwd+bwd {ms:8.3f} ms  {top}", flush=True)
+            print(f"{s.label()} {backend:20s} fwd+bwd {ms:8.3f} ms  {top}", flush=True)
         del inputs, grad_out
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "time_backward.json"), "w") as f:

@@ -1,5 +1,6 @@
 """Gradients of the compiled backward (``_C.bwd``: dQ, dK, dV, d depth_k, d depth_v) against
-the float64 reference, over validate_fwd.py's cases, as a table.
+the float64 reference, over validate_fwd.py's cases, as a table per mode: the default
+(dQ accumulated by the dK / dV kernel with atomics) and ``deterministic``.
 
 The kernels are called directly, whatever dispatch would pick. Fresh random inputs and dO
 (and, every other case, a random gradient for lse), gradient buffers filled with NaN before
@@ -7,6 +8,7 @@ the call, relative L2 error per gradient. Exits non-zero when any case is over t
 
     python bench/validate_bwd.py
     python bench/validate_bwd.py --small     # two small cases (for compute-sanitizer)
+    python bench/validate_bwd.py --modes deterministic
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ def reference_grads(inputs, dout, grad_lse, case: Case):
     return [next(grads) if t is not None and t.numel() > 0 else None for t in leaves]
 
 
-def run_case(case: Case, slots, dtype, seed: int, with_grad_lse: bool):
+MODES = {"fused": False, "deterministic": True}  # mode -> the kernels' deterministic flag
+
+
+def run_case(case: Case, slots, dtype, seed: int, with_grad_lse: bool, deterministic: bool):
     ext = _cuda_ext.load()
     if ext is None:
         raise RuntimeError(f"moda_cuda._C: {_cuda_ext.load_error()}")
@@ -52,7 +57,8 @@ def run_case(case: Case, slots, dtype, seed: int, with_grad_lse: bool):
     grad_lse = torch.randn(lse.shape, generator=g, device="cuda") if with_grad_lse else None
     grads = [torch.full(t.shape, float("nan"), dtype=dtype, device="cuda") if t is not None else None
              for t in inputs]
-    ext.bwd(q, k, v, dk, dv, out, lse, dout, grad_lse, *grads, case.D ** -0.5, case.causal, case.chunk)
+    ext.bwd(q, k, v, dk, dv, out, lse, dout, grad_lse, *grads, case.D ** -0.5, case.causal, case.chunk,
+            deterministic)
     refs = reference_grads(inputs, dout, grad_lse, case)
     return {name: rel_err(got, ref) for name, got, ref in zip(NAMES, grads, refs) if ref is not None}
 
@@ -61,10 +67,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--small", action="store_true")
     p.add_argument("--dtypes", default="bf16,fp16")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     a = p.parse_args()
-    # Every other case also sends a gradient into lse.
-    failures = run_table(SMALL if a.small else CASES, a.dtypes, list(NAMES),
-                         lambda case, slots, dtype, i: run_case(case, slots, dtype, seed=i, with_grad_lse=i % 2 == 1))
+    failures = 0
+    for mode in a.modes.split(","):
+        if mode not in MODES:
+            p.error(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+        print(f"mode: {mode}")
+        # Every other case also sends a gradient into lse.
+        failures += run_table(SMALL if a.small else CASES, a.dtypes, list(NAMES),
+                              lambda case, slots, dtype, i: run_case(case, slots, dtype, seed=i,
+                                                                     with_grad_lse=i % 2 == 1,
+                                                                     deterministic=MODES[mode]))
     return 1 if failures else 0
 
 

@@ -112,7 +112,7 @@ void bwd(const at::Tensor& q, const std::optional<at::Tensor>& k, const std::opt
          const std::optional<at::Tensor>& depth_k, const std::optional<at::Tensor>& depth_v, const at::Tensor& out,
          const at::Tensor& lse, const at::Tensor& dout, const std::optional<at::Tensor>& grad_lse, at::Tensor& grad_q,
          std::optional<at::Tensor> grad_k, std::optional<at::Tensor> grad_v, std::optional<at::Tensor> grad_depth_k,
-         std::optional<at::Tensor> grad_depth_v, double scale, bool causal, int64_t depth_chunk) {
+         std::optional<at::Tensor> grad_depth_v, double scale, bool causal, int64_t depth_chunk, bool deterministic) {
     moda::BwdParams p{};
     p.fwd = make_fwd_params(q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk);
     check_tensor(dout, "dout", q, 4);
@@ -129,6 +129,12 @@ void bwd(const at::Tensor& q, const std::optional<at::Tensor>& k, const std::opt
     p.delta = delta.data_ptr<float>();
     at::Tensor row_stats = at::empty({moda::bwd_row_stats_floats(p.fwd)}, lse.options());
     p.row_stats = row_stats.data_ptr<float>();
+    p.deterministic = deterministic;
+    at::Tensor dq_accum;  // the fused dQ's fp32 sums, added into with atomics: starts at zero
+    if (const int64_t floats = moda::bwd_dq_accum_floats(p.fwd, deterministic); floats > 0) {
+        dq_accum = at::zeros({floats}, lse.options());
+        p.dq_accum = dq_accum.data_ptr<float>();
+    }
     check_tensor(grad_q, "grad_q", q, 4);
     TORCH_CHECK(grad_q.sizes() == q.sizes(), "grad_q must have q's shape");
     p.grad_q = grad_q.data_ptr();
@@ -169,11 +175,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("scale"), py::arg("causal"), py::arg("depth_chunk"));
     m.def("bwd", &bwd,
           "MoDA backward: writes grad_q [B, T, Hq, D], grad_k, grad_v [B, T, Hk, D] and grad_depth_k, "
-          "grad_depth_v [B, T, L, Hk, D]; deterministic (no atomics)",
+          "grad_depth_v [B, T, L, Hk, D]; deterministic=True: bitwise repeatable (no atomics), else at D = 64 "
+          "grad_q is accumulated with fp32 atomics (faster)",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("depth_k"), py::arg("depth_v"), py::arg("out"),
           py::arg("lse"), py::arg("dout"), py::arg("grad_lse"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"),
           py::arg("grad_depth_k"), py::arg("grad_depth_v"), py::arg("scale"), py::arg("causal"),
-          py::arg("depth_chunk"));
+          py::arg("depth_chunk"), py::arg("deterministic"));
     m.def("compiled_archs", &compiled_archs, "GPU architectures the kernels were compiled for");
     m.def("cuda_version", &cuda_version, "CUDA toolkit version the extension was built with");
 }

@@ -8,6 +8,7 @@
 
 #include <cutlass/numeric_types.h>
 
+#include "moda_bwd_config.h"
 #include "moda_bwd_traits.h"
 #include "moda_params.h"
 
@@ -39,6 +40,10 @@ std::string check_bwd(const BwdParams& a) {
         if (reinterpret_cast<uintptr_t>(ptr) % 4 != 0) return "gradients must start at 4-byte aligned addresses";
     }
     if (a.grad_q == nullptr) return "grad_q is required";
+    if (bwd_fuses_dq(a.fwd, a.deterministic) &&
+        (a.dq_accum == nullptr || reinterpret_cast<uintptr_t>(a.dq_accum) % 16 != 0)) {
+        return "the dq_accum scratch buffer (16-byte aligned, bwd_dq_accum_floats) is required";
+    }
     if (a.fwd.has_seq && (a.grad_k == nullptr || a.grad_v == nullptr)) return "grad_k and grad_v are required";
     if (a.fwd.depth > 0 && (a.grad_depth_k == nullptr || a.grad_depth_v == nullptr)) {
         return "grad_depth_k and grad_depth_v are required";
@@ -52,6 +57,11 @@ int64_t bwd_row_stats_floats(const FwdParams& params) {
     if (params.kv_heads <= 0 || params.q_heads % params.kv_heads != 0) return 0;  // check_supported says why
     const int G = params.q_heads / params.kv_heads;
     return int64_t(params.batch) * params.kv_heads * bwd_row_steps(params.seqlen, G) * 2 * kBwdStepRows;
+}
+
+int64_t bwd_dq_accum_floats(const FwdParams& params, bool deterministic) {
+    if (!bwd_fuses_dq(params, deterministic)) return 0;
+    return bwd_row_stats_floats(params) / 2 * params.head_dim;  // kBwdStepRows x D per row step
 }
 
 const char* run_bwd(const BwdParams& params, void* stream) {

@@ -16,7 +16,11 @@
 // of a sequence block's keys skip the mask; at D = 64 a step's dV and dK run while the next
 // step's S^T and dP^T are issued. Every gradient row of K, V, depth K and depth V is reduced
 // inside one CTA, over all its readers, in a fixed order: no atomics, so these gradients are
-// deterministic. dQ is not computed here.
+// deterministic. With Traits::kFusedDq the CTA also computes each step's
+//     dQ_step = dS K                                       (rows x D, dS through shared memory)
+// and adds it into an fp32 buffer with vector atomics (moda_bwd_dq_accum.h): the sequence
+// and depth blocks that a row reads all add into its dQ, in an order that varies from run to
+// run, so dQ is then not deterministic. Without it dQ comes from moda_bwd_dq_kernel.
 #pragma once
 
 #include <cuda.h>
@@ -27,6 +31,7 @@
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include "moda_bwd_dq_accum.h"
 #include "moda_bwd_traits.h"
 #include "moda_sm90_common.h"
 
@@ -60,6 +65,7 @@ struct BwdKernelParams {
     int depth_boxes_per_cta;  // consecutive depth boxes one CTA walks
     int depth_ctas_per_head;  // ceil(n_depth_boxes / depth_boxes_per_cta)
     int n_row_steps;          // ceil(T * G / kBlockM)
+    float* dq_accum;          // [B, Hk, row steps] blocks of DqAccumLayout, zeroed (fused dQ only)
     float scale;              // softmax scale
     float scale_log2;         // scale * log2(e)
 };
@@ -164,6 +170,12 @@ __global__ void moda_bwd_preprocess_kernel(const Element* out, const Element* do
     stats[i % kRows] = lse2;
     stats[kRows + i % kRows] = d;
 }
+
+// Named barrier of the fused dQ: both consumer warpgroups' halves of a step's dS are in
+// shared memory (user id 0; CUTLASS offsets it past its reserved ones).
+constexpr uint32_t kDsReadyBarrier = 0;
+// kDqOwnKeys: warpgroup w's own half of dS is in shared memory (ids 1 + w).
+constexpr uint32_t kOwnDsReadyBarrier = 1;
 
 template <class Traits, bool kCausal>
 __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__grid_constant__ const BwdKernelParams p) {
@@ -280,6 +292,37 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
     static_assert(decltype(size(partition_fragment_C(mma_sdp, ScoreShape{})))::value == decltype(size(tPrP))::value,
                   "P^T and dS^T are the score registers, converted");
     static_assert(decltype(size(tdKrdK))::value == kHeadDim / 2, "two key rows x D / 4 column pairs per thread");
+    // Fused dQ: dS^T goes from the score registers to shared memory (tdSsdS), dQ = dS K reads it
+    // back with the keys as K: each warpgroup computes half of the head dim for all 64 rows,
+    // or (kDqOwnKeys) all of it over its own 64 keys.
+    const int wg = __shfl_sync(0xffffffff, tid / 128, 0);  // warp-uniform, so wgmma is never in a divergent branch
+    const int wg_tid = tid % 128;
+    typename Traits::TiledMmaDq mma_dq;
+    auto thr_dq = mma_dq.get_thread_slice(Traits::kDqOwnKeys ? wg_tid : tid);
+    Tensor sDs = make_tensor(make_smem_ptr(smem.ds.data()), typename Traits::SmemLayoutDs{});
+    Tensor sDst = make_tensor(make_smem_ptr(smem.ds.data()), typename Traits::SmemLayoutDst{});
+    Tensor sKt = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKt{});
+    Tensor tdQrdS = thr_dq.partition_fragment_A(sDs);  // (MMA, M, K, dS buffer)
+    Tensor tdQrK = thr_dq.partition_fragment_B(sKt);   // (MMA, N, K, K buffer)
+    constexpr int kDqKBlocks = Traits::kDqKeys / 16;  // wgmma k-blocks of one warpgroup's dQ product
+    const int dq_k0 = Traits::kDqOwnKeys ? wg * kDqKBlocks : 0;
+    using DqLayout = DqAccumLayout<kHeadDim>;
+    float* dq_accum = Traits::kFusedDq
+                          ? p.dq_accum + int64_t(batch * p.kv_heads + hk) * p.n_row_steps * DqLayout::kBlockFloats
+                          : nullptr;
+    int ds_buf = 0;  // alternates every step (see the barrier below)
+    // Adds this warpgroup's part of step m's dQ (tdQrdQ, complete) into the buffer with vector
+    // atomics: its column groups, or (kDqOwnKeys) all of them.
+    auto add_dq = [&](auto const& tdQrdQ, int m) {
+        float* dst = dq_accum + int64_t(m) * DqLayout::kBlockFloats;
+        constexpr int kVectors = decltype(size(tdQrdQ))::value / 4;
+        const int g0 = Traits::kDqOwnKeys ? 0 : wg * kVectors;
+        CUTLASS_PRAGMA_UNROLL
+        for (int q = 0; q < kVectors; ++q) {
+            red_add_f32x4(dst + DqLayout::vector_offset(g0 + q, wg_tid), tdQrdQ(4 * q), tdQrdQ(4 * q + 1),
+                          tdQrdQ(4 * q + 2), tdQrdQ(4 * q + 3));
+        }
+    };
 
     PipelineState read, done;
     for (int j = work.j_begin; j < work.j_end; ++j) {
@@ -368,8 +411,43 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
             for (int e = 0; e < size(tdPrdP); ++e) {
                 tdSrdS(e) = static_cast<Element>(tSrS(e) * (tdPrdP(e) - delta[frag_col(e, lane)]));
             }
+            Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
+            if constexpr (Traits::kFusedDq) {
+                // dS^T to shared memory, pairs of adjacent rows (one register) per 4-byte store.
+                // The dQ product reads both warpgroups' halves (one's own with kDqOwnKeys), so
+                // they must be there first. A buffer is written again two steps later, after the
+                // barrier of the step between, which each warpgroup reaches only once its dQ
+                // product of the step before has completed: one barrier per step suffices.
+                Tensor tdSsdS = thr_sdp.partition_C(sDst(_, _, ds_buf));
+                Tensor tdSrdS_pairs = recast<uint32_t>(tdSrdS);
+                CUTLASS_PRAGMA_UNROLL
+                for (int e = 0; e < size(tdSrdS); e += 2) {
+                    *reinterpret_cast<uint32_t*>(raw_pointer_cast(&tdSsdS(e))) = tdSrdS_pairs(e / 2);
+                }
+                cutlass::arch::fence_view_async_shared();  // generic-proxy writes, read by wgmma
+                if constexpr (Traits::kDqOwnKeys) {
+                    cutlass::arch::NamedBarrier::sync(128, kOwnDsReadyBarrier + wg);
+                } else {
+                    cutlass::arch::NamedBarrier::sync(128 * Traits::kConsumerWGs, kDsReadyBarrier);
+                }
+                warpgroup_fence_operand(tdQrdQ);
+                warpgroup_arrive();
+                mma_dq.accumulate_ = GMMA::ScaleOut::Zero;
+                CUTLASS_PRAGMA_UNROLL
+                for (int k = 0; k < kDqKBlocks; ++k) {
+                    cute::gemm(mma_dq, tdQrdS(_, _, dq_k0 + k, ds_buf), tdQrK(_, _, dq_k0 + k, buf), tdQrdQ);
+                    mma_dq.accumulate_ = GMMA::ScaleOut::One;
+                }
+                warpgroup_commit_batch();
+                warpgroup_fence_operand(tdQrdQ);
+            }
             mma_kv.accumulate_ = accumulate;
             wgmma_issue<false, true>(mma_kv, tdSrdS, tdKrQ(_, _, _, stage), tdKrdK);  // dK += dS^T Q
+            if constexpr (Traits::kFusedDq) {
+                wgmma_wait<1>(tdQrdQ);  // dQ_step ready; dK may still run
+                add_dq(tdQrdQ, m);
+                ds_buf ^= 1;
+            }
             if constexpr (Traits::kOverlapSteps) {
                 done = read;
             } else {

@@ -1,6 +1,8 @@
-// Host side of the Hopper backward: the delta preprocess, then the key-stationary kernel (dK,
-// dV, depth gradients) and the query-stationary one (dQ): tensor maps, grids, shared memory,
-// launches. Included by the instantiation files.
+// Host side of the Hopper backward: the delta preprocess, then either the key-stationary
+// kernel with the fused dQ (atomics into an fp32 buffer) and its conversion, or, for
+// deterministic gradients, the key-stationary kernel (dK, dV, depth gradients) and the
+// query-stationary one (dQ): tensor maps, grids, shared memory, launches. Included by the
+// instantiation files.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,6 +10,7 @@
 #include <algorithm>
 #include <string>
 
+#include "moda_bwd_config.h"
 #include "moda_bwd_dq_kernel.h"
 #include "moda_bwd_kernel.h"
 #include "moda_fwd_launch.h"
@@ -16,42 +19,12 @@
 
 namespace moda {
 
-// Schedule per head dim (measurements: bench/NOTES.md, "Hopper CUDA backward"):
-// - kStages, kStagesDq: pipeline stages of the key-stationary kernel's Q / dO tiles (shared
-//   memory: kKVBuffers buffers of K, V, plus 2 x kStages x [64 x D]) and of the dQ kernel's
-//   K / V tiles (Q, dO once, plus 2 x kStages x [64 x D]). Not tuned yet.
-// - kOverlapSteps: the key-stationary kernel leaves a step's dV / dK running while it issues
-//   the next step's S^T / dP^T. Two more 64 x 64 fp32 accumulators live at once: they fit at
-//   D = 64, not beside D = 128's dK and dV (ptxas serializes the wgmmas, C7512).
-// - kOverlapTiles: the dQ kernel leaves a tile's dQ product running into the next tile. No
-//   change at D = 64; at D = 128, with a third stage, about 10% slower.
-// - kKVBuffers: K / V buffers of the key-stationary kernel; a CTA walking a run of depth
-//   boxes keeps kKVBuffers - 1 boxes' loads in flight behind the one it works on (shared
-//   memory: kKVBuffers x 2 x [128 x D]). Four at D = 64 measured within 1.5% of two.
-// - kStripeDepthDq: the dQ kernel's depth tile order (TileAt, as the forward's kStripeDepth).
-//   No faster at D = 64, slower at D = 128 (1.59 against 1.48 ms at T = 8192); off.
-// - kDepthPrefetch, kDepthPrefetchDq: depth boxes asked of L2 this many boxes (tiles) before
-//   their load, in the key-stationary kernel's depth runs and in the dQ kernel (0: none). Not
-//   measured yet (the forward's measured slower at every distance); off.
-template <int D> struct BwdConfig;
-template <> struct BwdConfig<64> {
-    static constexpr int kStages = 3, kStagesDq = 3, kKVBuffers = 2;
-    static constexpr bool kOverlapSteps = true, kOverlapTiles = true;
-    static constexpr bool kStripeDepthDq = false;
-    static constexpr int kDepthPrefetch = 0, kDepthPrefetchDq = 0;
-};
-template <> struct BwdConfig<128> {
-    static constexpr int kStages = 2, kStagesDq = 2, kKVBuffers = 2;
-    static constexpr bool kOverlapSteps = false, kOverlapTiles = false;
-    static constexpr bool kStripeDepthDq = false;
-    static constexpr int kDepthPrefetch = 0, kDepthPrefetchDq = 0;
-};
-
-template <class Element, int D>
+// kFusedDq: the key-stationary kernel also adds dQ into a.dq_accum (not deterministic).
+template <class Element, int D, bool kFusedDq>
 std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {  // after the preprocess
     using Config = BwdConfig<D>;
-    using Traits =
-        BwdTraits<Element, D, Config::kStages, Config::kOverlapSteps, Config::kKVBuffers, Config::kDepthPrefetch>;
+    using Traits = BwdTraits<Element, D, Config::kStages, Config::kOverlapSteps, kFusedDq, Config::kKVBuffers,
+                             Config::kDepthPrefetch, Config::kDqOwnKeys>;
     constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
     const FwdParams& f = a.fwd;
     const bool bf16 = f.dtype == DType::kBFloat16;
@@ -99,6 +72,7 @@ std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {  // after
     p.depth_boxes_per_cta = int(std::max<int64_t>(1, std::min<int64_t>(16, all_boxes / (4 * int64_t(sms)))));
     p.depth_ctas_per_head = (p.n_depth_boxes + p.depth_boxes_per_cta - 1) / p.depth_boxes_per_cta;
     p.n_row_steps = bwd_row_steps(T, G);
+    p.dq_accum = a.dq_accum;
     p.scale = f.scale;
     p.scale_log2 = f.scale * 1.4426950408889634f;
 
@@ -158,7 +132,21 @@ std::string launch_bwd(const BwdParams& a, cudaStream_t stream) {
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return std::string("preprocess launch: ") + cudaGetErrorString(e);
 
-    std::string err = launch_bwd_dkdv<Element, D>(a, stream);
+    if constexpr (BwdConfig<D>::kFusedDq) {
+        if (bwd_fuses_dq(f, a.deterministic)) {
+            std::string err = launch_bwd_dkdv<Element, D, true>(a, stream);
+            if (!err.empty()) return err;
+            const int blocks = B * Hk * steps;
+            const int64_t vectors = int64_t(blocks) * (DqAccumLayout<D>::kBlockFloats / 4);
+            moda_bwd_dq_convert_kernel<Element, D><<<unsigned((vectors + threads - 1) / threads), threads, 0, stream>>>(
+                a.dq_accum, static_cast<Element*>(a.grad_q), blocks, steps, Hk, T, __builtin_ctz(G), f.scale,
+                a.gq_batch_stride, a.gq_seq_stride, a.gq_head_stride);
+            e = cudaGetLastError();
+            return e == cudaSuccess ? std::string() : std::string("dq convert launch: ") + cudaGetErrorString(e);
+        }
+    }
+    // Every gradient reduced inside one CTA, in a fixed order: deterministic.
+    std::string err = launch_bwd_dkdv<Element, D, false>(a, stream);
     return err.empty() ? launch_bwd_dq<Element, D>(a, stream) : err;
 }
 

@@ -16,8 +16,8 @@ constexpr int kBwdStepRows = 64;
 // Steps over the T * G folded rows of one (batch, kv head).
 inline int bwd_row_steps(int seqlen, int group) { return (seqlen * group + kBwdStepRows - 1) / kBwdStepRows; }
 
-template <class Element_, int kHeadDim_, int kStages_, bool kOverlapSteps_, int kKVBuffers_ = 2,
-          int kDepthPrefetch_ = 0>
+template <class Element_, int kHeadDim_, int kStages_, bool kOverlapSteps_, bool kFusedDq_, int kKVBuffers_ = 2,
+          int kDepthPrefetch_ = 0, bool kDqOwnKeys_ = false>
 struct BwdTraits {
     using Element = Element_;
     static constexpr int kHeadDim = kHeadDim_;
@@ -30,6 +30,13 @@ struct BwdTraits {
     static constexpr int kConsumerRegs = 240;
     // Leave a step's dV / dK running while the next step's S / dP are issued (BwdConfig).
     static constexpr bool kOverlapSteps = kOverlapSteps_;
+    // Also compute dQ: each step's dS goes to shared memory and dQ_step = dS K is added into
+    // an fp32 buffer with vector atomics (not deterministic: the order of the additions varies).
+    static constexpr bool kFusedDq = kFusedDq_;
+    // Fused dQ split by keys: each consumer warpgroup multiplies only its own 64 keys' dS by
+    // their K, for all D columns, and adds that (twice the atomics); no barrier between the
+    // warpgroups. Otherwise they split the head dim and read each other's dS.
+    static constexpr bool kDqOwnKeys = kFusedDq && kDqOwnKeys_;
     static_assert(kHeadDim % 64 == 0, "TMA boxes span 64 head-dim elements (the 128-byte swizzle width)");
 
     // Keys are the M dimension: S^T = K Q^T and dP^T = V dO^T with both operands in shared
@@ -44,6 +51,17 @@ struct BwdTraits {
                              GMMA::Major::MN>(),
         AtomLayoutMNK{}));
 
+    // dQ = dS K for the fused dQ: the step's rows as M, keys as K. dS is read from shared
+    // memory row-major in M (written there from S^T's registers, whose adjacent columns are
+    // adjacent rows), K MN-major as in dK. The consumer warpgroups split the head dim (N), or
+    // with kDqOwnKeys each takes all of it over its own keys.
+    static constexpr int kDqKeys = kDqOwnKeys ? kBlockN / kConsumerWGs : kBlockN;  // K of one warpgroup's product
+    using TiledMmaDq = decltype(make_tiled_mma(
+        GMMA::ss_op_selector<Element, Element, float,
+                             Shape<Int<kBlockM>, Int<kDqOwnKeys ? kHeadDim : kHeadDim / kConsumerWGs>, Int<kDqKeys>>,
+                             GMMA::Major::MN, GMMA::Major::MN>(),
+        Layout<Shape<_1, Int<kDqOwnKeys ? 1 : kConsumerWGs>, _1>>{}));
+
     using SmemAtom = GMMA::Layout_K_SW128_Atom<Element>;
     // K and V in kKVBuffers buffers: a CTA that walks several depth boxes loads the next
     // boxes' keys (from DRAM: no other CTA reads them) while it works on the current one.
@@ -56,6 +74,17 @@ struct BwdTraits {
     using SmemLayoutQt = decltype(composition(
         SmemLayoutQ{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{}, Step<_2, _1, _3>{})));
 
+    // K^T: the same bytes as K, indexed (d, key, buffer), for dQ = dS K.
+    using SmemLayoutKt = decltype(composition(
+        SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kKVBuffers>>{}, Step<_2, _1, _3>{})));
+    // dS of a step (rows, keys), two buffers: a warpgroup writes the next step's while the
+    // other may still read this one's. dS^T: the same bytes indexed (key, row, buffer).
+    static constexpr int kDsBuffers = 2;
+    using SmemLayoutDs = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{},
+                                                Shape<Int<kBlockM>, Int<kBlockN>, Int<kDsBuffers>>{}));
+    using SmemLayoutDst = decltype(composition(
+        SmemLayoutDs{}, make_ordered_layout(Shape<Int<kBlockN>, Int<kBlockM>, Int<kDsBuffers>>{}, Step<_2, _1, _3>{})));
+
     using Pipeline = cutlass::PipelineTmaAsync<kStages>;
 
     struct SharedStorage {
@@ -65,6 +94,7 @@ struct BwdTraits {
         cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> dout;
         // Per stage, the step's rows' log2-scaled lse then delta (a bulk copy beside Q and dO).
         cute::array_aligned<float, kStages * 2 * kBlockM, 128> row_stats;
+        cute::array_aligned<Element, kFusedDq ? cosize_v<SmemLayoutDs> : 0, 1024> ds;  // fused dQ only
         typename Pipeline::SharedStorage pipe;
         alignas(8) uint64_t kv_full[kKVBuffers];   // TMA of a buffer's K and V done
         alignas(8) uint64_t kv_empty[kKVBuffers];  // every consumer thread done reading it

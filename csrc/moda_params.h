@@ -49,6 +49,10 @@ struct BwdParams {
     const float* grad_lse;  // [B, Hq, T] contiguous, or null
     float* delta;           // scratch [B, Hq, T] contiguous: rowsum(dO * O) - grad_lse
     float* row_stats;       // scratch of bwd_row_stats_floats(fwd) floats (see moda_bwd_kernel.h)
+    // true: bitwise-repeatable gradients (dQ from its own kernel); false: where that is
+    // faster (bwd_fuses_dq), dQ accumulated by the dK / dV kernel with fp32 atomics.
+    bool deterministic;
+    float* dq_accum;        // scratch of bwd_dq_accum_floats(fwd, deterministic) floats, zeroed
     void* grad_q;
     void* grad_k;
     void* grad_v;
@@ -65,8 +69,9 @@ struct BwdParams {
 // Launches on `stream` (a cudaStream_t passed as void* to keep this header CUDA-free).
 const char* run_fwd(const FwdParams& params, void* stream);
 const char* run_bwd(const BwdParams& params, void* stream);
-// Size of BwdParams::row_stats, in floats.
+// Size of BwdParams::row_stats and of BwdParams::dq_accum (0: not used), in floats.
 int64_t bwd_row_stats_floats(const FwdParams& params);
+int64_t bwd_dq_accum_floats(const FwdParams& params, bool deterministic);
 
 // What the kernels support of a problem: an empty string, or why not.
 std::string check_supported(const FwdParams& params);

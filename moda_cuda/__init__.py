@@ -52,9 +52,11 @@ def moda_attention(
         depth_chunk: ``C``; query ``t`` sees the depth rows of every position ``s`` with
             ``s // C == t // C`` (and ``s <= t`` when causal). 1 = its own position only.
         return_lse: also return ``lse [B, Hq, T]`` (float32, natural log).
-        deterministic: ask for bitwise-repeatable gradients. The Triton and reference
-            backwards always are (every gradient element is reduced by one program in a
-            fixed order); the flag is part of the op for backends that may use atomics.
+        deterministic: ask for bitwise-repeatable gradients. By default the compiled
+            backward (cuda backend, D = 64) accumulates dQ with float32 atomics, so dQ may
+            differ in its last bits from run to run; with ``True`` it computes dQ in a
+            kernel of its own (slower). The Triton and reference backwards always are
+            repeatable (every gradient element is reduced by one program in a fixed order).
         backend: ``"auto"`` (fastest available that serves the input; ``MODA_BACKEND``
             overrides), or one of :func:`available_backends`, which then must serve it.
 

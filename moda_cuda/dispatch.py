@@ -228,9 +228,11 @@ def _cuda_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk):
 
 
 # The cuda backend's gradients come from the compiled backward (csrc/moda_bwd*.h: all five
-# gradients, no atomics), validated on the H200 (bench/validate_bwd.py, pytest -m cuda) and
-# faster there than the Triton one (README). MODA_CUDA_BACKWARD=triton selects the Triton
-# backward instead, which reads the compiled forward's out and lse as they are.
+# gradients), validated on the H200 (bench/validate_bwd.py, pytest -m cuda) and faster there
+# than the Triton one (README). By default its dK / dV kernel also accumulates dQ with fp32
+# atomics (run-to-run differences in dQ's last bits); deterministic=True computes dQ in a
+# kernel of its own instead, with no atomics anywhere. MODA_CUDA_BACKWARD=triton selects the
+# Triton backward instead, which reads the compiled forward's out and lse as they are.
 CUDA_BACKWARD_ENV = "MODA_CUDA_BACKWARD"
 
 
@@ -242,7 +244,8 @@ def cuda_backward_by() -> str:
     return choice
 
 
-def _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk):
+def _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
+                       deterministic):
     ext = _cuda_ext.load()
     if _layout_refuses("grad_out", grad_out):
         grad_out = grad_out.contiguous()  # dO is loaded with TMA, like q
@@ -250,16 +253,15 @@ def _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, 
              for t in (q, k, v, depth_k, depth_v)]
     glse = None if grad_lse is None else grad_lse.float().contiguous()
     ext.bwd(q, k, v, depth_k, depth_v, out, lse, grad_out, glse, *grads, float(scale), bool(causal),
-            int(depth_chunk))
+            int(depth_chunk), bool(deterministic))
     return tuple(grads)
 
 
 def _cuda_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
                    deterministic):
-    # Both are deterministic by construction (no atomics), whatever is asked.
     if cuda_backward_by() == "cuda":
         return _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal,
-                                  depth_chunk)
+                                  depth_chunk, deterministic)
     reason = _triton_unavailable()
     if reason:
         raise RuntimeError(f"the cuda backend's backward runs the Triton kernels, which are unavailable: {reason}")

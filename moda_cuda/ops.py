@@ -6,8 +6,9 @@
 * ``moda::attention_backward`` -- gradients of both: by the backend named, or with "auto" by
   the backend auto picks for the backward (``dispatch``), which need not be the forward's.
 
-``deterministic=True`` asks for bitwise-repeatable gradients; the Triton and reference
-backwards are deterministic by construction, so for them it changes nothing.
+``deterministic=True`` asks for bitwise-repeatable gradients: the compiled backward then
+computes dQ without atomics; the Triton and reference backwards are deterministic by
+construction, so for them it changes nothing.
 
 The kernels are registered for CPU and CUDA; each resolves its backend at run time, so
 ``torch.compile`` sees one opaque op with a fake implementation and no graph break.

@@ -30,13 +30,14 @@ def poisoned_allocations():
         torch.empty, torch.empty_like = empty, empty_like
 
 
-def check_backend(case, dtype, device, backend, seed=0, depth_slots=None, grads=True):
+def check_backend(case, dtype, device, backend, seed=0, depth_slots=None, grads=True, deterministic=False):
     inputs = make_inputs(case, dtype, device, seed=seed, depth_slots=depth_slots)
     leaves = [None if t is None else t.clone().requires_grad_() for t in inputs] if depth_slots is None else \
         [None if t is None else t.requires_grad_() for t in inputs]
     kw = dict(causal=case.causal, depth_chunk=case.chunk)
     with poisoned_allocations():
-        out, lse = moda_cuda.moda_attention(*leaves, return_lse=True, backend=backend, **kw)
+        out, lse = moda_cuda.moda_attention(*leaves, return_lse=True, backend=backend, deterministic=deterministic,
+                                            **kw)
     ref_in = as_double(inputs)
     ref_out, ref_lse = moda_attention_ref(*ref_in, return_lse=True, **kw)
     tol = TOLERANCE[dtype]

@@ -90,15 +90,17 @@ def test_kernel_instantiation_compiles(tmp_path):
     # the swapped tiles' scratch does not fit beside six stages (a static_assert says so)
     ("FwdConfig", 64, "kSwapDepth=true,kStages=3", "moda_fwd_bf16_hdim64.cu"),
     ("FwdConfig", None, "kDepthLoop=true", "moda_fwd_bf16_hdim64.cu"),
+    ("BwdConfig", 64, "kDqOwnKeys=false", "moda_bwd_bf16_hdim64.cu"),
+    ("BwdConfig", 128, "kFusedDq=true", "moda_bwd_bf16_hdim128.cu"),
 ], ids=["warp_depth", "two_consumer_warpgroups_d64", "dq_tile_overlap_d128", "depth_prefetch_fwd",
-        "depth_prefetch_dkdv", "swapped_depth_d64", "depth_loop"])
+        "depth_prefetch_dkdv", "swapped_depth_d64", "depth_loop", "fused_dq_head_dim_split_d64", "fused_dq_d128"])
 def test_schedule_variants_compile(tmp_path, config, head_dim, assignments, instantiation):
     """Schedules that FwdConfig / BwdConfig can select but the default build does not (slower
-    when measured, or not yet: csrc/moda_fwd_launch.h, csrc/moda_bwd_launch.h): compile them, as
+    when measured, or not yet: csrc/moda_fwd_launch.h, csrc/moda_bwd_config.h): compile them, as
     bench/sweep_config.sh would build them, so that they cannot rot unnoticed."""
     csrc = tmp_path / "csrc"
     shutil.copytree(ROOT / "csrc", csrc)
-    launch = csrc / ("moda_fwd_launch.h" if config == "FwdConfig" else "moda_bwd_launch.h")
+    launch = csrc / ("moda_fwd_launch.h" if config == "FwdConfig" else "moda_bwd_config.h")
     text = launch.read_text()
     for assignment in assignments.split(","):
         field, value = assignment.split("=")

@@ -1,0 +1,57 @@
+// Schedule of the Hopper backward per head dim (BwdConfig), and whether a problem's dQ is
+// fused into the key-stationary kernel. No kernel code: the host entry point reads it too.
+#pragma once
+
+#include "moda_params.h"
+
+namespace moda {
+
+// Schedule per head dim (measurements: bench/NOTES.md, "Hopper CUDA backward"):
+// - kStages, kStagesDq: pipeline stages of the key-stationary kernel's Q / dO tiles (shared
+//   memory: kKVBuffers buffers of K, V, plus 2 x kStages x [64 x D]) and of the dQ kernel's
+//   K / V tiles (Q, dO once, plus 2 x kStages x [64 x D]). Not tuned yet.
+// - kOverlapSteps: the key-stationary kernel leaves a step's dV / dK running while it issues
+//   the next step's S^T / dP^T. Two more 64 x 64 fp32 accumulators live at once: they fit at
+//   D = 64, not beside D = 128's dK and dV (ptxas serializes the wgmmas, C7512).
+// - kOverlapTiles: the dQ kernel leaves a tile's dQ product running into the next tile. No
+//   change at D = 64; at D = 128, with a third stage, about 10% slower.
+// - kKVBuffers: K / V buffers of the key-stationary kernel; a CTA walking a run of depth
+//   boxes keeps kKVBuffers - 1 boxes' loads in flight behind the one it works on (shared
+//   memory: kKVBuffers x 2 x [128 x D]). Four at D = 64 measured within 1.5% of two.
+// - kStripeDepthDq: the dQ kernel's depth tile order (TileAt, as the forward's kStripeDepth).
+//   No faster at D = 64, slower at D = 128 (1.59 against 1.48 ms at T = 8192); off.
+// - kDepthPrefetch, kDepthPrefetchDq: depth boxes asked of L2 this many boxes (tiles) before
+//   their load, in the key-stationary kernel's depth runs and in the dQ kernel (0: none). Not
+//   measured yet (the forward's measured slower at every distance); off.
+// - kFusedDq: unless deterministic gradients are asked for, the key-stationary kernel also
+//   computes dQ (fp32 atomics, then a conversion) instead of the dQ kernel. Forward+backward
+//   at T = 16384, D = 64: 23.18 against 24.51 ms; T = 4096: 2.47 against 2.53; at D = 128
+//   (T = 8192) 6.11 against 5.93, so D = 128 keeps the dQ kernel (bench/results/).
+// - kDqOwnKeys: the fused dQ's split over the consumer warpgroups (BwdTraits): by keys (no
+//   barrier between them, twice the atomics, D / 2 accumulator registers per thread) or by
+//   head dim. By keys at D = 64: 16.41 against 16.90 ms for the kernel at T = 16384, 1.78
+//   against 1.80 at T = 4096. At D = 128 the D / 2 registers do not fit (C7512).
+template <int D> struct BwdConfig;
+template <> struct BwdConfig<64> {
+    static constexpr int kStages = 3, kStagesDq = 3, kKVBuffers = 2;
+    static constexpr bool kOverlapSteps = true, kOverlapTiles = true;
+    static constexpr bool kFusedDq = true, kDqOwnKeys = true;
+    static constexpr bool kStripeDepthDq = false;
+    static constexpr int kDepthPrefetch = 0, kDepthPrefetchDq = 0;
+};
+template <> struct BwdConfig<128> {
+    static constexpr int kStages = 2, kStagesDq = 2, kKVBuffers = 2;
+    static constexpr bool kOverlapSteps = false, kOverlapTiles = false;
+    static constexpr bool kFusedDq = false, kDqOwnKeys = false;
+    static constexpr bool kStripeDepthDq = false;
+    static constexpr int kDepthPrefetch = 0, kDepthPrefetchDq = 0;
+};
+
+// Whether the backward of a problem accumulates dQ in the key-stationary kernel (atomics
+// into BwdParams::dq_accum) rather than in the dQ kernel.
+inline bool bwd_fuses_dq(const FwdParams& params, bool deterministic) {
+    if (deterministic) return false;
+    return params.head_dim == 64 ? BwdConfig<64>::kFusedDq : BwdConfig<128>::kFusedDq;
+}
+
+}  // namespace moda
