@@ -14,15 +14,15 @@
 
 #include <cutlass/numeric_types.h>
 
+#include "moda_bwd_traits.h"
 #include "moda_sm90_common.h"
 
 namespace moda {
 
 template <int D>
 struct DqAccumLayout {
-    static constexpr int kRows = 64;  // a row step (kBwdStepRows)
+    static constexpr int kRows = kBwdStepRows;
     static constexpr int kBlockFloats = kRows * D;
-    static constexpr int kGroups = D / 8;
     // Offset in floats, inside a block, of column group g's vector of warpgroup thread t.
     __host__ __device__ static constexpr int vector_offset(int g, int t) { return (g * 128 + t) * 4; }
 };

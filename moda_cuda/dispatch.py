@@ -229,9 +229,9 @@ def _cuda_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk):
 
 # The cuda backend's gradients come from the compiled backward (csrc/moda_bwd*.h: all five
 # gradients), validated on the H200 (bench/validate_bwd.py, pytest -m cuda) and faster there
-# than the Triton one (README). By default its dK / dV kernel also accumulates dQ with fp32
-# atomics (run-to-run differences in dQ's last bits); deterministic=True computes dQ in a
-# kernel of its own instead, with no atomics anywhere. MODA_CUDA_BACKWARD=triton selects the
+# than the Triton one (README). By default, at D = 64, its dK / dV kernel also accumulates dQ
+# with fp32 atomics (run-to-run differences in dQ's last bits); deterministic=True (and
+# D = 128, where that measured slower) computes dQ in a kernel of its own, with no atomics. MODA_CUDA_BACKWARD=triton selects the
 # Triton backward instead, which reads the compiled forward's out and lse as they are.
 CUDA_BACKWARD_ENV = "MODA_CUDA_BACKWARD"
 
