@@ -112,7 +112,8 @@ void bwd(const at::Tensor& q, const std::optional<at::Tensor>& k, const std::opt
          const std::optional<at::Tensor>& depth_k, const std::optional<at::Tensor>& depth_v, const at::Tensor& out,
          const at::Tensor& lse, const at::Tensor& dout, const std::optional<at::Tensor>& grad_lse, at::Tensor& grad_q,
          std::optional<at::Tensor> grad_k, std::optional<at::Tensor> grad_v, std::optional<at::Tensor> grad_depth_k,
-         std::optional<at::Tensor> grad_depth_v, double scale, bool causal, int64_t depth_chunk, bool deterministic) {
+         std::optional<at::Tensor> grad_depth_v, double scale, bool causal, int64_t depth_chunk, bool deterministic,
+         bool accumulate_depth_grads) {
     moda::BwdParams p{};
     p.fwd = make_fwd_params(q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk);
     check_tensor(dout, "dout", q, 4);
@@ -155,6 +156,7 @@ void bwd(const at::Tensor& q, const std::optional<at::Tensor>& k, const std::opt
         p.gdv_batch_stride = grad_depth_v->stride(0), p.gdv_seq_stride = grad_depth_v->stride(1);
         p.gdv_slot_stride = grad_depth_v->stride(2), p.gdv_head_stride = grad_depth_v->stride(3);
     }
+    p.accumulate_depth_grads = accumulate_depth_grads;
     c10::cuda::CUDAGuard guard(q.device());
     const char* error = moda::run_bwd(p, at::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(error[0] == '\0', "moda_cuda CUDA backward: ", error);
@@ -176,11 +178,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("bwd", &bwd,
           "MoDA backward: writes grad_q [B, T, Hq, D], grad_k, grad_v [B, T, Hk, D] and grad_depth_k, "
           "grad_depth_v [B, T, L, Hk, D]; deterministic=True: bitwise repeatable (no atomics), else at D = 64 "
-          "grad_q is accumulated with fp32 atomics (faster)",
+          "grad_q is accumulated with fp32 atomics (faster); accumulate_depth_grads=True: the depth gradients are "
+          "added to what grad_depth_k / grad_depth_v hold instead of overwriting them",
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("depth_k"), py::arg("depth_v"), py::arg("out"),
           py::arg("lse"), py::arg("dout"), py::arg("grad_lse"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"),
           py::arg("grad_depth_k"), py::arg("grad_depth_v"), py::arg("scale"), py::arg("causal"),
-          py::arg("depth_chunk"), py::arg("deterministic"));
+          py::arg("depth_chunk"), py::arg("deterministic"), py::arg("accumulate_depth_grads") = false);
     m.def("compiled_archs", &compiled_archs, "GPU architectures the kernels were compiled for");
     m.def("cuda_version", &cuda_version, "CUDA toolkit version the extension was built with");
 }

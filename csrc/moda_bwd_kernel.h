@@ -55,6 +55,7 @@ struct BwdKernelParams {
     int64_t gv_batch_stride, gv_seq_stride, gv_head_stride;
     int64_t gdk_batch_stride, gdk_seq_stride, gdk_slot_stride, gdk_head_stride;
     int64_t gdv_batch_stride, gdv_seq_stride, gdv_slot_stride, gdv_head_stride;
+    bool accumulate_depth_grads;  // add the depth gradients to grad_depth_k / _v (BwdParams)
     int batch, seqlen, kv_heads, group, depth, depth_chunk;
     int group_log2;           // G is a power of two: row / G is a shift
     int depth_box_slots;      // Lb
@@ -469,32 +470,59 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
 
         // ------------------------------------------------------------------ epilogue
         // dK = scale * sum dS^T Q (S was scaled); dV as accumulated. Rows past T or L are dropped.
+        // With accumulate_depth_grads a depth box's gradients are added to what the buffers
+        // hold (a depth stream's running sum over the layers that read these slots). Each
+        // element still has one writer, so the sum stays deterministic; all old values are
+        // loaded before the first store, so their latencies overlap.
         Element* gk = static_cast<Element*>(kb.is_seq ? p.grad_k : p.grad_depth_k);
         Element* gv = static_cast<Element*>(kb.is_seq ? p.grad_v : p.grad_depth_v);
+        using Pair = cutlass::Array<Element, 2>;
+        constexpr int kPairs = decltype(size(tdKrdK))::value / 4;  // per row h, for dK and for dV
+        Element* k_row[2];
+        Element* v_row[2];
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+            if (kb.is_seq) {
+                k_row[h] = gk + batch * p.gk_batch_stride + key_pos[h] * p.gk_seq_stride + hk * p.gk_head_stride;
+                v_row[h] = gv + batch * p.gv_batch_stride + key_pos[h] * p.gv_seq_stride + hk * p.gv_head_stride;
+            } else {
+                const int l = kb.l0 + key_row[h] % p.depth_box_slots;
+                k_row[h] = gk + batch * p.gdk_batch_stride + key_pos[h] * p.gdk_seq_stride +
+                           l * p.gdk_slot_stride + hk * p.gdk_head_stride;
+                v_row[h] = gv + batch * p.gdv_batch_stride + key_pos[h] * p.gdv_seq_stride +
+                           l * p.gdv_slot_stride + hk * p.gdv_head_stride;
+            }
+        }
+        // Pair i of row h: elements 4i + 2h and 4i + 2h + 1, adjacent columns (one 4-byte access).
+        auto pair_at = [&](Element* row, int i) { return reinterpret_cast<Pair*>(row + frag_col(4 * i, lane)); };
+        Pair k_old[2][kPairs], v_old[2][kPairs];
+        const bool add_to_old = !kb.is_seq && p.accumulate_depth_grads;
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int i = 0; i < kPairs; ++i) {
+                k_old[h][i].clear();
+                v_old[h][i].clear();
+                if (add_to_old && key_ok[h]) {
+                    k_old[h][i] = *pair_at(k_row[h], i);
+                    v_old[h][i] = *pair_at(v_row[h], i);
+                }
+            }
+        }
         CUTLASS_PRAGMA_UNROLL
         for (int h = 0; h < 2; ++h) {
             if (!key_ok[h]) continue;
-            int64_t k_off, v_off;
-            if (kb.is_seq) {
-                k_off = batch * p.gk_batch_stride + key_pos[h] * p.gk_seq_stride + hk * p.gk_head_stride;
-                v_off = batch * p.gv_batch_stride + key_pos[h] * p.gv_seq_stride + hk * p.gv_head_stride;
-            } else {
-                const int l = kb.l0 + key_row[h] % p.depth_box_slots;
-                k_off = batch * p.gdk_batch_stride + key_pos[h] * p.gdk_seq_stride + l * p.gdk_slot_stride +
-                        hk * p.gdk_head_stride;
-                v_off = batch * p.gdv_batch_stride + key_pos[h] * p.gdv_seq_stride + l * p.gdv_slot_stride +
-                        hk * p.gdv_head_stride;
-            }
             CUTLASS_PRAGMA_UNROLL
-            for (int e = 0; e < size(tdKrdK); e += 4) {
-                // Elements e + 2h and e + 2h + 1 are this row's adjacent column pair: one 4-byte store each.
-                cutlass::Array<Element, 2> k_pair, v_pair;
-                k_pair[0] = static_cast<Element>(tdKrdK(e + 2 * h) * p.scale);
-                k_pair[1] = static_cast<Element>(tdKrdK(e + 2 * h + 1) * p.scale);
-                v_pair[0] = static_cast<Element>(tdVrdV(e + 2 * h));
-                v_pair[1] = static_cast<Element>(tdVrdV(e + 2 * h + 1));
-                *reinterpret_cast<cutlass::Array<Element, 2>*>(gk + k_off + frag_col(e, lane)) = k_pair;
-                *reinterpret_cast<cutlass::Array<Element, 2>*>(gv + v_off + frag_col(e, lane)) = v_pair;
+            for (int i = 0; i < kPairs; ++i) {
+                Pair k_pair, v_pair;
+                CUTLASS_PRAGMA_UNROLL
+                for (int j = 0; j < 2; ++j) {
+                    const int e = 4 * i + 2 * h + j;
+                    k_pair[j] = static_cast<Element>(tdKrdK(e) * p.scale + static_cast<float>(k_old[h][i][j]));
+                    v_pair[j] = static_cast<Element>(tdVrdV(e) + static_cast<float>(v_old[h][i][j]));
+                }
+                *pair_at(k_row[h], i) = k_pair;
+                *pair_at(v_row[h], i) = v_pair;
             }
         }
     }

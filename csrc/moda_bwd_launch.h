@@ -52,6 +52,7 @@ std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {  // after
     p.gdk_slot_stride = a.gdk_slot_stride, p.gdk_head_stride = a.gdk_head_stride;
     p.gdv_batch_stride = a.gdv_batch_stride, p.gdv_seq_stride = a.gdv_seq_stride;
     p.gdv_slot_stride = a.gdv_slot_stride, p.gdv_head_stride = a.gdv_head_stride;
+    p.accumulate_depth_grads = a.accumulate_depth_grads;
     p.batch = B;
     p.seqlen = T;
     p.kv_heads = Hk;

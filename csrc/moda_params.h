@@ -63,6 +63,9 @@ struct BwdParams {
     int64_t gv_batch_stride, gv_seq_stride, gv_head_stride;
     int64_t gdk_batch_stride, gdk_seq_stride, gdk_slot_stride, gdk_head_stride;
     int64_t gdv_batch_stride, gdv_seq_stride, gdv_slot_stride, gdv_head_stride;
+    // true: add the depth gradients to what grad_depth_k / grad_depth_v hold instead of
+    // overwriting them (a depth stream summing its readers' gradients in place).
+    bool accumulate_depth_grads;
 };
 
 // Returns an empty string on success, else what went wrong (unsupported input, CUDA error).

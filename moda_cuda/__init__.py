@@ -20,7 +20,7 @@ import torch
 from . import ops as _ops  # registers torch.ops.moda.*
 from ._spec import check_inputs  # noqa: F401  (public: validate without running)
 from ._version import __version__
-from .dispatch import available_backends, check_backend_name
+from .dispatch import available_backends
 from .info import info
 
 __all__ = ["moda_attention", "available_backends", "info", "__version__", "DepthStream"]
@@ -64,12 +64,7 @@ def moda_attention(
     Returns ``out [B, T, Hq, D]`` in q's dtype (and ``lse`` when ``return_lse``).
     Differentiable in q, k, v, depth_k and depth_v.
     """
-    check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    check_backend_name(backend)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    _ops.check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend)
     out, lse = _ops.attention_op(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend)
     return (out, lse) if return_lse else out
 

@@ -17,15 +17,19 @@ How this stays correct under autograd
    slot is written once per generation and every read only covers slots that were already
    written (``read(n)`` needs ``n <= length``), so no append ever changes data a reader saw.
 2. *Gradient routing.* The alias carries no autograd history, so reads go through
-   :class:`_DepthRead`, a custom autograd Function. ``read(n)`` takes as inputs the
-   outputs of the previous read ``read(m)``, ``m <= n``, and the appended k/v tensors of
-   the new slots ``[m, n)``; its backward hands ``grad[:, :, :m]`` to the previous read and
-   ``grad[:, :, i]`` (a view, no copy) to slot ``i``. The reads thus form a chain, and
-   autograd's dependency counting does the rest: a read runs backward only after every
-   consumer of its output (its layer's attention and the next read, which carries the sum
-   of all later readers) has contributed, so each slot gets the sum over *all* its readers
-   before its producer runs, exactly as with stacking. Gradients are accumulated with one
-   add per read (``[B, T, n]`` at once) instead of one per slot and reader.
+   :class:`_DepthRead`, a custom autograd Function, and the gradients of all readers are
+   summed in place into one pair of ``[B, T, Lmax, Hk, D]`` buffers per backward pass
+   (:class:`_DepthGradSums`, zeroed when a backward pass first touches them). Each slot's
+   gradient is handed to its appended tensor exactly once, by its *owner*: the first read
+   that covered it. Every read takes the outputs of the read before it as (gradient-free)
+   inputs, so the reads form one chain in creation order, and autograd's dependency counting
+   runs a read's backward only after every consumer of its outputs and every later read
+   (with, in turn, their consumers) has run. When an owner runs, every reader of its slots
+   has therefore added its gradient, and the slot's sum is complete, exactly as the sum
+   autograd forms over the copies of a stack-per-layer formulation.
+   :meth:`DepthStream.attention` adds its depth gradients straight into the sums (the CUDA
+   backward does it in its epilogue); gradients reaching a read from any other consumer are
+   added by the read's backward (one add of ``[B, T, n]``).
 3. *Reuse.* :meth:`DepthStream.reset` starts a new generation: it bumps the old alias'
    version counter (``torch.autograd.graph.increment_version``), so a backward through a
    graph built before the reset fails loudly instead of reading overwritten slots, and
@@ -40,6 +44,10 @@ How this stays correct under autograd
 
 Under ``torch.no_grad()`` / ``torch.inference_mode()`` reads return the plain view (no
 autograd Function, no copy) and appended tensors are not kept alive.
+
+The depth part of the backward thus moves O(L) slots beside the kernels' own gradient
+writes, where the stack-per-layer formulation adds O(L^2) slot gradients (one per reader and
+slot) and copies O(L^2) slots in the forward.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = ["DepthStream"]
 
@@ -57,19 +66,47 @@ def _in_backward() -> bool:
     return graph_task_id is not None and graph_task_id() != -1
 
 
-class _DepthRead(torch.autograd.Function):
-    """``(alias_k[:, :, :n], alias_v[:, :, :n])``, differentiable through a chain of reads.
+def _graph_task_id() -> int:
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task_id() if graph_task_id is not None else -1
 
-    Inputs: the two aliases; ``n``; ``m``, the slot count of the previous read in the chain
-    (0 without one); the slots ``k_idx``/``v_idx`` in ``[m, n)`` whose appended tensors carry
-    autograd history; the previous read's outputs ``prev_k``/``prev_v`` (or None); then the
-    k tensors of ``k_idx`` followed by the v tensors of ``v_idx``.
+
+class _DepthGradSums:
+    """Sums of the depth gradients of one stream generation, ``[B, T, Lmax, Hk, D]`` each.
+
+    Allocated (zeroed) when a backward pass first asks for them, and again by the next
+    backward pass (``retain_graph``), so that every pass sums from zero; slots handed out
+    earlier stay views of the sums of their own pass.
+    """
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
+        self._like = dict(size=shape, dtype=dtype, device=device)
+        self._task: Optional[int] = None
+        self._k: Optional[torch.Tensor] = None
+        self._v: Optional[torch.Tensor] = None
+
+    def first(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Views of the sums of slots ``[0, n)``, in the current backward pass."""
+        task = _graph_task_id()
+        if self._k is None or task != self._task:
+            self._k, self._v, self._task = torch.zeros(**self._like), torch.zeros(**self._like), task
+        return self._k[:, :, :n], self._v[:, :, :n]
+
+
+class _DepthRead(torch.autograd.Function):
+    """``(alias_k[:, :, :n], alias_v[:, :, :n])``, a link of the stream's chain of reads.
+
+    Inputs: the gradient sums; the two aliases; ``n``; the slots ``k_idx``/``v_idx`` this read
+    owns (hands gradients to); which outputs are differentiable; the previous read's outputs
+    ``prev_k``/``prev_v`` (or None: inputs only to order the backward passes, they get no
+    gradient); then the appended k tensors of ``k_idx`` followed by the v tensors of ``v_idx``.
     """
 
     @staticmethod
-    def forward(ctx, alias_k, alias_v, n: int, m: int, k_idx: Tuple[int, ...], v_idx: Tuple[int, ...],
+    def forward(ctx, sums: _DepthGradSums, alias_k, alias_v, n: int, k_idx: Tuple[int, ...],
+                v_idx: Tuple[int, ...], k_differentiable: bool, v_differentiable: bool,
                 prev_k: Optional[torch.Tensor], prev_v: Optional[torch.Tensor], *slots: torch.Tensor):
-        ctx.m, ctx.k_idx, ctx.v_idx = m, k_idx, v_idx
+        ctx.sums, ctx.n, ctx.k_idx, ctx.v_idx = sums, n, k_idx, v_idx
         ctx.set_materialize_grads(False)
         # Slices of the aliases, not of the buffers: they share the alias' version counter,
         # which appends never touch (see the module docstring). `.detach()` makes them plain
@@ -77,24 +114,51 @@ class _DepthRead(torch.autograd.Function):
         # Function rather than as views of its inputs, whose in-place rules would reject
         # the version bump of a later reset() with a confusing message.
         out_k, out_v = alias_k[:, :, :n].detach(), alias_v[:, :, :n].detach()
-        if not k_idx and not (prev_k is not None and prev_k.requires_grad):
+        if not k_differentiable:
             ctx.mark_non_differentiable(out_k)
-        if not v_idx and not (prev_v is not None and prev_v.requires_grad):
+        if not v_differentiable:
             ctx.mark_non_differentiable(out_v)
         return out_k, out_v
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_k, grad_v):
-        m = ctx.m
+        sum_k, sum_v = ctx.sums.first(ctx.n)
+        if grad_k is not None:  # from consumers other than DepthStream.attention
+            sum_k.add_(grad_k)
+        if grad_v is not None:
+            sum_v.add_(grad_v)
+        # Every reader of the owned slots has run (module docstring, 2.): their sums are final.
+        slot_gk = [sum_k[:, :, i] for i in ctx.k_idx]
+        slot_gv = [sum_v[:, :, i] for i in ctx.v_idx]
+        return (None,) * 10 + (*slot_gk, *slot_gv)
 
-        def split(grad: Optional[torch.Tensor], idx: Tuple[int, ...]):
-            if grad is None:
-                return None, [None] * len(idx)
-            return (grad[:, :, :m] if m > 0 else None), [grad[:, :, i] for i in idx]
 
-        prev_gk, slot_gk = split(grad_k, ctx.k_idx)
-        prev_gv, slot_gv = split(grad_v, ctx.v_idx)
-        return (None,) * 6 + (prev_gk, prev_gv, *slot_gk, *slot_gv)
+class _StreamAttention(torch.autograd.Function):
+    """MoDA over ``(q, k, v)`` and a read's depth views whose depth gradients are added in
+    place into the stream's gradient sums; autograd sees no gradient for the depth views."""
+
+    @staticmethod
+    def forward(ctx, sums: _DepthGradSums, q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic,
+                backend):
+        from .ops import attention_op
+
+        out, lse = attention_op(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend)
+        ctx.save_for_backward(q, k, v, depth_k, depth_v, out, lse)
+        ctx.sums, ctx.options = sums, (scale, causal, depth_chunk, deterministic, backend)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        from .ops import backward_adding_depth_grads
+
+        q, k, v, depth_k, depth_v, out, lse = ctx.saved_tensors
+        scale, causal, depth_chunk, deterministic, backend = ctx.options
+        grad_q, grad_k, grad_v = backward_adding_depth_grads(
+            grad_out, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk, deterministic, backend,
+            ctx.sums.first(depth_k.shape[2]))
+        return (None, grad_q, grad_k, grad_v) + (None,) * 7
 
 
 class DepthStream:
@@ -196,8 +260,12 @@ class DepthStream:
         # Appended tensors that carry autograd history, per slot (None: appended without grad).
         self._k_slots: List[Optional[torch.Tensor]] = [None] * self.max_layers
         self._v_slots: List[Optional[torch.Tensor]] = [None] * self.max_layers
-        # Differentiable reads so far, (n, depth_k, depth_v): the chain of _DepthRead.
-        self._reads: List[Tuple[int, torch.Tensor, torch.Tensor]] = []
+        # Whether a differentiable read already owns the slot (hands its gradient out).
+        self._k_owned: List[bool] = [False] * self.max_layers
+        self._v_owned: List[bool] = [False] * self.max_layers
+        # Outputs of the last differentiable read: the next one chains onto them.
+        self._last_read: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
+        self._grad_sums = _DepthGradSums(self._k.shape, self._k.dtype, self._k.device)
 
     def reset(self) -> None:
         """Forget all slots so the buffers can be refilled (e.g. for the next batch).
@@ -274,16 +342,51 @@ class DepthStream:
             raise ValueError(f"cannot read {n} slots: only {self._length} are written")
         if not torch.is_grad_enabled():
             return self._alias_k[:, :, :n], self._alias_v[:, :, :n]
-        # Chain onto the largest earlier differentiable read that this one covers.
-        m, prev_k, prev_v = 0, None, None
-        for r in self._reads:
-            if m <= r[0] <= n:
-                m, prev_k, prev_v = r
-        k_idx = tuple(i for i in range(m, n) if self._k_slots[i] is not None)
-        v_idx = tuple(i for i in range(m, n) if self._v_slots[i] is not None)
-        if prev_k is None and not (k_idx or v_idx):
+        k_differentiable = any(self._k_slots[i] is not None for i in range(n))
+        v_differentiable = any(self._v_slots[i] is not None for i in range(n))
+        if not (k_differentiable or v_differentiable):
             return self._alias_k[:, :, :n], self._alias_v[:, :, :n]  # nothing differentiable
+        # This read owns the slots with gradients that no earlier read covered.
+        k_idx = tuple(i for i in range(n) if self._k_slots[i] is not None and not self._k_owned[i])
+        v_idx = tuple(i for i in range(n) if self._v_slots[i] is not None and not self._v_owned[i])
+        for i in k_idx:
+            self._k_owned[i] = True
+        for i in v_idx:
+            self._v_owned[i] = True
         tracked: Sequence[torch.Tensor] = [self._k_slots[i] for i in k_idx] + [self._v_slots[i] for i in v_idx]
-        out_k, out_v = _DepthRead.apply(self._alias_k, self._alias_v, n, m, k_idx, v_idx, prev_k, prev_v, *tracked)
-        self._reads.append((n, out_k, out_v))
+        out_k, out_v = _DepthRead.apply(self._grad_sums, self._alias_k, self._alias_v, n, k_idx, v_idx,
+                                        k_differentiable, v_differentiable, *self._last_read, *tracked)
+        self._last_read = (out_k, out_v)
         return out_k, out_v
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: Optional[torch.Tensor],
+        v: Optional[torch.Tensor],
+        n: Optional[int] = None,
+        *,
+        scale: Optional[float] = None,
+        causal: bool = True,
+        depth_chunk: int = 1,
+        deterministic: bool = False,
+        backend: str = "auto",
+    ) -> torch.Tensor:
+        """:func:`moda_cuda.moda_attention` of ``q, k, v`` and the first ``n`` slots (default: all
+        written), the depth read as in :meth:`read`.
+
+        The same values and gradients as ``moda_attention(q, k, v, *self.read(n), ...)``, but
+        the depth gradients are added in place into the stream's sums over all readers (the
+        CUDA backward adds them in its epilogue) instead of being returned and summed by
+        autograd: the backward's depth traffic is then that of the kernels alone.
+        """
+        from . import moda_attention  # looked up per call: the public op, whatever patches it
+        from .ops import check_call
+
+        depth_k, depth_v = self.read(n)
+        if depth_k.shape[2] == 0 or not (depth_k.requires_grad or depth_v.requires_grad):
+            return moda_attention(q, k, v, depth_k, depth_v, scale=scale, causal=causal, depth_chunk=depth_chunk,
+                                  deterministic=deterministic, backend=backend)
+        check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend)
+        return _StreamAttention.apply(self._grad_sums, q, k, v, depth_k, depth_v, scale, causal, depth_chunk,
+                                      deterministic, backend)

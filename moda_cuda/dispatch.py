@@ -245,15 +245,17 @@ def cuda_backward_by() -> str:
 
 
 def _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
-                       deterministic):
+                       deterministic, depth_grads_into=None):
     ext = _cuda_ext.load()
     if _layout_refuses("grad_out", grad_out):
         grad_out = grad_out.contiguous()  # dO is loaded with TMA, like q
     grads = [torch.empty(t.shape, device=t.device, dtype=t.dtype) if t is not None else None
              for t in (q, k, v, depth_k, depth_v)]
+    if depth_grads_into is not None:
+        grads[3:] = depth_grads_into  # the kernel adds into them (any even strides)
     glse = None if grad_lse is None else grad_lse.float().contiguous()
     ext.bwd(q, k, v, depth_k, depth_v, out, lse, grad_out, glse, *grads, float(scale), bool(causal),
-            int(depth_chunk), bool(deterministic))
+            int(depth_chunk), bool(deterministic), depth_grads_into is not None)
     return tuple(grads)
 
 
@@ -272,6 +274,23 @@ def _cuda_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scal
 CUDA = Backend("cuda", _cuda_unavailable, _cuda_refuses, _cuda_forward, _cuda_backward,
                backward_by=cuda_backward_by)
 
+def backward_adding_depth_grads(backend: Backend, grad_out, q, k, v, depth_k, depth_v, out, lse, scale, causal,
+                                depth_chunk, deterministic, depth_grads_into):
+    """``backend``'s gradients of q, k, v; those of depth_k and depth_v are added into the two
+    tensors of ``depth_grads_into`` (shaped like depth_k, depth_v; any strides) instead of
+    returned. The compiled backward adds them in its epilogue, so they never exist on their
+    own; the other backends compute them and they are added here."""
+    if backend is CUDA and cuda_backward_by() == "cuda":
+        grads = _compiled_backward(grad_out, None, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
+                                   deterministic, depth_grads_into)
+    else:
+        grads = backend.backward(grad_out, None, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
+                                 deterministic)
+        for into, grad in zip(depth_grads_into, grads[3:]):
+            into.add_(grad)
+    return grads[:3]
+
+
 # ----------------------------------------------------------------------------- selection
 
 BACKENDS = {b.name: b for b in (TRITON, CUDA, REFERENCE)}
@@ -285,9 +304,13 @@ _AUTO_ORDER = (CUDA, TRITON)
 # Measured on the H200 (bf16, causal forward; README, bench/NOTES.md):
 #   share 1/16 (T=16384, G=8, L=64, D=64)  cuda faster
 #   share 1/8  (T=8192,  G=4, L=32, D=128) cuda faster
+#   shares 0.13-0.24 (T=4096, G=4, L=17..31, D=64: the depth-stream benchmark's layers)
+#                                          cuda faster: 10.28 against 12.03 ms for the
+#                                          32-layer stack's forward (bench/results/)
 #   share 1/4  (T=4096,  G=8, L=64, D=64)  triton faster before the six-stage forward; since,
 #                                          within run-to-run noise (0.505 against 0.515 ms)
-_CUDA_MAX_DEPTH_SHARE = 1 / 8
+# So cuda below 1/4; at 1/4 and above (where nothing says cuda is faster) triton.
+_CUDA_DEPTH_SHARE_LIMIT = 1 / 4
 
 
 def cuda_depth_share(shape: MoDAShape) -> float:
@@ -303,7 +326,7 @@ DIRECTIONS = ("forward", "backward")
 def _auto_order(shape: MoDAShape, direction: str = "forward") -> Tuple["Backend", ...]:
     """``_AUTO_ORDER``; for the forward, with the compiled forward moved last where its depth
     share is large (the compiled backward is the faster one at every measured share)."""
-    if direction == "backward" or cuda_depth_share(shape) <= _CUDA_MAX_DEPTH_SHARE:
+    if direction == "backward" or cuda_depth_share(shape) < _CUDA_DEPTH_SHARE_LIMIT:
         return _AUTO_ORDER
     return tuple(b for b in _AUTO_ORDER if b is not CUDA) + tuple(b for b in _AUTO_ORDER if b is CUDA)
 

@@ -269,15 +269,16 @@ class MoDAAttention(nn.Module):
         if cfg.rope:
             rope = rope if rope is not None else _rope_tables(cfg, T, x.device)
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        depth_k = depth_v = None
+        options = dict(causal=self.causal, depth_chunk=cfg.depth_chunk, backend=cfg.backend)
         if stream is not None:
             slot = stream.length if slot is None else slot
             # The kernel wants one dtype; under autocast the projections already match.
             q, k, v = q.to(stream.dtype), k.to(stream.dtype), v.to(stream.dtype)
-            if slot > 0:  # the first block has no depth yet: skip the empty depth pass
-                depth_k, depth_v = stream.read(slot)
-        out = moda_attention(q, k, v, depth_k, depth_v, causal=self.causal, depth_chunk=cfg.depth_chunk,
-                             backend=cfg.backend)
+        if stream is not None and slot > 0:
+            # Reads the earlier slots; their gradients are summed in the stream, in place.
+            out = stream.attention(q, k, v, slot, **options)
+        else:  # no depth, or none yet (the first block): skip the empty depth pass
+            out = moda_attention(q, k, v, None, None, **options)
         if stream is not None and append:
             stream.append(k, v, slot=slot)
         return self.o_proj(out.reshape(B, T, cfg.n_heads * cfg.head_dim).to(x.dtype))

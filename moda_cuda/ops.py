@@ -69,6 +69,18 @@ def _backward_impl(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scal
     return tuple(q.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
+def backward_adding_depth_grads(grad_out, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
+                                deterministic, backend, depth_grads_into):
+    """Gradients of q, k, v of one call (None for an absent k, v); the depth gradients are
+    added into ``depth_grads_into`` instead (see ``dispatch.backward_adding_depth_grads``).
+    For :class:`moda_cuda.DepthStream`, which sums its readers' depth gradients in place."""
+    shape = check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
+    impl = dispatch.resolve(backend, q, shape, (q, k, v, depth_k, depth_v), direction="backward")
+    return dispatch.backward_adding_depth_grads(impl, grad_out, q, k, v, depth_k, depth_v, out, lse,
+                                                default_scale(shape.head_dim, scale), causal, depth_chunk,
+                                                deterministic, depth_grads_into)
+
+
 def _fake_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
                    deterministic, backend):
     like = (q, k, v, depth_k, depth_v)
@@ -103,6 +115,16 @@ for _name, _impl in (("attention", _forward), ("attention_with_backend", _forwar
     torch.library.register_autograd(f"moda::{_name}", _backward, setup_context=_setup_context)
 torch.library.register_kernel("moda::attention_backward", ("cpu", "cuda"), _backward_impl)
 torch.library.register_fake("moda::attention_backward")(_fake_backward)
+
+
+def check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend) -> None:
+    """Raise on an invalid call before any kernel runs (the public entry points' checks)."""
+    check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    dispatch.check_backend_name(backend)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
 
 
 def attention_op(q, k, v, depth_k, depth_v, scale: Optional[float], causal: bool, depth_chunk: int,

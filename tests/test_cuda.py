@@ -254,3 +254,65 @@ def test_torch_compile_on_cuda():
     g2 = torch.autograd.grad(moda_cuda.moda_attention(*leaves).float().square().sum(), leaves)
     for a, b in zip(g1, g2):
         assert rel_err(a, b) < 1e-2
+
+
+@pytest.mark.parametrize("case", [B.but(chunk=3), B.but(D=128, seq=False), B.but(Hk=16, L=5, causal=False)], ids=str)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_compiled_backward_adds_depth_grads_into_strided_sums(case, deterministic, monkeypatch):
+    """The compiled backward's accumulating mode (DepthStream.attention): q, k, v gradients as
+    the ordinary backward's, and the depth gradients added to what strided views of larger
+    buffers already hold, the slots past L untouched."""
+    require_cuda_backend()
+    monkeypatch.setenv(dispatch.CUDA_BACKWARD_ENV, "cuda")
+    q, k, v, dk, dv = make_inputs(case, torch.bfloat16, "cuda", depth_slots=case.L + 3)
+    scale, args = case.D ** -0.5, (case.causal, case.chunk)
+    out, lse = dispatch.CUDA.forward(q, k, v, dk, dv, scale, *args)
+    dout = torch.randn_like(out)
+    want = dispatch.CUDA.backward(dout, None, q, k, v, dk, dv, out, lse, scale, *args, True)
+    # Old values of the gradients' own magnitude: a missing or doubled gradient is a large error,
+    # rounding the bfloat16 sums a small one.
+    buffers = [grad.float().std() * torch.randn(dk.shape[:2] + (case.L + 3,) + dk.shape[3:], device="cuda")
+               for grad in want[3:]]
+    buffers = [b.bfloat16() for b in buffers]
+    before = [b.clone() for b in buffers]
+    into = [b[:, :, :case.L] for b in buffers]
+    got = dispatch.backward_adding_depth_grads(dispatch.CUDA, dout, q, k, v, dk, dv, out, lse, scale, *args,
+                                               deterministic, into)
+    for name, a, b in zip("qkv", got, want[:3]):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert rel_err(a, b) < 1e-2, name
+    for buf, old, grad in zip(buffers, before, want[3:]):
+        assert torch.equal(buf[:, :, case.L:], old[:, :, case.L:])
+        assert rel_err(buf[:, :, :case.L], old[:, :, :case.L].float() + grad.float()) < 1e-2
+        assert grad.abs().amax() > 0
+
+
+def test_depth_stream_attention_on_cuda_matches_stack():
+    """A few layers reading a DepthStream through DepthStream.attention (the compiled backward
+    adds the depth gradients into the stream's sums) against the stack-per-layer formulation."""
+    require_cuda_backend()
+    Bt, T, Hq, Hk, D, n_layers = 2, 300, 8, 2, 64, 4
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(Bt, T, Hq, D, generator=g).cuda().bfloat16().requires_grad_()
+    scales = torch.randn(n_layers, 3, D, generator=g).mul(0.1).add(1).cuda().bfloat16().requires_grad_()
+
+    def run(stacked):
+        stream = moda_cuda.DepthStream(Bt, T, n_layers, Hk, D, dtype=torch.bfloat16, device="cuda")
+        x, ks, vs = x0, [], []
+        for l in range(n_layers):
+            kv = x.view(Bt, T, Hk, Hq // Hk, D).mean(3)
+            q, k, v = x * scales[l, 0], kv * scales[l, 1], kv * scales[l, 2]
+            if stacked:
+                depth = (torch.stack(ks, 2), torch.stack(vs, 2)) if ks else (None, None)
+                out = moda_cuda.moda_attention(q, k, v, *depth, depth_chunk=2, backend="cuda")
+                ks.append(k)
+                vs.append(v)
+            else:
+                out = stream.attention(q, k, v, depth_chunk=2, backend="cuda")
+                stream.append(k, v)
+            x = x + out * 0.25
+        return torch.autograd.grad(x.float().square().mean(), (x0, scales))
+
+    for a, b in zip(run(stacked=False), run(stacked=True)):
+        assert rel_err(a, b) < 1e-2

@@ -19,13 +19,17 @@ def _params(n_layers: int, seed: int = 0):
     return x, w
 
 
-def _layer(h, w, depth, causal, chunk):
-    """One toy layer: projections of h, MoDA over (own k/v, depth), residual. Returns (h, k, v)."""
+def _layer(h, w, attend):
+    """One toy layer: projections of h, MoDA over (own k/v, depth) by ``attend(q, k, v)``,
+    residual. Returns (h, k, v)."""
     q, k, v = (h @ w).split([HQ * D, HK * D, HK * D], dim=-1)
     q, k, v = q.reshape(B, T, HQ, D), k.reshape(B, T, HK, D), v.reshape(B, T, HK, D)
-    dk, dv = depth
-    out = moda_attention(q, k, v, dk, dv, causal=causal, depth_chunk=chunk)
-    return h + out.reshape(B, T, HQ * D), k, v
+    return h + attend(q, k, v).reshape(B, T, HQ * D), k, v
+
+
+# How a stream layer attends: moda_attention over stream.read(), or stream.attention (the
+# depth gradients summed in place).
+STREAM_MODES = ("stream", "stream_attention")
 
 
 def _run(mode: str, n_layers: int, causal: bool, chunk: int, ckpt: bool = False, chain: bool = True):
@@ -35,21 +39,27 @@ def _run(mode: str, n_layers: int, causal: bool, chunk: int, ckpt: bool = False,
     run the readers of a slot in any order relative to its producer's other consumers.
     """
     x, ws = _params(n_layers)
-    stream = DepthStream(B, T, n_layers, HK, D, dtype=F64) if mode == "stream" else None
+    stream = DepthStream(B, T, n_layers, HK, D, dtype=F64) if mode in STREAM_MODES else None
     ks, vs, outs = [], [], []
     h = x
     for i, w in enumerate(ws):
         if mode == "stream":
-            def body(h_in, w_in, i=i):
-                dk, dv = stream.read(i)
-                h_out, k, v = _layer(h_in, w_in, (dk, dv), causal, chunk)
+            def attend(q, k, v, i=i):
+                return moda_attention(q, k, v, *stream.read(i), causal=causal, depth_chunk=chunk)
+        elif mode == "stream_attention":
+            def attend(q, k, v, i=i):
+                return stream.attention(q, k, v, i, causal=causal, depth_chunk=chunk)
+        if mode in STREAM_MODES:
+            def body(h_in, w_in, i=i, attend=attend):
+                h_out, k, v = _layer(h_in, w_in, attend)
                 stream.append(k, v, slot=i)
                 return h_out, k, v
         else:
             def body(h_in, w_in, prev_k=list(ks), prev_v=list(vs)):
                 # Bound now: a checkpoint recompute must see the same previous layers.
                 depth = (torch.stack(prev_k, dim=2), torch.stack(prev_v, dim=2)) if prev_k else (None, None)
-                return _layer(h_in, w_in, depth, causal, chunk)
+                return _layer(h_in, w_in, lambda q, k, v: moda_attention(q, k, v, *depth, causal=causal,
+                                                                         depth_chunk=chunk))
         inp = h if chain else x
         h_new, k, v = checkpoint(body, inp, w, use_reentrant=False) if ckpt else body(inp, w)
         k.retain_grad()
@@ -70,31 +80,34 @@ def _assert_same(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"gradient {i} differs")
 
 
+@pytest.mark.parametrize("mode", STREAM_MODES)
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_grads_equal_stack_per_layer(causal, chunk):
+def test_grads_equal_stack_per_layer(mode, causal, chunk):
     want = _run("stack", 4, causal, chunk)
-    got = _run("stream", 4, causal, chunk)
+    got = _run(mode, 4, causal, chunk)
     _assert_same(got, want)
     # Depth really contributes: the last layer's input gradients differ without it.
     assert any(g.abs().max() > 0 for g in got[1 + 4 : 1 + 4 + 3])
 
 
+@pytest.mark.parametrize("mode", STREAM_MODES)
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_grads_equal_without_chain(chunk):
-    _assert_same(_run("stream", 5, True, chunk, chain=False), _run("stack", 5, True, chunk, chain=False))
+def test_grads_equal_without_chain(mode, chunk):
+    _assert_same(_run(mode, 5, True, chunk, chain=False), _run("stack", 5, True, chunk, chain=False))
 
 
+@pytest.mark.parametrize("mode", STREAM_MODES)
 @pytest.mark.parametrize("chunk", [1, 3])
 @pytest.mark.parametrize("early_stop", [True, False])
-def test_activation_checkpointing_same_grads(chunk, early_stop, monkeypatch):
+def test_activation_checkpointing_same_grads(mode, chunk, early_stop, monkeypatch):
     # Without early stop the recomputation runs each layer to its end, append included.
     replays = []
     real = depth_stream._in_backward
     monkeypatch.setattr(depth_stream, "_in_backward", lambda: replays.append(1) or real())
     want = _run("stack", 4, True, chunk)
     with set_checkpoint_early_stop(early_stop):
-        _assert_same(_run("stream", 4, True, chunk, ckpt=True), want)
+        _assert_same(_run(mode, 4, True, chunk, ckpt=True), want)
         _assert_same(_run("stack", 4, True, chunk, ckpt=True), want)
     assert len(replays) == (0 if early_stop else 4)
 
@@ -120,14 +133,20 @@ def test_irregular_reads_match_stack(seed):
         k_used = [x * 1.5 if x.requires_grad else x for x in k_in]  # non-leaf, like a projection
         v_used = [x * 0.5 if x.requires_grad else x for x in v_in]
         s = DepthStream(B, T, n_slots, HK, D, dtype=F64)
-        loss, q_iter = 0, iter(qs)
+        loss, q_iter, pick = 0, iter(qs), torch.Generator().manual_seed(seed)
         for i in range(n_slots):
             s.append(k_used[i], v_used[i])
             for n in plan[i]:
                 if n == 0:
                     continue
-                dk, dv = s.read(n) if mode == "stream" else (torch.stack(k_used[:n], 2), torch.stack(v_used[:n], 2))
-                out = moda_attention(next(q_iter), None, None, dk, dv, depth_chunk=2)
+                q = next(q_iter)
+                if mode == "stack":
+                    out = moda_attention(q, None, None, torch.stack(k_used[:n], 2), torch.stack(v_used[:n], 2),
+                                         depth_chunk=2)
+                elif torch.rand(1, generator=pick) < 0.5:  # the two ways to attend, mixed
+                    out = s.attention(q, None, None, n, depth_chunk=2)
+                else:
+                    out = moda_attention(q, None, None, *s.read(n), depth_chunk=2)
                 loss = loss + (out * out).sum()
         if not torch.is_tensor(loss) or not loss.requires_grad:
             return []
@@ -223,6 +242,54 @@ def test_appends_after_a_read_do_not_break_backward():
     kk = k.detach().clone().requires_grad_()
     moda_attention(q, None, None, kk[:, :, None], kk[:, :, None]).sum().backward()
     torch.testing.assert_close(k.grad, kk.grad)
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_attention_equals_moda_attention_over_read(n):
+    """Values and gradients of stream.attention are those of moda_attention over read(n),
+    with sequence keys or depth only, and it validates its arguments like moda_attention."""
+    g = torch.Generator().manual_seed(n)
+    slots = [torch.randn(B, T, HK, D, generator=g, dtype=F64, requires_grad=True) for _ in range(3)]
+    q, k, v = (torch.randn(B, T, h, D, generator=g, dtype=F64, requires_grad=True) for h in (HQ, HK, HK))
+    for seq in ([k, v], [None, None]):
+        if seq[0] is None and n == 0:
+            continue  # depth-only attention needs depth rows
+        grads = []
+        for use_attention in (True, False):
+            s = DepthStream(B, T, 3, HK, D, dtype=F64)
+            for x in slots:
+                s.append(x * 2, x - 1)
+            out = s.attention(q, *seq, n, depth_chunk=2) if use_attention else \
+                moda_attention(q, *seq, *s.read(n), depth_chunk=2)
+            inputs = [q] + [x for x in seq if x is not None] + slots[:n]
+            grads.append((out, torch.autograd.grad((out * out.cos()).sum(), inputs)))
+        (out_a, grads_a), (out_b, grads_b) = grads
+        torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+        _assert_same(list(grads_a), list(grads_b))
+    s = _filled(2)
+    q32 = torch.randn(B, T, HQ, D)
+    with pytest.raises(ValueError, match="depth_chunk"):
+        s.attention(q32, None, None, depth_chunk=0)
+    with pytest.raises(ValueError, match="unknown MoDA backend"):
+        s.attention(q32, None, None, backend="nope")
+    with pytest.raises(TypeError, match="deterministic"):
+        s.attention(q32, None, None, deterministic=1)
+    with pytest.raises(ValueError, match="only 2 are written"):
+        s.attention(q32, None, None, 3)
+
+
+def test_attention_retain_graph_backward_twice():
+    """Each backward pass sums the depth gradients from zero."""
+    s = DepthStream(B, T, 2, HK, D, dtype=F64)
+    k = torch.randn(B, T, HK, D, dtype=F64, requires_grad=True)
+    s.append(k * 1.5, k)
+    s.append(k.detach(), k * 0.5)
+    q = torch.randn(B, T, HQ, D, dtype=F64)
+    loss = s.attention(q, None, None).square().sum() + s.attention(q, None, None, 1).sum()
+    (first,) = torch.autograd.grad(loss, k, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, k)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    assert first.abs().sum() > 0
 
 
 def test_bad_inputs():

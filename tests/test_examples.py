@@ -83,7 +83,8 @@ def test_bench_smoke(tmp_path):
     stdout = run([sys.executable, str(ROOT / "bench/bench_depth_stream.py"), "--smoke", "--out", str(tmp_path)],
                  tmp_path)
     report = json.loads((tmp_path / "depth_stream_smoke.json").read_text())
-    assert set(report["variants"]) == {"stream", "stack", "none"}
-    assert report["correctness"]["max_rel_grad_diff"] < 1e-5
+    assert set(report["variants"]) == {"stream", "stream_read", "stack", "none"}
+    assert report["correctness"]["max_rel_grad_diff_stream"] < 1e-5
+    assert report["correctness"]["max_rel_grad_diff_stream_read"] < 1e-5
     assert report["summary"]["depth_state_memory_ratio_analytic"] == pytest.approx((4 * 3 / 2) / 3)
     assert "speedup_step" in stdout
