@@ -19,7 +19,8 @@ How this stays correct under autograd
 2. *Gradient routing.* The alias carries no autograd history, so reads go through
    :class:`_DepthRead`, a custom autograd Function, and the gradients of all readers are
    summed in place into one pair of ``[B, T, Lmax, Hk, D]`` buffers per backward pass
-   (:class:`_DepthGradSums`, zeroed when a backward pass first touches them). Each slot's
+   (:class:`_DepthGradSums`, zeroed when a backward pass first touches them: a second pass
+   over a retained graph starts from zero again). Each slot's
    gradient is handed to its appended tensor exactly once, by its *owner*: the first read
    that covered it. Every read takes the outputs of the read before it as (gradient-free)
    inputs, so the reads form one chain in creation order, and autograd's dependency counting
@@ -40,13 +41,15 @@ How this stays correct under autograd
    already-written slot is accepted only while autograd is running a backward (that is,
    during recomputation) and then leaves the slot as it is: its contents are what the
    forward readers saw, so the recomputed graph sees the same values even when the
-   recomputation is not bit-identical. Outside backward such a write is a ValueError.
+   recomputation is not bit-identical. Outside backward such a write is a ValueError. The
+   recomputation's reads own no slot (every slot already has its owner), and autograd
+   runs the original graph's nodes, so the gradient sums see each reader once.
 
 Under ``torch.no_grad()`` / ``torch.inference_mode()`` reads return the plain view (no
 autograd Function, no copy) and appended tensors are not kept alive.
 
-The depth part of the backward thus moves O(L) slots beside the kernels' own gradient
-writes, where the stack-per-layer formulation adds O(L^2) slot gradients (one per reader and
+Outside the kernels, whose gradient traffic for the depth rows is inherent, the depth part
+of the backward thus moves O(L) slots, where the stack-per-layer formulation adds O(L^2) slot gradients (one per reader and
 slot) and copies O(L^2) slots in the forward.
 """
 
