@@ -274,6 +274,7 @@ def _cuda_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scal
 CUDA = Backend("cuda", _cuda_unavailable, _cuda_refuses, _cuda_forward, _cuda_backward,
                backward_by=cuda_backward_by)
 
+
 def backward_adding_depth_grads(backend: Backend, grad_out, q, k, v, depth_k, depth_v, out, lse, scale, causal,
                                 depth_chunk, deterministic, depth_grads_into):
     """``backend``'s gradients of q, k, v; those of depth_k and depth_v are added into the two
