@@ -178,9 +178,12 @@ class DepthStream:
 
         stream = DepthStream(B, T, n_layers, Hk, D, dtype=x.dtype, device=x.device)
         for layer in layers:
-            depth_k, depth_v = stream.read()      # [B, T, l, Hk, D] strided views
-            ...moda_attention(q, k, v, depth_k, depth_v)...
+            out = stream.attention(q, k, v)       # MoDA over k, v and all written slots
             stream.append(k, v)                   # k, v: [B, T, Hk, D]
+
+    ``stream.read()`` gives the slots themselves (``[B, T, l, Hk, D]`` strided views) for
+    any other use, e.g. ``moda_attention(q, k, v, *stream.read())``: the same values and
+    gradients, with each layer's depth gradients returned and then summed by the stream.
     """
 
     def __init__(
