@@ -13,8 +13,8 @@ adds the output back. The variants share everything except how depth is supplied
 * ``none``   -- no depth at all, to measure what the depth state itself costs.
 
 Reported per variant: median step time (``triton.testing.do_bench``, or a plain timer without
-Triton, in each of ``--rounds`` rounds; the median over rounds), peak allocated memory of a step above the inputs, and the memory still held after
-the forward pass (what backward keeps). Depth-state memory = held(variant) - held(none),
+Triton, in each of ``--rounds`` rounds; the median over rounds), peak allocated memory of a
+step above the inputs, and the memory still held after the forward pass (what backward keeps). Depth-state memory = held(variant) - held(none),
 next to the analytic size of the tensors each variant keeps.
 
     python bench/bench_depth_stream.py --out bench/results          # GPU, the sizes
@@ -72,11 +72,11 @@ class Stack:
             if variant.startswith("stream") and a.layers > 1 else None
         ks: List[torch.Tensor] = []
         vs: List[torch.Tensor] = []
+        options = dict(causal=True, depth_chunk=a.depth_chunk, backend=a.backend)
         for l in range(a.layers):
             q = x * self.sq[l]
             kv = x.view(B, T, Hk, G, D).mean(3)
             k, v = kv * self.sk[l], kv * self.sv[l]
-            options = dict(causal=True, depth_chunk=a.depth_chunk, backend=a.backend)
             if variant == "stream" and l > 0:
                 out = stream.attention(q, k, v, l, **options)  # depth gradients summed in place
             elif variant == "stream_read" and l > 0:
@@ -195,7 +195,7 @@ def backends_used(a: argparse.Namespace) -> Dict[str, Dict[str, int]]:
 
     counts: Dict[str, Dict[str, int]] = {"forward": {}, "backward": {}}
     for l in range(a.layers):
-        picked = _backends_for((a.batch, a.seqlen, a.q_heads, a.kv_heads, a.head_dim, l), str(DTYPES[a.dtype])[6:])
+        picked = _backends_for((a.batch, a.seqlen, a.q_heads, a.kv_heads, a.head_dim, l), str(DTYPES[a.dtype]).removeprefix("torch."))
         for direction, backend in picked.items():
             name = backend.name if direction == "forward" else backend.backward_name
             counts[direction][name] = counts[direction].get(name, 0) + 1

@@ -20,9 +20,8 @@ How this stays correct under autograd
    :class:`_DepthRead`, a custom autograd Function, and the gradients of all readers are
    summed in place into one pair of ``[B, T, Lmax, Hk, D]`` buffers per backward pass
    (:class:`_DepthGradSums`, zeroed when a backward pass first touches them: a second pass
-   over a retained graph starts from zero again). Each slot's
-   gradient is handed to its appended tensor exactly once, by its *owner*: the first read
-   that covered it. Every read takes the outputs of the read before it as (gradient-free)
+   over a retained graph starts from zero again). Each slot's gradient is handed to its
+   appended tensor exactly once, by its *owner*: the first read that covered it. Every read takes the outputs of the read before it as (gradient-free)
    inputs, so the reads form one chain in creation order, and autograd's dependency counting
    runs a read's backward only after every consumer of its outputs and every later read
    (with, in turn, their consumers) has run. When an owner runs, every reader of its slots
@@ -49,8 +48,8 @@ Under ``torch.no_grad()`` / ``torch.inference_mode()`` reads return the plain vi
 autograd Function, no copy) and appended tensors are not kept alive.
 
 Outside the kernels, whose gradient traffic for the depth rows is inherent, the depth part
-of the backward thus moves O(L) slots, where the stack-per-layer formulation adds O(L^2) slot gradients (one per reader and
-slot) and copies O(L^2) slots in the forward.
+of the backward thus moves O(L) slots, where the stack-per-layer formulation adds O(L^2)
+slot gradients (one per reader and slot) and copies O(L^2) slots in the forward.
 """
 
 from __future__ import annotations
@@ -63,15 +62,15 @@ from torch.autograd.function import once_differentiable
 __all__ = ["DepthStream"]
 
 
-def _in_backward() -> bool:
-    """True while the autograd engine runs a backward on this thread (checkpoint recompute)."""
-    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return graph_task_id is not None and graph_task_id() != -1
-
-
 def _graph_task_id() -> int:
+    """The backward pass the autograd engine runs on this thread, or -1 outside backward."""
     graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
     return graph_task_id() if graph_task_id is not None else -1
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward on this thread (checkpoint recompute)."""
+    return _graph_task_id() != -1
 
 
 class _DepthGradSums:

@@ -249,10 +249,11 @@ def _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, 
     ext = _cuda_ext.load()
     if _layout_refuses("grad_out", grad_out):
         grad_out = grad_out.contiguous()  # dO is loaded with TMA, like q
-    grads = [torch.empty(t.shape, device=t.device, dtype=t.dtype) if t is not None else None
-             for t in (q, k, v, depth_k, depth_v)]
+    # With depth_grads_into the kernel adds the depth gradients into those (any even strides).
+    outputs = (q, k, v) if depth_grads_into is not None else (q, k, v, depth_k, depth_v)
+    grads = [torch.empty(t.shape, device=t.device, dtype=t.dtype) if t is not None else None for t in outputs]
     if depth_grads_into is not None:
-        grads[3:] = depth_grads_into  # the kernel adds into them (any even strides)
+        grads += depth_grads_into
     glse = None if grad_lse is None else grad_lse.float().contiguous()
     ext.bwd(q, k, v, depth_k, depth_v, out, lse, grad_out, glse, *grads, float(scale), bool(causal),
             int(depth_chunk), bool(deterministic), depth_grads_into is not None)
