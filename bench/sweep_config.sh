@@ -14,10 +14,11 @@
 # bench_moda.py, or forward+backward per kernel with time_backward.py. The Triton kernels are
 # timed once beside them (not with --no-triton). --ncu CFG adds the Nsight table, with warp
 # stall reasons, of configuration CFG on the paper geometry, and a per-instruction profile of
-# its main kernel. Logs and JSON per configuration under --out; the checkout's own install is
-# not touched.
+# its main kernel (or of the kernels --ncu-kernel REGEX names). Logs and JSON per
+# configuration under --out; the checkout's own install is not touched.
 #
-# Usage: bench/sweep_config.sh --out DIR [--direction fwd|bwd] [--configs LIST] [--ncu CFG] [--no-triton]
+# Usage: bench/sweep_config.sh --out DIR [--direction fwd|bwd] [--configs LIST] [--ncu CFG]
+#                              [--ncu-kernel REGEX] [--no-triton]
 #   e.g. --configs "base kWarpDepth=true 64.kConsumerWGs=2"
 #        --direction bwd --configs "base 128.kOverlapTiles=true,128.kStagesDq=3"
 #        --direction bwd --configs "base 64.kKVBuffers=2,fwd:kStripeDepth=false"
@@ -25,25 +26,25 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-out="" configs="base" ncu_cfg="" direction=fwd triton=1
+out="" configs="base" ncu_cfg="" ncu_kernel="" direction=fwd triton=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
         --direction) direction=$2; shift 2 ;;
         --configs) configs=$2; shift 2 ;;
         --ncu) ncu_cfg=$2; shift 2 ;;
+        --ncu-kernel) ncu_kernel=$2; shift 2 ;;
         --no-triton) triton=0; shift ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
-[ -n "$out" ] || { echo "usage: $0 --out DIR [--direction fwd|bwd] [--configs LIST] [--ncu CFG] [--no-triton]" >&2; exit 2; }
+[ -n "$out" ] || { echo "usage: $0 --out DIR [--direction fwd|bwd] [--configs LIST] [--ncu CFG] [--ncu-kernel REGEX] [--no-triton]" >&2; exit 2; }
 case "$direction" in
     fwd) config_struct=FwdConfig launch_header=moda_fwd_launch.h main_kernel=moda_fwd_kernel
          validate=(python3 bench/validate_fwd.py --backend cuda --dtypes bf16)
          time_one=(python3 bench/bench_moda.py --fwd-only --no-baselines --no-check --shapes probe) ;;
     bwd) config_struct=BwdConfig launch_header=moda_bwd_config.h main_kernel=moda_bwd_dkdv_kernel
-         # the forward's check too: a configuration may set the forward's struct (fwd:)
-         validate=(bash -c "python3 bench/validate_fwd.py --backend cuda --dtypes bf16 && python3 bench/validate_bwd.py --dtypes bf16")
+         validate=(python3 bench/validate_bwd.py --dtypes bf16)
          time_one=(python3 bench/time_backward.py) ;;
     *) echo "--direction must be fwd or bwd, got $direction" >&2; exit 2 ;;
 esac
@@ -106,7 +107,9 @@ for cfg in $configs; do
         cuobjdump -sass "$work"/moda_cuda/_C*.so | gzip >"$out/$name.sass.gz"
     fi
     (cd / && PYTHONPATH=$export_path python3 -c "import torch, moda_cuda._C as c; print('extension:', c.__file__)")
-    PYTHONPATH=$export_path timeout 200 "${validate[@]}" >"$out/$name.validate.log" 2>&1
+    check=("${validate[@]}")  # a configuration setting the forward's struct (fwd:) checks the forward too
+    case "$cfg" in *fwd:*) check=(bash -c "python3 bench/validate_fwd.py --backend cuda --dtypes bf16 && ${validate[*]}") ;; esac
+    PYTHONPATH=$export_path timeout 200 "${check[@]}" >"$out/$name.validate.log" 2>&1
     tail -n 1 "$out/$name.validate.log"
     PYTHONPATH=$export_path timeout 200 "${time_one[@]}" --backends cuda --out "$out/$name" \
         >"$out/$name.bench.log" 2>&1
@@ -117,7 +120,7 @@ for cfg in $configs; do
         tail -n 30 "$out/$name.ncu.log"
         # Per-instruction stall samples of the main kernel (SASS with source lines).
         PYTHONPATH=$export_path timeout 240 ncu --clock-control none --profile-from-start off --set full --import-source yes \
-            -k "regex:$main_kernel" -c 1 -f -o "$out/ncu_$name/$direction" \
+            -k "regex:${ncu_kernel:-$main_kernel}" -c 1 -f -o "$out/ncu_$name/$direction" \
             python3 bench/profile_ncu.py --worker --backend cuda --direction "$direction" \
             >"$out/$name.ncu_source.log" 2>&1 &&
             ncu -i "$out/ncu_$name/$direction.ncu-rep" --page source --csv --print-source sass \

@@ -31,11 +31,19 @@ namespace moda {
 //   barrier between them, twice the atomics, D / 2 accumulator registers per thread) or by
 //   head dim. By keys at D = 64: 16.41 against 16.90 ms for the kernel at T = 16384, 1.78
 //   against 1.80 at T = 4096. At D = 128 the D / 2 registers do not fit (C7512).
+// - kDepthKernel: where each query reads only its own position's depth rows (depth_chunk =
+//   1), their gradients come from the per-position depth kernel (moda_bwd_depth_kernel.h:
+//   warp-level products that fit G x L exactly) and the sequence kernels run without depth
+//   rows; otherwise the key-stationary kernel's depth boxes (64-row products over several
+//   positions) and the dQ kernel's depth tiles. kDepthSlotRows, kDepthStages, kDepthWarps: its
+//   depth rows per item, items per warp in shared memory, warps per CTA (BwdDepthTraits).
 template <int D> struct BwdConfig;
 template <> struct BwdConfig<64> {
     static constexpr int kStages = 3, kStagesDq = 3, kKVBuffers = 2;
     static constexpr bool kOverlapSteps = true, kOverlapTiles = true;
     static constexpr bool kFusedDq = true, kDqOwnKeys = true;
+    static constexpr bool kDepthKernel = true;
+    static constexpr int kDepthSlotRows = 64, kDepthStages = 1, kDepthWarps = 1;
     static constexpr bool kStripeDepthDq = false;
     static constexpr int kDepthPrefetch = 0, kDepthPrefetchDq = 0;
 };
@@ -43,6 +51,8 @@ template <> struct BwdConfig<128> {
     static constexpr int kStages = 2, kStagesDq = 2, kKVBuffers = 2;
     static constexpr bool kOverlapSteps = false, kOverlapTiles = false;
     static constexpr bool kFusedDq = false, kDqOwnKeys = false;
+    static constexpr bool kDepthKernel = true;
+    static constexpr int kDepthSlotRows = 32, kDepthStages = 1, kDepthWarps = 1;
     static constexpr bool kStripeDepthDq = false;
     static constexpr int kDepthPrefetch = 0, kDepthPrefetchDq = 0;
 };

@@ -1,4 +1,6 @@
 // MoDA backward for Hopper (sm_90a), key-stationary part: dK, dV and the depth gradients.
+// (With depth_chunk = 1 the host runs it without depth rows and the per-position depth
+// kernel, moda_bwd_depth_kernel.h, takes them: see moda_bwd_launch.h.)
 //
 // A key block is kBlockN = 128 keys of one (batch, kv head): 128 sequence keys, or one depth
 // box of [Tb positions x Lb slots] as in the forward. A CTA works on one sequence block, or on

@@ -227,11 +227,14 @@ def test_deterministic_compiled_backward_variants(case, monkeypatch):
     check_backend(case, torch.bfloat16, "cuda", "cuda", deterministic=True)
 
 
-@pytest.mark.parametrize("case", [B.but(chunk=3), B.but(causal=False, L=0), B.but(D=128, seq=False)], ids=str)
+@pytest.mark.parametrize("case", [B.but(chunk=3), B.but(causal=False, L=0), B.but(D=128, seq=False), B,
+                                  B.but(Hq=32, Hk=2, L=70)], ids=str)
 def test_compiled_backward_is_exact_and_bitwise_repeatable(case, monkeypatch):
     """The compiled backward (forced, whatever MODA_CUDA_BACKWARD the environment sets): all
     five gradients against the float64 reference, and with deterministic=True the same bits
-    on a second run (no atomics anywhere)."""
+    on a second run (no atomics anywhere). depth_chunk = 1 runs the per-position depth kernel
+    after the sequence kernels (the last case: two head tiles, a position's 70 rows in two
+    items); depth_chunk = 3 the key-stationary kernel's depth boxes."""
     require_cuda_backend()
     monkeypatch.setenv(dispatch.CUDA_BACKWARD_ENV, "cuda")
     check_backend(case, torch.bfloat16, "cuda", "cuda")
