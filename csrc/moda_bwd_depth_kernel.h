@@ -14,8 +14,9 @@
 // which are visible. Warp-level mma.sync tiles fit the problem exactly: depth rows as M in
 // 16-row tiles, the G heads as N (8 per tile), and the head dim or the heads as K. What is
 // left is bytes (every depth row is read once and its gradient written once), so each warp
-// works alone on a stream of (position, head) items, loading the next item with cp.async
-// while it computes the current one (two stages), with no barrier beyond its own warp.
+// works alone on a stream of (position, head) items with cp.async loads and no barrier
+// beyond its own warp. What hides the loads is many warps per SM (one-warp CTAs, one item in
+// shared memory each) rather than stages per warp: BwdConfig's measurements say why.
 //
 // Deterministic: every gradient element has one writer, which sums in a fixed order.
 #pragma once
