@@ -163,6 +163,9 @@ struct DepthItem {
         const int64_t bt = unit / p.kv_heads;
         return {int(bt / p.seqlen), int(bt % p.seqlen), h, l0};
     }
+    // The unit's last item (rows up to L): after it, the position's dQ is complete.
+    template <class Traits>
+    __device__ bool ends_unit(BwdDepthParams const& p) const { return l0 + Traits::kSlotRows >= p.depth; }
 };
 
 // Issue the cp.async loads of an item into a stage (one commit group, committed by the caller):
@@ -203,7 +206,7 @@ __device__ void load_depth_item(BwdDepthParams const& p, DepthItem const& it, ty
         async_copy(q + row * p.q_head_stride + col, st.q + Traits::offset(g, col), valid);
         async_copy(dout + row * p.do_head_stride + col, st.dout + Traits::offset(g, col), valid);
     }
-    if (p.add_to_dq && it.l0 + Traits::kSlotRows >= p.depth) {  // the unit's last item adds its dQ
+    if (p.add_to_dq && it.template ends_unit<Traits>(p)) {  // its dQ is added with this item
         const Element* gq = static_cast<const Element*>(p.grad_q) + it.b * p.gq_batch_stride +
                             it.t * p.gq_seq_stride + int64_t(it.h) * G * p.gq_head_stride;
         for (int i = lane; i < G * kChunks; i += 32) {
@@ -439,7 +442,7 @@ __global__ void __launch_bounds__(Traits::kThreads) moda_bwd_depth_kernel(__grid
         __syncwarp();
         Stage& st = stages[i % Traits::kStages];
         depth_item_grads<Traits>(p, it, st, lane, dq);
-        if (it.l0 + Traits::kSlotRows >= p.depth) {  // the unit's last rows: its dQ is complete
+        if (it.template ends_unit<Traits>(p)) {
             __syncwarp();
             write_depth_dq<Traits>(p, it, st, lane, dq);
         }

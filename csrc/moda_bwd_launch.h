@@ -126,13 +126,13 @@ std::string launch_bwd_dq(const BwdParams& a, cudaStream_t stream) {  // after t
 }
 
 // Whether the per-position depth kernel can take a problem's depth gradients (BwdConfig::
-// kDepthKernel): each query reads only its own position's rows, G <= 16 (two head tiles), and
-// its 16-byte row accesses are aligned (the inputs' are, as TMA needs; the gradients' are
-// checked here).
+// kDepthKernel): each query reads only its own position's rows and its 16-byte row accesses
+// are aligned (the inputs' are, as TMA needs; the gradients' are checked here). G <= 16 (two
+// head tiles) holds already: check_supported allows no more.
 template <int D>
 bool bwd_depth_kernel_serves(const BwdParams& a) {
     const FwdParams& f = a.fwd;
-    if (!BwdConfig<D>::kDepthKernel || f.depth == 0 || f.depth_chunk != 1 || f.q_heads > 16 * f.kv_heads) return false;
+    if (!BwdConfig<D>::kDepthKernel || f.depth == 0 || f.depth_chunk != 1) return false;
     for (const void* ptr : {a.grad_q, a.grad_depth_k, a.grad_depth_v}) {
         if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
     }
