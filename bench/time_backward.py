@@ -10,6 +10,7 @@ README tables come from bench_moda.py (medians); this is for the kernel breakdow
     python bench/time_backward.py --backends cuda --out DIR
     python bench/time_backward.py --backends auto,cuda,triton --seqlens 4096 --out DIR
     python bench/time_backward.py --backends cuda,cuda+deterministic --out DIR
+    python bench/time_backward.py --shape 1,2048,64,8,64,64 --shape 1,8192,64,8,64,64 --out DIR
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ def _fwd_bwd(fn, inputs, grad_out):
     return lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out, allow_unused=True)
 
 
+def _parse_shape(text: str) -> Shape:
+    try:
+        return Shape(*(int(x) for x in text.split(",")))
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"--shape wants B,T,Hq,Hk,D,L (six integers), got {text!r}") from None
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for time_backward.json")
@@ -45,11 +53,14 @@ def main() -> int:
                    help="comma-separated moda_cuda backends (auto too); '+deterministic' asks for "
                         "bitwise-repeatable gradients, e.g. cuda+deterministic")
     p.add_argument("--seqlens", default="", help="only the shapes of these T (comma-separated; default all)")
+    p.add_argument("--shape", action="append", type=_parse_shape, default=[],
+                   help="B,T,Hq,Hk,D,L instead of the built-in shapes (repeatable)")
     a = p.parse_args()
     seqlens = {int(t) for t in a.seqlens.split(",") if t}
+    shapes = a.shape or SHAPES
     bench_moda._fwd_bwd = _fwd_bwd  # kernel_breakdown steps through it too
     rows = []
-    for s in SHAPES:
+    for s in shapes:
         if seqlens and s.T not in seqlens:
             continue
         inputs = make_inputs(s)

@@ -57,7 +57,6 @@ struct BwdDepthParams {
     int batch, seqlen, kv_heads, group, depth, row_steps;
     float scale, scale_log2;
     bool add_to_dq;               // grad_q holds the sequence part's dQ: add to it (else overwrite)
-    bool accumulate_depth_grads;  // add to grad_depth_k / grad_depth_v (BwdParams)
 };
 
 // kGroupTiles: the G <= 8 kGroupTiles query heads of a kv head as tiles of 8 (the N of mma.sync);
@@ -117,6 +116,17 @@ struct WarpMma {
     }
 };
 
+// Eight elements, 16 bytes. Global stores are written as one 128-bit st.global: a plain copy of
+// the array (or of a uint4 over it) is split into four 32-bit stores, and the cache-hint
+// intrinsics (__stwb) become strong (ordered) stores.
+template <class Element>
+using Vec16 = cutlass::AlignedArray<Element, 8, 16>;
+template <class Element>
+__device__ __forceinline__ void store_16b(Element* dst, Vec16<Element> const& v) {
+    const uint4 u = reinterpret_cast<uint4 const&>(v);
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w));
+}
+
 // Fragment layouts (PTX ISA, mma.m16n8k16 / m16n8k8 with 16-bit operands), lane = 4 g + c:
 //   C (16 x 8, fp32):   c[0], c[1] = C[g][2c], C[g][2c + 1];  c[2], c[3] = the same in row g + 8
 //   A (16 x 16):        a[0] = A[g][2c, 2c + 1], a[1] = row g + 8, a[2] = columns + 8, a[3] = both
@@ -166,6 +176,24 @@ struct DepthItem {
     // The unit's last item (rows up to L): after it, the position's dQ is complete.
     template <class Traits>
     __device__ bool ends_unit(BwdDepthParams const& p) const { return l0 + Traits::kSlotRows >= p.depth; }
+    // Past the last unit (b == batch).
+    __device__ bool done(BwdDepthParams const& p) const { return b >= p.batch; }
+    // The next item of a warp whose units are `stride` apart (`stride` as the digits of
+    // DepthItem::of, l0 unused): the next rows of the unit, else the first ones of the unit
+    // `stride` further, by digit-wise addition with carries (no 64-bit division per item).
+    template <class Traits>
+    __device__ void advance(BwdDepthParams const& p, DepthItem const& stride) {
+        l0 += Traits::kSlotRows;
+        if (l0 < p.depth) return;
+        l0 = 0;
+        h += stride.h;
+        const int carry_t = h >= p.kv_heads;
+        h -= carry_t ? p.kv_heads : 0;
+        t += stride.t + carry_t;
+        const int carry_b = t >= p.seqlen;
+        t -= carry_b ? p.seqlen : 0;
+        b += stride.b + carry_b;
+    }
 };
 
 // Issue the cp.async loads of an item into a stage (one commit group, committed by the caller):
@@ -225,33 +253,51 @@ __device__ void load_depth_item(BwdDepthParams const& p, DepthItem const& it, ty
     }
 }
 
-// Store 16 rows x D of one depth gradient from a stage's tile rows [r0, r0 + 16) (elements,
-// swizzled) to global rows l0 + r of `grad` (slot stride `slot_stride`), rows < L only; adds
-// to what they hold when accumulating (fp32 sum, rounded once).
+// The 16 x D rows of one depth gradient tile move in 16-byte chunks, kTileChunks per lane:
+// chunk i = lane + 32 j is row i / kChunks, columns i % kChunks * 8 + [0, 8).
 template <class Traits>
-__device__ void store_depth_rows(const typename Traits::Element* tile, int r0, typename Traits::Element* grad,
-                                 int64_t slot_stride, int l0, int L, bool accumulate, int lane) {
+constexpr int kTileChunks = 16 * Traits::kChunks / 32;
+
+// A depth gradient tile's rows as they are in global memory (rows l0 + r < L only), for the
+// in-place mode to add to. All of a tile's loads are issued before any of its stores: a load
+// after a store that may alias it would wait for it, one round trip per chunk.
+template <class Traits>
+__device__ void load_depth_rows(const typename Traits::Element* grad, int64_t slot_stride, int l0, int L, int lane,
+                                Vec16<typename Traits::Element> (&old)[kTileChunks<Traits>]) {
     using Element = typename Traits::Element;
-    using Vec = cutlass::Array<Element, 8>;
     constexpr int kChunks = Traits::kChunks;
     CUTLASS_PRAGMA_UNROLL
-    for (int i = lane; i < 16 * kChunks; i += 32) {
-        const int r = i / kChunks, col = i % kChunks * 8;
+    for (int j = 0; j < kTileChunks<Traits>; ++j) {
+        const int i = lane + 32 * j, r = i / kChunks, col = i % kChunks * 8;
+        if (l0 + r < L) old[j] = *reinterpret_cast<const Vec16<Element>*>(grad + (l0 + r) * slot_stride + col);
+    }
+}
+
+// Store a depth gradient tile from a stage's rows [r0, r0 + 16) (elements, swizzled) to global
+// rows l0 + r0 + r of `grad`, rows < L only; with `old`, their sum (fp32, rounded once).
+template <class Traits>
+__device__ void store_depth_rows(const typename Traits::Element* tile, int r0, typename Traits::Element* grad,
+                                 int64_t slot_stride, int l0, int L, int lane,
+                                 const Vec16<typename Traits::Element> (*old)[kTileChunks<Traits>]) {
+    using Element = typename Traits::Element;
+    constexpr int kChunks = Traits::kChunks;
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < kTileChunks<Traits>; ++j) {
+        const int i = lane + 32 * j, r = i / kChunks, col = i % kChunks * 8;
         if (l0 + r0 + r >= L) continue;
-        Vec val = *reinterpret_cast<const Vec*>(tile + Traits::offset(r0 + r, col));
-        Vec* dst = reinterpret_cast<Vec*>(grad + (l0 + r0 + r) * slot_stride + col);
-        if (accumulate) {
-            const Vec old = *dst;
+        Vec16<Element> val = *reinterpret_cast<const Vec16<Element>*>(tile + Traits::offset(r0 + r, col));
+        if (old != nullptr) {
             CUTLASS_PRAGMA_UNROLL
-            for (int e = 0; e < 8; ++e) val[e] = Element(float(val[e]) + float(old[e]));
+            for (int e = 0; e < 8; ++e) val[e] = Element(float(val[e]) + float((*old)[j][e]));
         }
-        *dst = val;
+        store_16b(grad + (l0 + r0 + r) * slot_stride + col, val);
     }
 }
 
 // The gradients of one item: its depth rows' dK and dV to global memory, its share of the
 // position's dQ^T (D x 8 kGroupTiles, fp32) added into `dq`.
-template <class Traits>
+// kInPlace: add to what grad_depth_k / grad_depth_v hold (BwdParams::accumulate_depth_grads).
+template <class Traits, bool kInPlace>
 __device__ void depth_item_grads(BwdDepthParams const& p, DepthItem const& it, typename Traits::Stage& st, int lane,
                                  float (&dq)[Traits::kHeadDim / 16][Traits::kGroupTiles][4]) {
     using Element = typename Traits::Element;
@@ -328,6 +374,12 @@ __device__ void depth_item_grads(BwdDepthParams const& p, DepthItem const& it, t
         }
         // dV = P^T dO and dK = dS^T Q (16 rows x D), K = the heads: 8 columns at a time, dO and Q
         // read transposed, four column tiles per ldmatrix.
+        // In place: the rows to add to are loaded now, their latency behind the products below.
+        Vec16<Element> old_v[kTileChunks<Traits>], old_k[kTileChunks<Traits>];
+        if constexpr (kInPlace) {
+            load_depth_rows<Traits>(gdv, p.gdv_slot_stride, it.l0 + r0, p.depth, lane, old_v);
+            load_depth_rows<Traits>(gdk, p.gdk_slot_stride, it.l0 + r0, p.depth, lane, old_k);
+        }
         __syncwarp();  // every lane is done reading this tile's K and V rows: they take dK and dV
         CUTLASS_PRAGMA_UNROLL
         for (int n4 = 0; n4 < D / 32; ++n4) {
@@ -357,14 +409,14 @@ __device__ void depth_item_grads(BwdDepthParams const& p, DepthItem const& it, t
             }
         }
         __syncwarp();
-        store_depth_rows<Traits>(st.v, r0, gdv, p.gdv_slot_stride, it.l0, p.depth, p.accumulate_depth_grads, lane);
-        store_depth_rows<Traits>(st.k, r0, gdk, p.gdk_slot_stride, it.l0, p.depth, p.accumulate_depth_grads, lane);
+        store_depth_rows<Traits>(st.v, r0, gdv, p.gdv_slot_stride, it.l0, p.depth, lane, kInPlace ? &old_v : nullptr);
+        store_depth_rows<Traits>(st.k, r0, gdk, p.gdk_slot_stride, it.l0, p.depth, lane, kInPlace ? &old_k : nullptr);
     }
 }
 
 // A position's dQ (G x D) from the dQ^T fragments: scaled, transposed through the stage's
-// shared memory, added to grad_q's rows loaded with the item (or written) in pairs; `dq` is
-// zeroed for the next one.
+// shared memory, added to grad_q's rows loaded with the item (or written) in 16-byte chunks;
+// `dq` is zeroed for the next one.
 template <class Traits>
 __device__ void write_depth_dq(BwdDepthParams const& p, DepthItem const& it, typename Traits::Stage& st, int lane,
                                float (&dq)[Traits::kHeadDim / 16][Traits::kGroupTiles][4]) {
@@ -387,24 +439,27 @@ __device__ void write_depth_dq(BwdDepthParams const& p, DepthItem const& it, typ
     __syncwarp();
     Element* gq = static_cast<Element*>(p.grad_q) + it.b * p.gq_batch_stride + it.t * p.gq_seq_stride +
                   int64_t(it.h) * p.group * p.gq_head_stride;
-    for (int i = lane; i < p.group * D / 2; i += 32) {
-        const int head = i / (D / 2), d = i % (D / 2) * 2;
-        float2 v = *reinterpret_cast<const float2*>(scratch + head * kPitch + d);
-        cutlass::Array<Element, 2>* dst = reinterpret_cast<cutlass::Array<Element, 2>*>(gq + head * p.gq_head_stride + d);
+    for (int i = lane; i < p.group * (D / 8); i += 32) {  // 16-byte chunks of the G rows
+        const int head = i / (D / 8), d = i % (D / 8) * 8;
+        const float4* src = reinterpret_cast<const float4*>(scratch + head * kPitch + d);
+        const float4 lo = src[0], hi = src[1];
+        float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
         if (p.add_to_dq) {
-            const auto old = *reinterpret_cast<const cutlass::Array<Element, 2>*>(st.dq_old + head * D + d);
-            v.x += float(old[0]), v.y += float(old[1]);
+            const auto old = *reinterpret_cast<const Vec16<Element>*>(st.dq_old + head * D + d);
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < 8; ++e) v[e] += float(old[e]);
         }
-        cutlass::Array<Element, 2> val;
-        val[0] = Element(v.x), val[1] = Element(v.y);
-        *dst = val;
+        Vec16<Element> val;
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < 8; ++e) val[e] = Element(v[e]);
+        store_16b(gq + head * p.gq_head_stride + d, val);
     }
 }
 
 // Each warp takes the items of units (batch, position, head) warp, warp + warps, ... of the
 // grid, all depth rows of a unit in a row (its dQ sums over them), with the next item's
 // loads in flight while it computes the current one.
-template <class Traits>
+template <class Traits, bool kInPlace>
 __global__ void __launch_bounds__(Traits::kThreads) moda_bwd_depth_kernel(__grid_constant__ const BwdDepthParams p) {
     using Stage = typename Traits::Stage;
     extern __shared__ __align__(1024) char smem_raw[];  // declared so by the other kernels too
@@ -414,43 +469,36 @@ __global__ void __launch_bounds__(Traits::kThreads) moda_bwd_depth_kernel(__grid
 
     const int64_t units = int64_t(p.batch) * p.seqlen * p.kv_heads;
     const int64_t first = int64_t(blockIdx.x) * Traits::kWarps + warp;
-    const int64_t stride = int64_t(gridDim.x) * Traits::kWarps;
     if (first >= units) return;  // no barrier beyond the warp: idle warps may leave
-    const int chunks = (p.depth + Traits::kSlotRows - 1) / Traits::kSlotRows;
-    const int64_t n_items = ((units - 1 - first) / stride + 1) * chunks;
-    auto item_at = [&](int64_t i) {
-        return DepthItem::of(p, first + i / chunks * stride, int(i % chunks) * Traits::kSlotRows);
-    };
+    // The grid stride in units, as digits to add (DepthItem::advance); the one 64-bit decode.
+    const DepthItem stride = DepthItem::of(p, int64_t(gridDim.x) * Traits::kWarps, 0);
+    DepthItem next = DepthItem::of(p, first, 0);  // the next item to load
 
     float dq[Traits::kHeadDim / 16][Traits::kGroupTiles][4] = {};
     // Items in flight: with two or more stages the next kStages - 1 items load while the warp
     // computes the current one; with one, the next item loads once the current one is done.
     constexpr int kAhead = Traits::kStages - 1;
-    for (int i = 0; i < (kAhead > 0 ? kAhead : 1); ++i) {
-        if (i < n_items) load_depth_item<Traits>(p, item_at(i), stages[i], lane);
-        cute::cp_async_fence();
-    }
-    for (int64_t i = 0; i < n_items; ++i) {
-        const DepthItem it = item_at(i);
-        if constexpr (kAhead > 0) {
-            if (i + kAhead < n_items) {
-                load_depth_item<Traits>(p, item_at(i + kAhead), stages[(i + kAhead) % Traits::kStages], lane);
-            }
-            cute::cp_async_fence();  // (empty groups at the end keep the count)
+    auto load_next = [&](int stage) {  // one commit group, empty past the last item
+        if (!next.done(p)) {
+            load_depth_item<Traits>(p, next, stages[stage], lane);
+            next.template advance<Traits>(p, stride);
         }
+        cute::cp_async_fence();
+    };
+    for (int i = 0; i < (kAhead > 0 ? kAhead : 1); ++i) load_next(i);
+    DepthItem it = DepthItem::of(p, first, 0);
+    for (int i = 0; !it.done(p); ++i, it.template advance<Traits>(p, stride)) {
+        if constexpr (kAhead > 0) load_next((i + kAhead) % Traits::kStages);
         cute::cp_async_wait<kAhead>();
         __syncwarp();
         Stage& st = stages[i % Traits::kStages];
-        depth_item_grads<Traits>(p, it, st, lane, dq);
+        depth_item_grads<Traits, kInPlace>(p, it, st, lane, dq);
         if (it.template ends_unit<Traits>(p)) {
             __syncwarp();
             write_depth_dq<Traits>(p, it, st, lane, dq);
         }
         __syncwarp();  // the stage is refilled next
-        if constexpr (kAhead == 0) {
-            if (i + 1 < n_items) load_depth_item<Traits>(p, item_at(i + 1), stages[0], lane);
-            cute::cp_async_fence();
-        }
+        if constexpr (kAhead == 0) load_next(0);
     }
 }
 

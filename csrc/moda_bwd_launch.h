@@ -169,10 +169,12 @@ std::string launch_bwd_depth(const BwdParams& a, bool add_to_dq, cudaStream_t st
     p.scale = f.scale;
     p.scale_log2 = f.scale * 1.4426950408889634f;
     p.add_to_dq = add_to_dq;
-    p.accumulate_depth_grads = a.accumulate_depth_grads;
 
     const size_t smem = sizeof(typename Traits::SharedStorage);
-    auto kernel = &moda_bwd_depth_kernel<Traits>;
+    // The in-place mode is an instantiation of its own: its loads of the sums would hold
+    // registers (up to 64 at D = 128) in the plain mode too.
+    auto kernel = a.accumulate_depth_grads ? &moda_bwd_depth_kernel<Traits, true>
+                                           : &moda_bwd_depth_kernel<Traits, false>;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
     // Persistent warps: as many CTAs as fit at once (each warp walks its units).
