@@ -42,7 +42,8 @@ namespace moda {
 //   latency); one warp per CTA with two stages of half the rows 1.52 / 0.73 / 0.37; one warp
 //   per CTA with one stage (eleven per SM) 1.43 / 0.75 / 0.36, shipped; with 16-byte stores
 //   and no 64-bit divisions per item 1.36 / 0.64 / 0.33. Asking L2 for the next item's rows
-//   while working on the current one: 1.69 / 0.75 / 0.41 against 1.38 / 0.64 / 0.34.
+//   while working on the current one: 1.69 / 0.75 / 0.41 against 1.38 / 0.64 / 0.34; two
+//   stages of half the rows on that code: 1.47 / 0.63 / 0.36 against 1.38 / 0.64 / 0.34.
 template <int D> struct BwdConfig;
 template <> struct BwdConfig<64> {
     static constexpr int kStages = 3, kStagesDq = 3, kKVBuffers = 2;
