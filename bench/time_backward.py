@@ -27,6 +27,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_moda  # noqa: E402
 from bench_moda import Shape, kernel_breakdown, make_inputs  # noqa: E402
+from profile_ncu import parse_shape  # noqa: E402
 
 import moda_cuda  # noqa: E402
 
@@ -40,10 +41,7 @@ def _fwd_bwd(fn, inputs, grad_out):
 
 
 def _parse_shape(text: str) -> Shape:
-    try:
-        return Shape(*(int(x) for x in text.split(",")))
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"--shape wants B,T,Hq,Hk,D,L (six integers), got {text!r}") from None
+    return Shape(**parse_shape(text))
 
 
 def main() -> int:

@@ -470,9 +470,11 @@ __global__ void __launch_bounds__(Traits::kThreads) moda_bwd_depth_kernel(__grid
     const int64_t units = int64_t(p.batch) * p.seqlen * p.kv_heads;
     const int64_t first = int64_t(blockIdx.x) * Traits::kWarps + warp;
     if (first >= units) return;  // no barrier beyond the warp: idle warps may leave
-    // The grid stride in units, as digits to add (DepthItem::advance); the one 64-bit decode.
+    // The warp's first item and the grid stride in units, as digits to add
+    // (DepthItem::advance): the only 64-bit divisions, both before the loop.
     const DepthItem stride = DepthItem::of(p, int64_t(gridDim.x) * Traits::kWarps, 0);
-    DepthItem next = DepthItem::of(p, first, 0);  // the next item to load
+    DepthItem it = DepthItem::of(p, first, 0);  // the item to compute
+    DepthItem next = it;                        // the next item to load
 
     float dq[Traits::kHeadDim / 16][Traits::kGroupTiles][4] = {};
     // Items in flight: with two or more stages the next kStages - 1 items load while the warp
@@ -486,7 +488,6 @@ __global__ void __launch_bounds__(Traits::kThreads) moda_bwd_depth_kernel(__grid
         cute::cp_async_fence();
     };
     for (int i = 0; i < (kAhead > 0 ? kAhead : 1); ++i) load_next(i);
-    DepthItem it = DepthItem::of(p, first, 0);
     for (int i = 0; !it.done(p); ++i, it.template advance<Traits>(p, stride)) {
         if constexpr (kAhead > 0) load_next((i + kAhead) % Traits::kStages);
         cute::cp_async_wait<kAhead>();
