@@ -1,6 +1,7 @@
 """Gradients of the compiled backward (``_C.bwd``: dQ, dK, dV, d depth_k, d depth_v) against
 the float64 reference, over validate_fwd.py's cases, as a table per mode: the default
-(dQ accumulated by the dK / dV kernel with atomics) and ``deterministic``.
+(dQ accumulated by the dK / dV kernel with atomics where ``bwd_fuses_dq`` says so, else from
+the dQ kernel) and ``deterministic``.
 
 The kernels are called directly, whatever dispatch would pick. Fresh random inputs and dO
 (and, every other case, a random gradient for lse), gradient buffers filled with NaN before

@@ -41,6 +41,7 @@ CASES = [
     (Case(B=1, T=257, Hq=8, Hk=2, D=128, L=33, chunk=2), None),
     (Case(B=1, T=1000, Hq=16, Hk=2, D=64, L=6, chunk=2), 24),
     (Case(B=1, T=4096, Hq=64, Hk=8, D=64, L=64), None),
+    (Case(B=1, T=4500, Hq=16, Hk=2, D=64, L=8), None),  # G = 8 past T = 4096: the fused dQ (bwd_fuses_dq)
     (Case(B=1, T=2048, Hq=32, Hk=8, D=128, L=32), None),
     (Case(B=1, T=129, Hq=16, Hk=4, D=64, L=7), None),
 ]

@@ -26,7 +26,8 @@ namespace moda {
 // - kFusedDq: unless deterministic gradients are asked for, the key-stationary kernel also
 //   computes dQ (fp32 atomics, then a conversion) instead of the dQ kernel. Forward+backward
 //   at T = 16384, D = 64: 23.18 against 24.51 ms; T = 4096: 2.47 against 2.53; at D = 128
-//   (T = 8192) 6.11 against 5.93, so D = 128 keeps the dQ kernel (bench/results/).
+//   (T = 8192) 6.11 against 5.93, so D = 128 keeps the dQ kernel (bench/results/). Which
+//   shapes at D = 64 take it: bwd_fuses_dq below.
 // - kDqOwnKeys: the fused dQ's split over the consumer warpgroups (BwdTraits): by keys (no
 //   barrier between them, twice the atomics, D / 2 accumulator registers per thread) or by
 //   head dim. By keys at D = 64: 16.41 against 16.90 ms for the kernel at T = 16384, 1.78
@@ -66,8 +67,22 @@ template <> struct BwdConfig<128> {
 
 // Whether the backward of a problem accumulates dQ in the key-stationary kernel (atomics
 // into BwdParams::dq_accum) rather than in the dQ kernel.
+//
+// At D = 64 the fused dQ saves the dQ kernel's second pass over S and dP, but makes each
+// key-stationary CTA heavier, with G query heads adding into the same rows. Forward+backward,
+// mean of two runs (bench/results/cuda_bwd/fused_dq_policy/; L = 64 unless said), fused
+// against dQ kernel: with G >= 8 up to T = 4096 the dQ kernel is ahead (G = 8, T = 4096: 1.96
+// against 1.90 ms at B = 1, 3.86 against 3.81 at B = 2, 7.66 against 7.65 at B = 4; L = 0:
+// 1.46 against 1.41; T = 2048, B = 2: 1.34 against 1.29; G = 16: 2.34 against 2.13), except
+// at B = 1, T = 2048 (1.05 against 1.06). From T = 8192 on (G = 8: 6.14 against 6.19, 12.32
+// against 12.44 at B = 2, 21.49 against 22.13 at T = 16384) and for G <= 4 (T = 4096: 1.17
+// against 1.19 at G = 4, 1.37 against 1.41 at G = 1) the fused dQ is ahead. The sums of the
+// kernels' times point the same way, except at B = 2, T = 4096 (one run each way) and L = 0
+// (even); bench/NOTES.md, tenth round, has both measures.
 inline bool bwd_fuses_dq(const FwdParams& params, bool deterministic) {
     if (deterministic) return false;
+    const int G = params.kv_heads > 0 ? params.q_heads / params.kv_heads : 0;
+    if (G >= 8 && params.seqlen <= 4096) return false;
     // Depth-only with depth_chunk = 1: the per-position depth kernel writes all of dQ. (The
     // key-stationary kernel runs only where the depth kernel cannot, misaligned gradients,
     // and then with the dQ kernel: no fused dQ's scratch buffer is asked for.)

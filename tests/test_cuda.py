@@ -1,4 +1,4 @@
-"""GPU checks (marked ``cuda``): every variant, fp16/bf16, D in {64, 128, 256}, T up to 4096.
+"""GPU checks (marked ``cuda``): every variant, fp16/bf16, D in {64, 128, 256}, T up to 4500.
 
 Each compares the forward and all five gradients with the float64 reference on fresh random
 inputs, with output buffers poisoned (NaN) first. Every check runs on the Triton backend and,
@@ -228,13 +228,14 @@ def test_deterministic_compiled_backward_variants(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case", [B.but(chunk=3), B.but(causal=False, L=0), B.but(D=128, seq=False), B,
-                                  B.but(Hq=32, Hk=2, L=70)], ids=str)
+                                  B.but(Hq=32, Hk=2, L=70), B.but(B=1, T=4500, L=4)], ids=str)
 def test_compiled_backward_is_exact_and_bitwise_repeatable(case, monkeypatch):
     """The compiled backward (forced, whatever MODA_CUDA_BACKWARD the environment sets): all
     five gradients against the float64 reference, and with deterministic=True the same bits
     on a second run (no atomics anywhere). depth_chunk = 1 runs the per-position depth kernel
-    after the sequence kernels (the last case: two head tiles, a position's 70 rows in two
-    items); depth_chunk = 3 the key-stationary kernel's depth boxes."""
+    after the sequence kernels (the fifth case: two head tiles, a position's 70 rows in two
+    items); depth_chunk = 3 the key-stationary kernel's depth boxes. The default mode fuses dQ
+    into the key-stationary kernel at G = 8 only past T = 4096 (bwd_fuses_dq): the last case."""
     require_cuda_backend()
     monkeypatch.setenv(dispatch.CUDA_BACKWARD_ENV, "cuda")
     check_backend(case, torch.bfloat16, "cuda", "cuda")
