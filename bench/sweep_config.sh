@@ -3,7 +3,7 @@
 # (--direction bwd) under several schedules in one GPU run.
 #
 # Each configuration is a comma-separated list of assignments to FwdConfig
-# (csrc/moda_fwd_launch.h) or BwdConfig (csrc/moda_bwd_config.h): FIELD=VALUE for both head
+# (csrc/moda_fwd_config.h) or BwdConfig (csrc/moda_bwd_config.h): FIELD=VALUE for both head
 # dims, 64.FIELD=VALUE or 128.FIELD=VALUE for one, prefixed fwd: or bwd: to set the other
 # direction's struct (the backward's timing includes the forward kernel), or patch:FILE to
 # apply a patch (git apply, paths relative to the checkout; bench/patches/ holds diagnostic
@@ -40,7 +40,7 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$out" ] || { echo "usage: $0 --out DIR [--direction fwd|bwd] [--configs LIST] [--ncu CFG] [--ncu-kernel REGEX] [--no-triton]" >&2; exit 2; }
 case "$direction" in
-    fwd) config_struct=FwdConfig launch_header=moda_fwd_launch.h main_kernel=moda_fwd_kernel
+    fwd) config_struct=FwdConfig launch_header=moda_fwd_config.h main_kernel=moda_fwd_kernel
          validate=(python3 bench/validate_fwd.py --backend cuda --dtypes bf16)
          time_one=(python3 bench/bench_moda.py --fwd-only --no-baselines --no-check --shapes probe) ;;
     bwd) config_struct=BwdConfig launch_header=moda_bwd_config.h main_kernel=moda_bwd_dkdv_kernel
@@ -67,7 +67,7 @@ configure() {  # DIR CFG: apply CFG's assignments to the config structs in DIR/c
         fi
         struct=$config_struct launch="$1/csrc/$launch_header"
         case "$item" in  # fwd:/bwd: name the other direction's struct
-            fwd:*) struct=FwdConfig launch="$1/csrc/moda_fwd_launch.h"; item=${item#fwd:} ;;
+            fwd:*) struct=FwdConfig launch="$1/csrc/moda_fwd_config.h"; item=${item#fwd:} ;;
             bwd:*) struct=BwdConfig launch="$1/csrc/moda_bwd_config.h"; item=${item#bwd:} ;;
         esac
         field=${item%%=*} value=${item#*=} scope="/struct $struct</,/};/"

@@ -43,6 +43,7 @@
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include "moda_fwd_merge.h"
 #include "moda_fwd_traits.h"
 #include "moda_sm90_common.h"
 
@@ -70,6 +71,9 @@ struct FwdKernelParams {
     int has_seq;
     int depth_stripes;        // depth tiles visited in this many round-robin stripes (see TileAt)
     float scale_log2;         // softmax scale * log2(e): scores are exponentiated with exp2
+    // With the depth rows in a kernel of their own (FwdConfig::kDepthBeside): where the two
+    // halves of each block's softmax meet (moda_fwd_merge.h). merge.claims null: not used.
+    FwdMergeParams merge;
 };
 
 // The list of key tiles one CTA walks; producer and consumers derive it identically.
@@ -842,6 +846,45 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         lse[h] = l > 0.f ? (row_max[h] * scale_log2 + log2f(l)) * 0.6931471805599453f : -INFINITY;
     }
     Element* out = static_cast<Element*>(p.out);
+    if (p.merge.claims != nullptr) {
+        // The depth rows ran in the depth kernel (moda_fwd_merge.h): merge with its half if it
+        // is there, else leave this half for it.
+        constexpr uint32_t kMergeBarrier = 14, kMergeThreads = 128 * Traits::kConsumerWGs;
+        const int blk = merge_block_index(blockIdx.x, hk, batch, p.kv_heads, p.num_m_blocks);
+        const bool leader = threadIdx.x == 128;
+        const bool depth_done = merge_claim(p.merge, blk, leader, kMergeBarrier, kMergeThreads);
+        const int Hq = p.kv_heads * G;
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+            const int t = t_row[h];
+            if (t >= p.seqlen) continue;
+            const int head = hk * G + row[h] % G;
+            const int64_t lse_at = (int64_t(batch) * Hq + head) * p.seqlen + t;
+            const int64_t row_at = ((int64_t(batch) * p.seqlen + t) * Hq + head) * kHeadDim;
+            if (!depth_done) {
+                CUTLASS_PRAGMA_UNROLL
+                for (int e = 0; e < size(tOrO); e += 4) {
+                    *reinterpret_cast<float2*>(p.merge.seq_out + row_at + frag_col(e, lane)) =
+                        make_float2(__fmul_rn(tOrO(e + 2 * h), inv_sum[h]), __fmul_rn(tOrO(e + 2 * h + 1), inv_sum[h]));
+                }
+                if ((lane & 3) == 0) p.merge.seq_lse[lse_at] = lse[h];
+                continue;
+            }
+            const MergeWeights mw = merge_weights(lse[h], __ldcg(p.merge.depth_lse + lse_at));
+            Element* dst = out + batch * p.out_batch_stride + t * p.out_seq_stride + head * p.out_head_stride;
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < size(tOrO); e += 4) {
+                const float2 d = __ldcg(reinterpret_cast<const float2*>(p.merge.depth_out + row_at + frag_col(e, lane)));
+                cutlass::Array<Element, 2> pair;
+                pair[0] = static_cast<Element>(merge_value(__fmul_rn(tOrO(e + 2 * h), inv_sum[h]), d.x, mw));
+                pair[1] = static_cast<Element>(merge_value(__fmul_rn(tOrO(e + 2 * h + 1), inv_sum[h]), d.y, mw));
+                *reinterpret_cast<cutlass::Array<Element, 2>*>(dst + frag_col(e, lane)) = pair;
+            }
+            if ((lane & 3) == 0) p.lse[lse_at] = mw.lse;
+        }
+        if (!depth_done) merge_publish(p.merge, blk, leader, kMergeBarrier, kMergeThreads);
+        return;
+    }
     CUTLASS_PRAGMA_UNROLL
     for (int h = 0; h < 2; ++h) {
         const int t = t_row[h];

@@ -6,63 +6,13 @@
 
 #include <string>
 
+#include "moda_fwd_config.h"
+#include "moda_fwd_depth_kernel.h"
 #include "moda_fwd_kernel.h"
 #include "moda_params.h"
 #include "moda_tma_maps.h"
 
 namespace moda {
-
-// Tile sizes and schedule per head dim: kBlockN keys per stage, kStages stages (shared
-// memory: q + 2 x kStages x [kBlockN x D], at most 227 KB); kOverlap: run tile i's softmax
-// while tile i-1's P V product runs; kPingPong: the consumer warpgroups take turns issuing
-// their matmuls; kConsumerWGs: 64-row consumer warpgroups per CTA (3: 192-row CTAs, a third
-// warp per scheduler to hide the softmax's latency, 160 registers each); kStripeDepth: depth
-// tiles in round-robin stripes, one per warpgroup (TileAt); kDepthPrefetch: depth tiles
-// asked of L2 this many tiles before their load (produce_key_tiles; 0: none); kSwapDepth:
-// with depth_chunk = 1, depth boxes with the operands swapped (slots as M, 16 query rows as
-// N: FwdTraits::kSwapRows; its scratch needs fewer stages: 2 at D = 128, under 6 at D = 64);
-// kWarpDepth: depth tiles on each warp's own rows with mma.sync instead of the warpgroup's
-// dense wgmma; kDepthLoop: depth tiles in a loop of their own after the sequence loop, each
-// tile's products drained in order, a warp skipping the softmax of what its rows do not see
-// (both moda_fwd_kernel.h).
-// Chosen by measurement (bench/sweep_config.sh, bench/NOTES.md), H200, forward of the issue
-// shapes. D = 64: three warpgroups, overlapped: 5.34 ms at T = 16384 against 5.83 with two
-// warpgroups in serial order (with two, serial was fastest: overlapped 5-6% slower,
-// turn-taking 6-7%); six stages (the most that fit): 0.499 against 0.528 ms at T = 4096,
-// 5.32 against 5.38 at T = 16384, the same without depth: a CTA's depth boxes come from
-// DRAM, and more of them in flight hide more of that latency (four stages: 1-2%). D = 128:
-// two warpgroups, overlapped (2-4% faster than serial), a third stage (the most that fit;
-// 1% faster). kStripeDepth measured no faster (D = 64: within 1%, and slower beside six
-// stages; D = 128: 1.30 against 1.19 ms at T = 8192, where run-to-run noise reached 5%);
-// off. kWarpDepth measured 1.4x slower (even at L = 0: the code beside the main loop costs
-// it registers); off. kDepthPrefetch measured slower at every distance (8, 16, 32 tiles:
-// 0.567, 0.571, 0.592 against 0.537 ms at T = 4096; the same at the other shapes); off.
-// kSwapDepth is exact and sanitizer-clean but measured 2-4% slower (0.534 against 0.513 ms
-// at T = 4096, 1.288 against 1.255 at D = 128 with two stages each); off. kDepthLoop is
-// exact (17 cases) and measured within noise of the default: 0.495 against 0.511 ms at
-// T = 4096, 1.299 against 1.298 at D = 128, 5.33 against 5.49 at T = 16384, where the same
-// code without depth measured 4.84 against 4.95; off.
-template <int D> struct FwdConfig;
-template <> struct FwdConfig<64> {
-    static constexpr int kBlockN = 128, kStages = 6;
-    static constexpr bool kOverlap = true, kPingPong = false;
-    static constexpr int kConsumerWGs = 3;
-    static constexpr bool kStripeDepth = false;
-    static constexpr int kDepthPrefetch = 0;
-    static constexpr bool kSwapDepth = false;
-    static constexpr bool kDepthLoop = false;
-    static constexpr bool kWarpDepth = false;
-};
-template <> struct FwdConfig<128> {
-    static constexpr int kBlockN = 128, kStages = 3;
-    static constexpr bool kOverlap = true, kPingPong = false;
-    static constexpr int kConsumerWGs = 2;
-    static constexpr bool kStripeDepth = false;
-    static constexpr int kDepthPrefetch = 0;
-    static constexpr bool kSwapDepth = false;
-    static constexpr bool kDepthLoop = false;
-    static constexpr bool kWarpDepth = false;
-};
 
 // The query-stationary kernels' parameters (the forward's, and the backward's dQ kernel's):
 // tensor maps with query boxes of kBlockM G-folded rows and key boxes of kBlockN rows, the
@@ -97,26 +47,146 @@ inline std::string make_fwd_kernel_params(const FwdParams& a, int kBlockM, int k
     return {};
 }
 
+// The depth kernel's launch (FwdConfig::kDepthBeside): its tensor maps and CTAs, one per SM.
+template <class Element, int D, int kSlots>
+std::string launch_fwd_depth(const FwdParams& a, const DepthBesidePlan& plan, const FwdMergeParams& merge,
+                             int block_rows, cudaStream_t stream) {
+    using Traits = FwdDepthTraits<Element, D, kSlots>;
+    const bool bf16 = a.dtype == DType::kBFloat16;
+    const int B = a.batch, T = a.seqlen, Hk = a.kv_heads, G = a.q_heads / a.kv_heads, L = a.depth;
+    constexpr uint64_t kElem = 2;
+    FwdDepthParams p{};
+    std::string err = make_folded_rows_map(&p.tma_q, bf16, a.q, D, G, Hk, T, B, a.q_batch_stride, a.q_seq_stride,
+                                           a.q_head_stride, Traits::kPositions * G);
+    if (!err.empty()) return "q: " + err;
+    const void* bases[2] = {a.depth_k, a.depth_v};
+    const int64_t strides[2][4] = {{a.dk_head_stride, a.dk_slot_stride, a.dk_seq_stride, a.dk_batch_stride},
+                                   {a.dv_head_stride, a.dv_slot_stride, a.dv_seq_stride, a.dv_batch_stride}};
+    CUtensorMap* maps[2] = {&p.tma_dk, &p.tma_dv};
+    for (int i = 0; i < 2; ++i) {
+        err = make_tensor_map<5>(maps[i], bf16, bases[i], {uint64_t(D), uint64_t(Hk), uint64_t(L), uint64_t(T), uint64_t(B)},
+                                 {strides[i][0] * kElem, strides[i][1] * kElem, strides[i][2] * kElem, strides[i][3] * kElem},
+                                 {64, 1, uint32_t(kSlots), uint32_t(Traits::kPositions), 1});
+        if (!err.empty()) return (i == 0 ? "depth_k: " : "depth_v: ") + err;
+    }
+    p.merge = merge;
+    p.out = a.out;
+    p.lse = a.lse;
+    p.out_batch_stride = a.out_batch_stride;
+    p.out_seq_stride = a.out_seq_stride;
+    p.out_head_stride = a.out_head_stride;
+    p.batch = B;
+    p.seqlen = T;
+    p.kv_heads = Hk;
+    p.group = G;
+    p.depth = L;
+    p.block_rows = block_rows;
+    p.num_m_blocks = (T * G + block_rows - 1) / block_rows;
+    p.scale_log2 = a.scale * 1.4426950408889634f;
+    const size_t smem = sizeof(typename Traits::SharedStorage);
+    auto kernel = &moda_fwd_depth_kernel<Traits>;
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (e != cudaSuccess) return std::string("cudaFuncSetAttribute (depth kernel): ") + cudaGetErrorString(e);
+    kernel<<<plan.ctas, Traits::kThreads, smem, stream>>>(p);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return std::string("depth kernel launch: ") + cudaGetErrorString(e);
+    return {};
+}
+
 template <class Element, int D>
-std::string launch_fwd(const FwdParams& a, cudaStream_t stream) {
+std::string launch_fwd_depth_for(const FwdParams& a, const DepthBesidePlan& plan, const FwdMergeParams& merge,
+                                 int block_rows, cudaStream_t stream) {
+    switch (plan.slots) {
+        case 16: return launch_fwd_depth<Element, D, 16>(a, plan, merge, block_rows, stream);
+        case 32: return launch_fwd_depth<Element, D, 32>(a, plan, merge, block_rows, stream);
+        case 64: return launch_fwd_depth<Element, D, 64>(a, plan, merge, block_rows, stream);
+        case 128: return launch_fwd_depth<Element, D, 128>(a, plan, merge, block_rows, stream);
+        default:
+            if constexpr (D == 64) return launch_fwd_depth<Element, D, 256>(a, plan, merge, block_rows, stream);
+            return "no depth kernel for this many depth slots";
+    }
+}
+
+// The stream the depth kernel runs on (one per device, highest priority, so that its CTAs
+// take the first SMs that free up), and the events of the fork and join.
+struct BesideStream {
+    cudaStream_t stream = nullptr;
+    cudaEvent_t fork = nullptr, join = nullptr;
+};
+inline std::string beside_stream(BesideStream& out) {
+    constexpr int kMaxDevices = 64;
+    static BesideStream streams[kMaxDevices];
+    int device = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (e != cudaSuccess || device >= kMaxDevices) return "cudaGetDevice failed";
+    BesideStream& s = streams[device];
+    if (s.stream == nullptr) {
+        int least = 0, greatest = 0;
+        cudaDeviceGetStreamPriorityRange(&least, &greatest);
+        if (cudaStreamCreateWithPriority(&s.stream, cudaStreamNonBlocking, greatest) != cudaSuccess ||
+            cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming) != cudaSuccess ||
+            cudaEventCreateWithFlags(&s.join, cudaEventDisableTiming) != cudaSuccess) {
+            return "could not create the depth kernel's stream";
+        }
+    }
+    out = s;
+    return {};
+}
+
+template <class Element, int D>
+std::string launch_fwd(const FwdParams& a_in, cudaStream_t stream) {
     using Config = FwdConfig<D>;
     using Traits = FwdTraits<Element, D, Config::kBlockN, Config::kStages, Config::kConsumerWGs,
                              Config::kDepthPrefetch, Config::kSwapDepth, Config::kDepthLoop>;
     static_assert(sizeof(typename Traits::SharedStorage) <= 227 * 1024,
                   "shared memory over the 227 KB an SM90 CTA may have: fewer stages");
+    const DepthBesidePlan plan = a_in.workspace != nullptr ? plan_depth_beside(a_in, sm_count()) : DepthBesidePlan{};
+    FwdParams a = a_in;
+    FwdMergeParams merge{};
+    if (plan.ctas > 0) {  // the sequence kernel runs without the depth rows
+        a.depth = 0;
+        a.depth_k = a.depth_v = nullptr;
+        char* ws = static_cast<char*>(a_in.workspace);
+        merge.claims = reinterpret_cast<int*>(ws);
+        merge.ready = merge.claims + plan.blocks;
+        float* f = reinterpret_cast<float*>(ws + plan.flag_bytes());
+        merge.depth_out = f;
+        merge.depth_lse = f + plan.partial_floats;
+        merge.seq_out = merge.depth_lse + plan.lse_floats;
+        merge.seq_lse = merge.seq_out + plan.partial_floats;
+    }
     FwdKernelParams p{};
     const std::string err = make_fwd_kernel_params(a, Traits::kBlockM, Traits::kBlockN, Config::kStripeDepth, p);
     if (!err.empty()) return err;
+    p.merge = merge;
 
     const size_t smem = sizeof(typename Traits::SharedStorage);
     auto kernel = a.causal ? &moda_fwd_kernel<Traits, true, Config::kOverlap, Config::kPingPong, Config::kWarpDepth>
                            : &moda_fwd_kernel<Traits, false, Config::kOverlap, Config::kPingPong, Config::kWarpDepth>;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
+
+    BesideStream side;
+    if (plan.ctas > 0) {
+        // Zero the claims, then fork: the depth kernel first, on its high-priority stream.
+        std::string serr = beside_stream(side);
+        if (!serr.empty()) return serr;
+        e = cudaMemsetAsync(a_in.workspace, 0, plan.flag_bytes(), stream);
+        if (e == cudaSuccess) e = cudaEventRecord(side.fork, stream);
+        if (e == cudaSuccess) e = cudaStreamWaitEvent(side.stream, side.fork, 0);
+        if (e != cudaSuccess) return std::string("depth kernel fork: ") + cudaGetErrorString(e);
+        serr = launch_fwd_depth_for<Element, D>(a_in, plan, merge, Traits::kBlockM, side.stream);
+        if (!serr.empty()) return serr;
+    }
     const dim3 grid(p.num_m_blocks, a.kv_heads, a.batch);
     kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
     e = cudaGetLastError();
     if (e != cudaSuccess) return std::string("kernel launch: ") + cudaGetErrorString(e);
+    if (plan.ctas > 0) {
+        e = cudaEventRecord(side.join, side.stream);
+        if (e == cudaSuccess) e = cudaStreamWaitEvent(stream, side.join, 0);
+        if (e != cudaSuccess) return std::string("depth kernel join: ") + cudaGetErrorString(e);
+    }
     return {};
 }
 

@@ -99,11 +99,11 @@ def test_kernel_instantiation_compiles(tmp_path):
         "depth_kernel_two_stages_d64"])
 def test_schedule_variants_compile(tmp_path, config, head_dim, assignments, instantiation):
     """Schedules that FwdConfig / BwdConfig can select but the default build does not (slower
-    when measured, or not yet: csrc/moda_fwd_launch.h, csrc/moda_bwd_config.h): compile them, as
+    when measured, or not yet: csrc/moda_fwd_config.h, csrc/moda_bwd_config.h): compile them, as
     bench/sweep_config.sh would build them, so that they cannot rot unnoticed."""
     csrc = tmp_path / "csrc"
     shutil.copytree(ROOT / "csrc", csrc)
-    launch = csrc / ("moda_fwd_launch.h" if config == "FwdConfig" else "moda_bwd_config.h")
+    launch = csrc / ("moda_fwd_config.h" if config == "FwdConfig" else "moda_bwd_config.h")
     text = launch.read_text()
     for assignment in assignments.split(","):
         field, value = assignment.split("=")
