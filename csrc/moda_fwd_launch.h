@@ -14,6 +14,21 @@
 
 namespace moda {
 
+// What the parameters of every forward kernel share: the outputs, the shape, the scale.
+template <class KernelParams>
+void set_outputs_and_shape(const FwdParams& a, KernelParams& p) {
+    p.out = a.out;
+    p.lse = a.lse;
+    p.out_batch_stride = a.out_batch_stride;
+    p.out_seq_stride = a.out_seq_stride;
+    p.out_head_stride = a.out_head_stride;
+    p.seqlen = a.seqlen;
+    p.kv_heads = a.kv_heads;
+    p.group = a.q_heads / a.kv_heads;
+    p.depth = a.depth;
+    p.scale_log2 = a.scale * 1.4426950408889634f;
+}
+
 // The query-stationary kernels' parameters (the forward's, and the backward's dQ kernel's):
 // tensor maps with query boxes of kBlockM G-folded rows and key boxes of kBlockN rows, the
 // depth-box geometry, the tile order, and the outputs. Returns an error message, or an empty string.
@@ -27,15 +42,7 @@ inline std::string make_fwd_kernel_params(const FwdParams& a, int kBlockM, int k
     err = make_key_maps(a, kBlockN, &p.tma_k, &p.tma_v, &p.tma_dk, &p.tma_dv);
     if (!err.empty()) return err;
     const int Lb = depth_box_slots(L, kBlockN);
-    p.out = a.out;
-    p.lse = a.lse;
-    p.out_batch_stride = a.out_batch_stride;
-    p.out_seq_stride = a.out_seq_stride;
-    p.out_head_stride = a.out_head_stride;
-    p.seqlen = T;
-    p.kv_heads = Hk;
-    p.group = G;
-    p.depth = L;
+    set_outputs_and_shape(a, p);
     p.depth_chunk = a.depth_chunk;
     p.depth_box_slots = Lb;
     p.depth_box_positions = kBlockN / Lb;
@@ -43,7 +50,6 @@ inline std::string make_fwd_kernel_params(const FwdParams& a, int kBlockM, int k
     p.num_m_blocks = (T * G + kBlockM - 1) / kBlockM;
     p.has_seq = a.has_seq;
     p.depth_stripes = stripe_depth ? kBlockM / 64 : 1;  // one stripe per 64-row consumer warpgroup
-    p.scale_log2 = a.scale * 1.4426950408889634f;
     return {};
 }
 
@@ -54,35 +60,22 @@ std::string launch_fwd_depth(const FwdParams& a, const DepthBesidePlan& plan, co
     using Traits = FwdDepthTraits<Element, D, kSlots>;
     const bool bf16 = a.dtype == DType::kBFloat16;
     const int B = a.batch, T = a.seqlen, Hk = a.kv_heads, G = a.q_heads / a.kv_heads, L = a.depth;
-    constexpr uint64_t kElem = 2;
+    constexpr int kRows = kSlots * Traits::kPositions;
     FwdDepthParams p{};
     std::string err = make_folded_rows_map(&p.tma_q, bf16, a.q, D, G, Hk, T, B, a.q_batch_stride, a.q_seq_stride,
                                            a.q_head_stride, Traits::kPositions * G);
     if (!err.empty()) return "q: " + err;
-    const void* bases[2] = {a.depth_k, a.depth_v};
-    const int64_t strides[2][4] = {{a.dk_head_stride, a.dk_slot_stride, a.dk_seq_stride, a.dk_batch_stride},
-                                   {a.dv_head_stride, a.dv_slot_stride, a.dv_seq_stride, a.dv_batch_stride}};
-    CUtensorMap* maps[2] = {&p.tma_dk, &p.tma_dv};
-    for (int i = 0; i < 2; ++i) {
-        err = make_tensor_map<5>(maps[i], bf16, bases[i], {uint64_t(D), uint64_t(Hk), uint64_t(L), uint64_t(T), uint64_t(B)},
-                                 {strides[i][0] * kElem, strides[i][1] * kElem, strides[i][2] * kElem, strides[i][3] * kElem},
-                                 {64, 1, uint32_t(kSlots), uint32_t(Traits::kPositions), 1});
-        if (!err.empty()) return (i == 0 ? "depth_k: " : "depth_v: ") + err;
-    }
+    err = make_depth_box_map(&p.tma_dk, bf16, a.depth_k, D, Hk, L, T, B, a.dk_batch_stride, a.dk_seq_stride,
+                             a.dk_slot_stride, a.dk_head_stride, kRows, kSlots);
+    if (!err.empty()) return "depth_k: " + err;
+    err = make_depth_box_map(&p.tma_dv, bf16, a.depth_v, D, Hk, L, T, B, a.dv_batch_stride, a.dv_seq_stride,
+                             a.dv_slot_stride, a.dv_head_stride, kRows, kSlots);
+    if (!err.empty()) return "depth_v: " + err;
+    set_outputs_and_shape(a, p);
     p.merge = merge;
-    p.out = a.out;
-    p.lse = a.lse;
-    p.out_batch_stride = a.out_batch_stride;
-    p.out_seq_stride = a.out_seq_stride;
-    p.out_head_stride = a.out_head_stride;
     p.batch = B;
-    p.seqlen = T;
-    p.kv_heads = Hk;
-    p.group = G;
-    p.depth = L;
     p.block_rows = block_rows;
     p.num_m_blocks = (T * G + block_rows - 1) / block_rows;
-    p.scale_log2 = a.scale * 1.4426950408889634f;
     const size_t smem = sizeof(typename Traits::SharedStorage);
     auto kernel = &moda_fwd_depth_kernel<Traits>;
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));

@@ -43,15 +43,16 @@ inline std::string make_seq_rows_map(CUtensorMap* map, bool bf16, const void* ba
 }
 
 // depth [B, T, L, Hk, D] as [D, Hk, L, T, B]: a box is Lb slots of rows / Lb positions, row
-// (s - s0) * Lb + (l - l0); strided views (a slice of a larger depth buffer) need no copy.
+// (s - s0) * Lb + (l - l0), with Lb = `slots` or, when that is 0, depth_box_slots(L, rows);
+// strided views (a slice of a larger depth buffer) need no copy.
 // L2 fetches 128 bytes per row, not 256: at D = 64 a row is 128 bytes, and the other half of
 // a 256-byte fetch (the next kv head's row) is read by another CTA long after (ncu: 0.88 GB of
 // DRAM reads for 0.54 GB of depth rows at T = 4096; the forward took 0.492 against 0.503 ms).
 inline std::string make_depth_box_map(CUtensorMap* map, bool bf16, const void* base, int D, int Hk, int L, int T,
                                       int B, int64_t batch_stride, int64_t seq_stride, int64_t slot_stride,
-                                      int64_t head_stride, int rows) {
+                                      int64_t head_stride, int rows, int slots = 0) {
     constexpr uint64_t kElem = 2;
-    const int Lb = depth_box_slots(L, rows);
+    const int Lb = slots > 0 ? slots : depth_box_slots(L, rows);
     return make_tensor_map<5>(map, bf16, base, {uint64_t(D), uint64_t(Hk), uint64_t(L), uint64_t(T), uint64_t(B)},
                               {head_stride * kElem, slot_stride * kElem, seq_stride * kElem, batch_stride * kElem},
                               {64, 1, uint32_t(Lb), uint32_t(rows / Lb), 1}, CU_TENSOR_MAP_L2_PROMOTION_L2_128B);
