@@ -49,7 +49,7 @@ std::string check_supported(const FwdParams& a) {
 
 int64_t fwd_workspace_bytes(const FwdParams& params) {
     if (!check_supported(params).empty()) return 0;
-    return plan_depth_beside(params, sm_count()).workspace_bytes();
+    return plan_depth_beside(params).workspace_bytes();
 }
 
 const char* run_fwd(const FwdParams& params, void* stream) {

@@ -100,8 +100,17 @@ struct DepthBesidePlan {
     }
 };
 
+inline int sm_count() {
+    int device = 0, sms = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    return sms;
+}
+
+// The plan of a call on the current device. Asks the device for its SM count only when the
+// depth kernel would run (every forward call plans; the default does not run it).
 template <int D>
-DepthBesidePlan plan_depth_beside_for(const FwdParams& a, int sms) {
+DepthBesidePlan plan_depth_beside_for(const FwdParams& a) {
     using Config = FwdConfig<D>;
     DepthBesidePlan plan;
     if (!Config::kDepthBeside || !a.has_seq || a.depth == 0 || a.depth_chunk != 1) return plan;
@@ -113,6 +122,7 @@ DepthBesidePlan plan_depth_beside_for(const FwdParams& a, int sms) {
     const double pairs = a.causal ? T * (T + 1) / 2 : T * T;
     const double flops = 4.0 * a.batch * a.q_heads * D * pairs;
     const double x = (bytes / Config::kBesideSmBytesPerUs) / (flops / Config::kBesideSmFlopsPerUs);
+    const int sms = sm_count();
     plan.blocks = a.batch * a.kv_heads * ((a.seqlen * G + block_rows - 1) / block_rows);
     plan.ctas = std::clamp(int(std::lround(sms * x / (1 + x))), 1, std::max(1, sms / 4));
     plan.ctas = std::min(plan.ctas, plan.blocks);
@@ -122,15 +132,8 @@ DepthBesidePlan plan_depth_beside_for(const FwdParams& a, int sms) {
     return plan;
 }
 
-inline int sm_count() {
-    int device = 0, sms = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    return sms;
-}
-
-inline DepthBesidePlan plan_depth_beside(const FwdParams& a, int sms) {
-    return a.head_dim == 64 ? plan_depth_beside_for<64>(a, sms) : plan_depth_beside_for<128>(a, sms);
+inline DepthBesidePlan plan_depth_beside(const FwdParams& a) {
+    return a.head_dim == 64 ? plan_depth_beside_for<64>(a) : plan_depth_beside_for<128>(a);
 }
 
 }  // namespace moda

@@ -133,7 +133,7 @@ std::string launch_fwd(const FwdParams& a_in, cudaStream_t stream) {
                              Config::kDepthPrefetch, Config::kSwapDepth, Config::kDepthLoop>;
     static_assert(sizeof(typename Traits::SharedStorage) <= 227 * 1024,
                   "shared memory over the 227 KB an SM90 CTA may have: fewer stages");
-    const DepthBesidePlan plan = a_in.workspace != nullptr ? plan_depth_beside(a_in, sm_count()) : DepthBesidePlan{};
+    const DepthBesidePlan plan = a_in.workspace != nullptr ? plan_depth_beside(a_in) : DepthBesidePlan{};
     FwdParams a = a_in;
     FwdMergeParams merge{};
     if (plan.ctas > 0) {  // the sequence kernel runs without the depth rows
