@@ -14,9 +14,10 @@
 namespace moda {
 
 // Tile sizes and schedule per head dim: kBlockN keys per stage, kStages stages (shared
-// memory: q + 2 x kStages x [kBlockN x D], at most 227 KB); kOverlap: run tile i's softmax
-// while tile i-1's P V product runs; kPingPong: the consumer warpgroups take turns issuing
-// their matmuls; kConsumerWGs: 64-row consumer warpgroups per CTA (3: 192-row CTAs, a third
+// memory: q + 2 x kStages x [kBlockN x D], at most 227 KB); kOverlap: issue tile i-1's P V
+// with tile i's S and wait for it after tile i's softmax (as written: ptxas moves that wait
+// ahead of the softmax, bench/sass_wait_placement.py); kPingPong: the consumer warpgroups
+// take turns issuing their matmuls; kConsumerWGs: 64-row consumer warpgroups per CTA (3: 192-row CTAs, a third
 // warp per scheduler to hide the softmax's latency, 160 registers each); kStripeDepth: depth
 // tiles in round-robin stripes, one per warpgroup (TileAt); kDepthPrefetch: depth tiles
 // asked of L2 this many tiles before their load (produce_key_tiles; 0: none); kSwapDepth:

@@ -787,9 +787,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         pipe_k.consumer_wait(read);
         float alpha[2];
         if (kOverlap && has_pending) {
-            // The previous tile's P V runs on the tensor cores while this tile's softmax runs.
-            // Every issue and wait of this path is unconditional, so ptxas can see that the
-            // accumulators are never touched while their wgmma is in flight.
+            // The previous tile's P V is issued with this tile's S and waited for after this
+            // tile's softmax, so that it may run during the softmax. (In the compiled kernels
+            // ptxas places that wait ahead of the softmax all the same: bench/NOTES.md,
+            // thirteenth round, and bench/sass_wait_placement.py.) Every issue and wait of this
+            // path is unconditional, so ptxas can see that the accumulators are never touched
+            // while their wgmma is in flight.
             pipe_v.consumer_wait(pending);
             wait_for_turn<kPingPong>(wg);
             wgmma_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);

@@ -1,0 +1,209 @@
+"""How fast does one SM take in the forward's depth rows, by TMA boxes or by cp.async?
+
+The forward loads a CTA's depth rows as TMA boxes of 128 rows (16 KB per 64 head-dim
+columns) into its ring of shared-memory stages. probe_stream_beside.py found that one SM
+streaming contiguous bulk copies reaches about 65 GB/s with 16 KB copies, 130 with 32 KB
+and 181 with 64 KB, whatever the bytes in flight: the copy engine seems to spend a fixed
+time on each copy. If the depth boxes are held to that rate too, a CTA's depth rows (393 KB
+at T=4096, D=64, L=64) take about 8 us to arrive however early they are asked for.
+
+This probe streams exactly the forward's depth rows (each CTA one kv head and a block of
+positions, as the forward's CTAs read them) with nothing computed, by:
+  tma16    one thread, TMA boxes of 128 rows (the forward's), `stages` stages;
+  tma32    one thread, boxes of 256 rows (twice the positions), half the stages;
+  tma48    boxes of 384 rows, a third of the stages (where the positions divide);
+  cpN      N threads (32, 96, 128) issuing 16-byte cp.async into the same stages, completed
+           on the same kind of mbarrier (cp.async.mbarrier.arrive.noinc).
+It prints GB/s per SM for 1 .. all SMs.
+
+    python bench/probe_depth_ingest.py --out bench/results/probe_depth_ingest
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from torch.utils.cpp_extension import load_inline
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+
+_CUDA = r"""
+#include <cstdint>
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include "tma_desc.h"
+
+struct Probe {
+    CUtensorMap map_k, map_v;      // depth as [D, Hk, L, T, B], box [64, 1, Lb, rows / Lb, 1]
+    const uint16_t* k;             // [T, L, Hk, D] contiguous (B = 1)
+    const uint16_t* v;
+    int T, L, Hk, D, Lb, rows, positions_per_item, n_items, stages;
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void wait_parity(uint32_t bar, uint32_t parity) {
+    asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}"
+                 ::"r"(bar), "r"(parity) : "memory");
+}
+
+// Tile k of this CTA: item (hk slowest, as the forward's grid), first position s0 of the tile.
+__device__ __forceinline__ bool tile_of(Probe const& p, long long k, int& hk, int& s0) {
+    const int tiles_per_item = p.positions_per_item / (p.rows / p.Lb);
+    const long long item = blockIdx.x + (k / tiles_per_item) * gridDim.x;
+    if (item >= p.n_items) return false;
+    const int blocks_per_head = (p.T + p.positions_per_item - 1) / p.positions_per_item;
+    hk = int(item / blocks_per_head);
+    s0 = int(item % blocks_per_head) * p.positions_per_item + int(k % tiles_per_item) * (p.rows / p.Lb);
+    return true;
+}
+
+// kThreads == 0: TMA from thread 0. Otherwise kThreads threads issue cp.async.
+template <int kThreads, int kD>
+__global__ void __launch_bounds__(128) ingest(__grid_constant__ const Probe p) {
+    extern __shared__ __align__(1024) char ring[];
+    __shared__ __align__(8) uint64_t full[16];
+    constexpr bool kTma = kThreads == 0;
+    const int tid = threadIdx.x;
+    if (kTma ? tid != 0 : tid >= kThreads) return;
+    const int stage_bytes = 2 * p.rows * p.D * 2;
+    if (tid == 0) {
+        for (int s = 0; s < p.stages; ++s)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(&full[s])), "r"(kTma ? 1 : kThreads));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    if constexpr (!kTma) asm volatile("bar.sync 1, %0;" ::"r"(kThreads) : "memory");
+    long long k = 0;
+    int hk, s0;
+    for (; tile_of(p, k, hk, s0); ++k) {
+        const int s = int(k % p.stages);
+        const uint32_t bar = smem_addr(&full[s]);
+        if (k >= p.stages) wait_parity(bar, uint32_t((k / p.stages - 1) & 1));
+        char* stage = ring + size_t(s) * stage_bytes;
+        if constexpr (kTma) {
+            asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(stage_bytes) : "memory");
+            for (int t = 0; t < 2; ++t) {
+                const CUtensorMap* map = t == 0 ? &p.map_k : &p.map_v;
+                for (int j = 0; j < p.D / 64; ++j) {
+                    char* dst = stage + (t * p.D / 64 + j) * p.rows * 128;
+                    asm volatile(
+                        "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                        " [%0], [%1, {%3, %4, %5, %6, %7}], [%2];"
+                        ::"r"(smem_addr(dst)), "l"(map), "r"(bar), "r"(j * 64), "r"(hk), "r"(0), "r"(s0), "r"(0)
+                        : "memory");
+                }
+            }
+        } else {
+            // Thread i copies 16-byte chunk i % (D / 8) of rows i / (D / 8), + kThreads / (D / 8), ...
+            // (shifts and adds only: the issue rate must not be the limit).
+            constexpr int kChunksPerRow = kD / 8, kRowStep = kThreads / kChunksPerRow;
+            const int ch = tid % kChunksPerRow;
+            const int lb_shift = 31 - __clz(p.Lb);
+            for (int t = 0; t < 2; ++t) {
+                const uint16_t* base = (t == 0 ? p.k : p.v) + hk * kD + ch * 8;
+                const uint32_t dst0 = smem_addr(stage) + t * p.rows * kD * 2 + ch * 16;
+#pragma unroll 4
+                for (int row = tid / kChunksPerRow; row < p.rows; row += kRowStep) {
+                    const int pos = s0 + (row >> lb_shift), slot = row & (p.Lb - 1);
+                    const bool ok = pos < p.T && slot < p.L;
+                    const uint16_t* src = base + (int64_t(ok ? pos : 0) * p.L + (ok ? slot : 0)) * (p.Hk * kD);
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst0 + row * kD * 2), "l"(src),
+                                 "r"(ok ? 16 : 0) : "memory");
+                }
+            }
+            asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+        }
+    }
+    for (long long j = (k > p.stages ? k - p.stages : 0); j < k; ++j)  // drain
+        wait_parity(smem_addr(&full[j % p.stages]), uint32_t((j / p.stages) & 1));
+}
+
+void run(torch::Tensor dk, torch::Tensor dv, int64_t method, int64_t rows, int64_t stages,
+         int64_t positions_per_item, int64_t n_items, int64_t ctas) {
+    TORCH_CHECK(dk.is_contiguous() && dv.is_contiguous() && dk.dim() == 5 && dk.size(0) == 1);
+    Probe p{};
+    p.T = int(dk.size(1)); p.L = int(dk.size(2)); p.Hk = int(dk.size(3)); p.D = int(dk.size(4));
+    p.Lb = 1;
+    while (p.Lb < p.L) p.Lb *= 2;
+    p.rows = int(rows); p.stages = int(stages);
+    p.positions_per_item = int(positions_per_item); p.n_items = int(n_items);
+    p.k = static_cast<const uint16_t*>(dk.data_ptr());
+    p.v = static_cast<const uint16_t*>(dv.data_ptr());
+    const bool bf16 = dk.scalar_type() == at::kBFloat16;
+    const uint64_t e = 2;
+    for (int t = 0; t < 2; ++t) {
+        std::string err = moda::make_tensor_map<5>(t == 0 ? &p.map_k : &p.map_v, bf16, (t == 0 ? dk : dv).data_ptr(),
+            {uint64_t(p.D), uint64_t(p.Hk), uint64_t(p.L), uint64_t(p.T), 1},
+            {uint64_t(p.D) * e, uint64_t(p.Hk) * p.D * e, uint64_t(p.L) * p.Hk * p.D * e,
+             uint64_t(p.T) * p.L * p.Hk * p.D * e},
+            {64, 1, uint32_t(p.Lb), uint32_t(p.rows / p.Lb), 1}, CU_TENSOR_MAP_L2_PROMOTION_L2_128B);
+        TORCH_CHECK(err.empty(), err);
+    }
+    const int smem = 200 * 1024;  // one CTA per SM, as the forward
+    TORCH_CHECK(int64_t(stages) * 2 * rows * p.D * 2 <= smem && stages <= 16);
+    auto stream = at::cuda::getCurrentCUDAStream();
+#define LAUNCH(N)                                                                               \
+    if (p.D == 64) {                                                                             \
+        cudaFuncSetAttribute(ingest<N, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);  \
+        ingest<N, 64><<<int(ctas), 128, smem, stream>>>(p);                                      \
+    } else {                                                                                     \
+        cudaFuncSetAttribute(ingest<N, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem); \
+        ingest<N, 128><<<int(ctas), 128, smem, stream>>>(p);                                     \
+    }
+    switch (method) {
+        case 0: LAUNCH(0) break;
+        case 32: LAUNCH(32) break;
+        case 96: LAUNCH(96) break;
+        case 128: LAUNCH(128) break;
+        default: TORCH_CHECK(false, "method");
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="directory for the JSON")
+    args = ap.parse_args()
+    ext = load_inline("probe_depth_ingest", cpp_sources="void run(torch::Tensor, torch::Tensor, int64_t, int64_t, "
+                      "int64_t, int64_t, int64_t, int64_t);", cuda_sources=_CUDA, functions=["run"],
+                      extra_cuda_cflags=["-arch=sm_90a", "-O3"], extra_include_paths=[str(CSRC)])
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    # (T, D, L, Hk, positions per CTA, stages of 128 rows): the forward's issue shapes.
+    shapes = [(4096, 64, 64, 8, 24, 6), (8192, 128, 32, 8, 32, 3)]
+    methods = [("tma16", 0, 128, 1), ("tma32", 0, 256, 2), ("tma48", 0, 384, 3), ("cp32", 32, 128, 1),
+               ("cp96", 96, 128, 1), ("cp128", 128, 128, 1)]
+    results = []
+    for T, D, L, Hk, positions, stages in shapes:
+        dk, dv = (torch.randn(1, T, L, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        items = Hk * ((T + positions - 1) // positions)
+        item_bytes = 2 * positions * L * D * 2
+        print(f"T={T} D={D} L={L}: {items} items of {item_bytes // 1024} KB; GB/s per SM (ms)")
+        for name, method, rows, div in methods:
+            if positions % (rows // min(128, 2 ** (L - 1).bit_length())):
+                continue
+            line = []
+            for n in (1, 8, 32, 66, sms):
+                n_items = min(items, n * 16)
+                fn = lambda: ext.run(dk, dv, method, rows, max(1, stages // div), positions, n_items, n)  # noqa: E731
+                ms = triton.testing.do_bench(fn, warmup=5, rep=30)
+                rate = n_items * item_bytes / ms / 1e6 / n
+                results.append({"T": T, "D": D, "L": L, "method": name, "ctas": n, "items": n_items,
+                                "ms": ms, "gbs_per_sm": rate})
+                line.append(f"N={n}: {rate:6.1f} ({ms:.3f})")
+            print(f"  {name:6s} " + "  ".join(line))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe_depth_ingest.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
