@@ -74,11 +74,12 @@ def placement(body):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("binaries", nargs="+", help="extension .so or object files")
+    ap.add_argument("--kernel", default="moda_fwd_kernel", help="regex of the kernels to read")
     args = ap.parse_args()
     for path in args.binaries:
         sass = subprocess.run(["cuobjdump", "-sass", path], capture_output=True, text=True, check=True).stdout
         for name, body in kernels(sass):
-            if "moda_fwd_kernel" not in name:
+            if not re.search(args.kernel, name):
                 continue
             r = placement(body)
             if r is None:

@@ -48,6 +48,7 @@ template <int D> struct FwdConfig;
 template <> struct FwdConfig<64> {
     static constexpr int kBlockN = 128, kStages = 6;
     static constexpr bool kOverlap = true, kPingPong = false;
+    static constexpr bool kLatePvWait = false;
     static constexpr int kConsumerWGs = 3;
     static constexpr bool kStripeDepth = false;
     static constexpr int kDepthPrefetch = 0;
@@ -60,6 +61,7 @@ template <> struct FwdConfig<64> {
 template <> struct FwdConfig<128> {
     static constexpr int kBlockN = 128, kStages = 3;
     static constexpr bool kOverlap = true, kPingPong = false;
+    static constexpr bool kLatePvWait = false;
     static constexpr int kConsumerWGs = 2;
     static constexpr bool kStripeDepth = false;
     static constexpr int kDepthPrefetch = 0;
@@ -70,6 +72,14 @@ template <> struct FwdConfig<128> {
     static constexpr double kBesideSmBytesPerUs = 140e3, kBesideSmFlopsPerUs = 4.2e6;
 };
 
+// kLatePvWait (with kOverlap): keep the wait for P V after the softmax, where the source puts
+// it. A plain wgmma.wait_group there is moved ahead of the softmax by ptxas, in every forward
+// kernel (bench/sass_wait_placement.py: the wait before the first exp2), so the overlap of a
+// tile's softmax with the previous tile's P V that kOverlap is written for does not happen
+// within a warpgroup. Behind a branch on the row sums, which the exp2s produce, the wait
+// stays after them (SASS: after all 66 exp2 at D = 64, causal and not). Not measured on the
+// GPU yet (bench/NOTES.md, thirteenth round); off.
+//
 // kDepthBeside (depth_chunk = 1 with sequence keys): the depth rows are not tiles of the
 // sequence kernel. A depth kernel (moda_fwd_depth_kernel.h) runs on a few SMs of its own, on
 // a high-priority stream, while the sequence kernel runs on the others without depth rows;

@@ -788,11 +788,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
         float alpha[2];
         if (kOverlap && has_pending) {
             // The previous tile's P V is issued with this tile's S and waited for after this
-            // tile's softmax, so that it may run during the softmax. (In the compiled kernels
-            // ptxas places that wait ahead of the softmax all the same: bench/NOTES.md,
-            // thirteenth round, and bench/sass_wait_placement.py.) Every issue and wait of this
-            // path is unconditional, so ptxas can see that the accumulators are never touched
-            // while their wgmma is in flight.
+            // tile's softmax, so that it may run during the softmax. (A plain wait there is moved
+            // ahead of the softmax by ptxas; Traits::kLatePvWait pins it, see below.) The issues
+            // and the plain wait of this path are unconditional, so ptxas can see that the
+            // accumulators are never touched while their wgmma is in flight.
             pipe_v.consumer_wait(pending);
             wait_for_turn<kPingPong>(wg);
             wgmma_issue<true, false>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);
@@ -802,6 +801,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             pipe_k.consumer_release(read);
             apply_mask(tile);
             softmax_step(alpha);
+            if constexpr (Traits::kLatePvWait) {
+                // A wait behind a branch on the row sums cannot move above the exp2s that make
+                // them. The branch is always taken, by every thread alike, as wgmma.wait_group
+                // requires: a sum of exp2s is never the all-ones bit pattern (the GPU's NaNs are
+                // 0x7fffffff). The plain wait after it then finds nothing left in flight.
+                const float sums = row_sum[0] + row_sum[1];
+                if (__all_sync(0xffffffff, __float_as_uint(sums) != 0xffffffffu)) wgmma_wait<0>(tOrO);
+            }
             wgmma_wait<0>(tOrO);
             pipe_v.consumer_release(pending);
         } else {

@@ -130,7 +130,7 @@ template <class Element, int D>
 std::string launch_fwd(const FwdParams& a_in, cudaStream_t stream) {
     using Config = FwdConfig<D>;
     using Traits = FwdTraits<Element, D, Config::kBlockN, Config::kStages, Config::kConsumerWGs,
-                             Config::kDepthPrefetch, Config::kSwapDepth, Config::kDepthLoop>;
+                             Config::kDepthPrefetch, Config::kSwapDepth, Config::kDepthLoop, Config::kLatePvWait>;
     static_assert(sizeof(typename Traits::SharedStorage) <= 227 * 1024,
                   "shared memory over the 227 KB an SM90 CTA may have: fewer stages");
     const DepthBesidePlan plan = a_in.workspace != nullptr ? plan_depth_beside(a_in) : DepthBesidePlan{};

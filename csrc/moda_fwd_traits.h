@@ -16,7 +16,7 @@ namespace moda {
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockN_, int kStages_, int kConsumerWGs_ = 2,
-          int kDepthPrefetch_ = 0, bool kSwapDepth_ = false, bool kDepthLoop_ = false>
+          int kDepthPrefetch_ = 0, bool kSwapDepth_ = false, bool kDepthLoop_ = false, bool kLatePvWait_ = false>
 struct FwdTraits {
     using Element = Element_;
     static constexpr int kHeadDim = kHeadDim_;
@@ -27,6 +27,7 @@ struct FwdTraits {
     static constexpr int kDepthPrefetch = kDepthPrefetch_;  // depth tiles asked of L2 this far ahead (0: none)
     static constexpr bool kSwapDepth = kSwapDepth_;         // operand-swapped depth tiles (see below)
     static constexpr bool kDepthLoop = kDepthLoop_;         // depth tiles in a sparse loop of their own
+    static constexpr bool kLatePvWait = kLatePvWait_;       // the P V wait pinned after the softmax
     static_assert(!(kSwapDepth && kDepthLoop), "kSwapDepth and kDepthLoop are two ways to run the depth tiles");
     static constexpr int kThreads = 128 * (1 + kConsumerWGs);  // warpgroup 0 produces
     // Register split (setmaxnreg): the producer needs few, the consumers hold S, P and O. The
