@@ -16,11 +16,12 @@ namespace moda {
 // Tile sizes and schedule per head dim: kBlockN keys per stage, kStages stages (shared
 // memory: q + 2 x kStages x [kBlockN x D], at most 227 KB); kOverlap: issue tile i-1's P V
 // with tile i's S and wait for it after tile i's softmax (as written: ptxas moves that wait
-// ahead of the softmax, bench/sass_wait_placement.py); kPingPong: the consumer warpgroups
-// take turns issuing their matmuls; kConsumerWGs: 64-row consumer warpgroups per CTA (3: 192-row CTAs, a third
-// warp per scheduler to hide the softmax's latency, 160 registers each); kStripeDepth: depth
-// tiles in round-robin stripes, one per warpgroup (TileAt); kDepthPrefetch: depth tiles
-// asked of L2 this many tiles before their load (produce_key_tiles; 0: none); kSwapDepth:
+// ahead of the softmax unless kLatePvWait, below); kPingPong: the consumer warpgroups take
+// turns issuing their matmuls; kConsumerWGs: 64-row consumer warpgroups per CTA (3: 192-row
+// CTAs, a third warp per scheduler to hide the softmax's latency, 160 registers each);
+// kStripeDepth: depth tiles in round-robin stripes, one per warpgroup (TileAt);
+// kDepthPrefetch: depth tiles asked of L2 this many tiles before their load
+// (produce_key_tiles; 0: none); kSwapDepth:
 // with depth_chunk = 1, depth boxes with the operands swapped (slots as M, 16 query rows as
 // N: FwdTraits::kSwapRows; its scratch needs fewer stages: 2 at D = 128, under 6 at D = 64);
 // kWarpDepth: depth tiles on each warp's own rows with mma.sync instead of the warpgroup's
@@ -77,8 +78,8 @@ template <> struct FwdConfig<128> {
 // kernel (bench/sass_wait_placement.py: the wait before the first exp2), so the overlap of a
 // tile's softmax with the previous tile's P V that kOverlap is written for does not happen
 // within a warpgroup. Behind a branch on the row sums, which the exp2s produce, the wait
-// stays after them (SASS: after all 66 exp2 at D = 64, causal and not). Not measured on the
-// GPU yet (bench/NOTES.md, thirteenth round); off.
+// stays after them (SASS of all four forward kernels: after the last exp2, no spills). Not
+// measured on the GPU yet (bench/NOTES.md, thirteenth round); off.
 //
 // kDepthBeside (depth_chunk = 1 with sequence keys): the depth rows are not tiles of the
 // sequence kernel. A depth kernel (moda_fwd_depth_kernel.h) runs on a few SMs of its own, on
