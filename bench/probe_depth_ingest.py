@@ -36,7 +36,7 @@ _CUDA = r"""
 #include <cstdint>
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
-#include "tma_desc.h"
+#include "moda_tma_maps.h"
 
 struct Probe {
     CUtensorMap map_k, map_v;      // depth as [D, Hk, L, T, B], box [64, 1, Lb, rows / Lb, 1]
@@ -129,20 +129,17 @@ void run(torch::Tensor dk, torch::Tensor dv, int64_t method, int64_t rows, int64
     TORCH_CHECK(dk.is_contiguous() && dv.is_contiguous() && dk.dim() == 5 && dk.size(0) == 1);
     Probe p{};
     p.T = int(dk.size(1)); p.L = int(dk.size(2)); p.Hk = int(dk.size(3)); p.D = int(dk.size(4));
-    p.Lb = 1;
-    while (p.Lb < p.L) p.Lb *= 2;
+    p.Lb = moda::depth_box_slots(p.L, 128);  // the forward's slots per box (kBlockN = 128 rows)
     p.rows = int(rows); p.stages = int(stages);
     p.positions_per_item = int(positions_per_item); p.n_items = int(n_items);
     p.k = static_cast<const uint16_t*>(dk.data_ptr());
     p.v = static_cast<const uint16_t*>(dv.data_ptr());
     const bool bf16 = dk.scalar_type() == at::kBFloat16;
-    const uint64_t e = 2;
-    for (int t = 0; t < 2; ++t) {
-        std::string err = moda::make_tensor_map<5>(t == 0 ? &p.map_k : &p.map_v, bf16, (t == 0 ? dk : dv).data_ptr(),
-            {uint64_t(p.D), uint64_t(p.Hk), uint64_t(p.L), uint64_t(p.T), 1},
-            {uint64_t(p.D) * e, uint64_t(p.Hk) * p.D * e, uint64_t(p.L) * p.Hk * p.D * e,
-             uint64_t(p.T) * p.L * p.Hk * p.D * e},
-            {64, 1, uint32_t(p.Lb), uint32_t(p.rows / p.Lb), 1}, CU_TENSOR_MAP_L2_PROMOTION_L2_128B);
+    for (int t = 0; t < 2; ++t) {  // the forward's depth maps (boxes of `rows` rows)
+        const torch::Tensor& d = t == 0 ? dk : dv;
+        std::string err = moda::make_depth_box_map(t == 0 ? &p.map_k : &p.map_v, bf16, d.data_ptr(), p.D, p.Hk, p.L,
+                                                   p.T, 1, d.stride(0), d.stride(1), d.stride(2), d.stride(3),
+                                                   p.rows, p.Lb);
         TORCH_CHECK(err.empty(), err);
     }
     const int smem = 200 * 1024;  // one CTA per SM, as the forward

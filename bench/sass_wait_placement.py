@@ -54,8 +54,7 @@ def placement(body):
         if m:
             p_regs.update(range(int(m.group(1)), int(m.group(1)) + 4))
     wait = next(i for i in range(first_wait + 1, len(body)) if "DEPBAR.LE gsb0, 0x0" in body[i][1])
-    exps = [i for i in range(first_wait + 1, len(body)) if body[i][1].startswith("MUFU.EX2")
-            or re.search(r"^@!?P\d+ MUFU\.EX2", body[i][1])]
+    exps = [i for i in range(first_wait + 1, len(body)) if re.match(r"(?:@!?P\d+\s+)?MUFU\.EX2", body[i][1])]
     first_exp = exps[0]
     # The exp2s of this softmax: the run of exp2s before the next HGMMA.
     next_mma = next((i for i in range(first_exp, len(body)) if "HGMMA" in body[i][1]), len(body))
