@@ -44,6 +44,12 @@ CASES = [
     (Case(B=1, T=4500, Hq=16, Hk=2, D=64, L=8), None),  # G = 8 past T = 4096: the fused dQ (bwd_fuses_dq)
     (Case(B=1, T=2048, Hq=32, Hk=8, D=128, L=32), None),
     (Case(B=1, T=129, Hq=16, Hk=4, D=64, L=7), None),
+    # What bench/patches/fwd_depth_groups.patch's depth groups and stripe boxes take (G | 64, T a
+    # multiple of 64 / G): two batches, causal or not, depth only, and a strided view.
+    (Case(B=2, T=520, Hq=16, Hk=2, D=64, L=16), None),
+    (Case(B=2, T=512, Hq=16, Hk=2, D=64, L=64, causal=False), None),
+    (Case(B=2, T=256, Hq=16, Hk=2, D=64, L=32, seq=False), None),
+    (Case(B=2, T=512, Hq=16, Hk=2, D=64, L=60), 64),
 ]
 # For compute-sanitizer: a tiny case, and one with enough depth boxes that the backward's CTAs
 # walk runs of several (the last run shorter).

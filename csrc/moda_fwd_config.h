@@ -49,7 +49,7 @@ template <int D> struct FwdConfig;
 template <> struct FwdConfig<64> {
     static constexpr int kBlockN = 128, kStages = 6;
     static constexpr bool kOverlap = true, kPingPong = false;
-    static constexpr bool kLatePvWait = false;
+    static constexpr bool kLatePvWait = true;
     static constexpr int kConsumerWGs = 3;
     static constexpr bool kStripeDepth = false;
     static constexpr int kDepthPrefetch = 0;
@@ -62,7 +62,7 @@ template <> struct FwdConfig<64> {
 template <> struct FwdConfig<128> {
     static constexpr int kBlockN = 128, kStages = 3;
     static constexpr bool kOverlap = true, kPingPong = false;
-    static constexpr bool kLatePvWait = false;
+    static constexpr bool kLatePvWait = true;
     static constexpr int kConsumerWGs = 2;
     static constexpr bool kStripeDepth = false;
     static constexpr int kDepthPrefetch = 0;
@@ -78,8 +78,11 @@ template <> struct FwdConfig<128> {
 // kernel (bench/sass_wait_placement.py: the wait before the first exp2), so the overlap of a
 // tile's softmax with the previous tile's P V that kOverlap is written for does not happen
 // within a warpgroup. Behind a branch on the row sums, which the exp2s produce, the wait
-// stays after them (SASS of all four forward kernels: after the last exp2, no spills). Not
-// measured on the GPU yet (bench/NOTES.md, thirteenth round); off.
+// stays after them (SASS of all four forward kernels: after the last exp2, no spills).
+// Measured (bench/NOTES.md, fourteenth round), forward ms with depth / without depth,
+// T = 16384 D = 64 | T = 8192 D = 128 | T = 4096 D = 64: 5.158 / 4.675 | 1.230 / 0.984 |
+// 0.474 / 0.328 against 5.298 / 4.865 | 1.261 / 1.008 | 0.487 / 0.347 with the wait where
+// ptxas put it; on.
 //
 // kDepthBeside (depth_chunk = 1 with sequence keys): the depth rows are not tiles of the
 // sequence kernel. A depth kernel (moda_fwd_depth_kernel.h) runs on a few SMs of its own, on

@@ -273,6 +273,21 @@ struct RowVisibility {
         // Slot test, a no-op for sequence tiles: column c holds slot c & slot_mask.
         const int slot_mask = tile.is_seq ? kBlockN - 1 : p.depth_box_slots - 1;
         const int slot_end = tile.is_seq ? kBlockN : min(p.depth - tile.l0, p.depth_box_slots);
+        if (slot_end > slot_mask) {
+            // Every slot of the box exists (and sequence tiles have none): only the window.
+            // Column c = frag_col(e, 0) + frag_col(0, lane); the first term is a constant, so
+            // shifting the bounds by the second leaves two compares with immediates per score.
+            const int lane_col = frag_col(0, lane);
+            const int first[2] = {lo[0] - lane_col, lo[1] - lane_col};
+            const int end[2] = {hi[0] - lane_col, hi[1] - lane_col};
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < size(scores); ++e) {
+                const int c = frag_col(e, 0);
+                const int h = frag_row_half(e);
+                if (c < first[h] || c >= end[h]) scores(e) = -INFINITY;
+            }
+            return;
+        }
         CUTLASS_PRAGMA_UNROLL
         for (int e = 0; e < size(scores); ++e) {
             const int c = frag_col(e, lane);
