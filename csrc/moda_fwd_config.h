@@ -57,6 +57,7 @@ template <> struct FwdConfig<64> {
     static constexpr bool kDepthLoop = false;
     static constexpr bool kWarpDepth = false;
     static constexpr bool kDepthBeside = false;
+    static constexpr int kDepthL2Lead = 0;
     static constexpr double kBesideSmBytesPerUs = 140e3, kBesideSmFlopsPerUs = 3.2e6;
 };
 template <> struct FwdConfig<128> {
@@ -70,6 +71,7 @@ template <> struct FwdConfig<128> {
     static constexpr bool kDepthLoop = false;
     static constexpr bool kWarpDepth = false;
     static constexpr bool kDepthBeside = false;
+    static constexpr int kDepthL2Lead = 0;
     static constexpr double kBesideSmBytesPerUs = 140e3, kBesideSmFlopsPerUs = 4.2e6;
 };
 
@@ -83,6 +85,17 @@ template <> struct FwdConfig<128> {
 // T = 16384 D = 64 | T = 8192 D = 128 | T = 4096 D = 64: 5.158 / 4.675 | 1.230 / 0.984 |
 // 0.474 / 0.328 against 5.298 / 4.865 | 1.261 / 1.008 | 0.487 / 0.347 with the wait where
 // ptxas put it; on.
+//
+// kDepthL2Lead = W > 0: while the producer issues a CTA's last W sequence tiles, the 32 lanes
+// of its warp ask L2 for all the CTA's depth rows (prefetch.global.L2, through the load/store
+// unit rather than the TMA unit that kDepthPrefetch used), so that the depth tiles at the end
+// of the schedule load from L2 while the sequence tiles before them compute. Why: a depth box
+// loaded and not computed still costs about what reading it at the DRAM's rate does (NOTES,
+// eleventh round), because every CTA reads its own rows only at the end of its schedule.
+// Measured (NOTES, fifteenth round; D = 64, W = 12): exact (validate_fwd), and slower:
+// 5.297 / 0.505 ms against 5.148 / 0.471 at T = 16384 / 4096 (W = 4: 5.241 against 5.064 at
+// T = 16384, in another call), and even the load-only diagnostic got slower with it (0.436
+// against 0.394 ms at T = 4096). Off. Three consumer warpgroups only (FwdTraits: registers).
 //
 // kDepthBeside (depth_chunk = 1 with sequence keys): the depth rows are not tiles of the
 // sequence kernel. A depth kernel (moda_fwd_depth_kernel.h) runs on a few SMs of its own, on

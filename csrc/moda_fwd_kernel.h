@@ -60,6 +60,11 @@ struct FwdKernelParams {
     CUtensorMap tma_v;
     CUtensorMap tma_dk;  // depth_k as [D, Hk, L, T, B]; box [64, 1, Lb, Tb, 1] -> rows t * Lb + l
     CUtensorMap tma_dv;
+    // The depth tensors as bytes, for the producer warp's L2 prefetches (kDepthL2Lead):
+    // strides per batch, position, slot and kv head; a row is D contiguous elements.
+    const char* depth_k_bytes;
+    const char* depth_v_bytes;
+    int64_t dk_byte_strides[4], dv_byte_strides[4];
     void* out;
     float* lse;
     int64_t out_batch_stride, out_seq_stride, out_head_stride;
@@ -121,8 +126,12 @@ struct TileAt {
         : is_seq(i < sched.n_seq), n(sched.n_seq - 1 - i) {
         if (!is_seq) {
             const int d = striped(i - sched.n_seq, sched.n_depth, p.depth_stripes);
-            s0 = sched.s_lo + d / p.depth_slot_blocks * p.depth_box_positions;
-            l0 = d % p.depth_slot_blocks * p.depth_box_slots;
+            // One slot block (L <= kBlockN) is the common case: no 32-bit division then,
+            // which every consumer warp would otherwise run once per depth tile.
+            const int blocks = p.depth_slot_blocks;
+            const int position_block = blocks == 1 ? d : d / blocks;
+            s0 = sched.s_lo + position_block * p.depth_box_positions;
+            l0 = (d - position_block * blocks) * p.depth_box_slots;
         }
     }
     // The k-th of n items visited round-robin over w contiguous stripes: the first `big`
@@ -180,23 +189,53 @@ struct QueryBlock {
           t_hi(min((row0 + kBlockM - 1) / p.group, p.seqlen - 1)) {}
 };
 
-// The producer thread's stream of key tiles for a query-stationary CTA: each tile of the
-// schedule into the K pipeline's and the V pipeline's next stage (a sequence box [64, 1,
-// kBlockN, 1, 1] at position n * kBlockN, or a depth box [64, 1, Lb, Tb, 1] at slot l0,
-// position s0). With kDepthPrefetch = A > 0 a depth box is also asked of L2 when the tile A
-// places before it is issued: no other CTA reads a CTA's depth rows, so their loads come
-// from DRAM, and the pipeline's few stages do not cover that latency.
-template <int kBlockN, int kHeadDim, int kDepthPrefetch, class Pipeline, class Element>
+// Ask L2 for the rows of depth box `tile` in both depth tensors: plain prefetches, one
+// 128-byte line per lane and instruction, from the 32 lanes of the producer warp. They go
+// through the load/store unit, not the TMA unit that the pipeline's loads queue on.
+template <int kHeadDim>
+__device__ __forceinline__ void prefetch_depth_box_to_l2(FwdKernelParams const& p, TileAt const& tile, int hk,
+                                                         int batch, int lane) {
+    constexpr int kLinesPerRow = kHeadDim * 2 / 128;  // 16-bit elements
+    const int slot_shift = __ffs(p.depth_box_slots) - 1;  // Lb is a power of two
+    const int lines = (p.depth_box_positions << slot_shift) * kLinesPerRow;
+    for (int line = lane; line < lines; line += 32) {
+        const int row = line / kLinesPerRow;
+        const int t = tile.s0 + (row >> slot_shift), l = tile.l0 + (row & (p.depth_box_slots - 1));
+        if (t >= p.seqlen || l >= p.depth) continue;
+        const int64_t part = (line % kLinesPerRow) * 128;
+        const int64_t k_at = batch * p.dk_byte_strides[0] + t * p.dk_byte_strides[1] + l * p.dk_byte_strides[2] +
+                             hk * p.dk_byte_strides[3] + part;
+        const int64_t v_at = batch * p.dv_byte_strides[0] + t * p.dv_byte_strides[1] + l * p.dv_byte_strides[2] +
+                             hk * p.dv_byte_strides[3] + part;
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p.depth_k_bytes + k_at));
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p.depth_v_bytes + v_at));
+    }
+}
+
+// The producer's stream of key tiles for a query-stationary CTA: each tile of the schedule
+// into the K pipeline's and the V pipeline's next stage (a sequence box [64, 1, kBlockN, 1, 1]
+// at position n * kBlockN, or a depth box [64, 1, Lb, Tb, 1] at slot l0, position s0), issued
+// by thread 0. With kDepthPrefetch = A > 0 a depth box is also asked of L2 (a TMA prefetch)
+// when the tile A places before it is issued: no other CTA reads a CTA's depth rows, so their
+// loads come from DRAM, and the pipeline's few stages do not cover that latency.
+// With kDepthL2Lead = W > 0 the whole producer warp runs this loop (its other lanes only wait
+// with thread 0) and, while thread 0 issues the last W sequence tiles, asks L2 for all the depth
+// boxes, spread evenly over those W tiles (prefetch_depth_box_to_l2), so that the depth tiles
+// at the end of the schedule load from L2 while the sequence tiles before them compute.
+template <int kBlockN, int kHeadDim, int kDepthPrefetch, class Pipeline, class Element, int kDepthL2Lead = 0>
 __device__ __forceinline__ void produce_key_tiles(FwdKernelParams const& p, TileSchedule const& sched,
                                                   Pipeline& pipe_k, Pipeline& pipe_v, Element* sK, Element* sV,
                                                   int hk, int batch) {
-    if (p.has_seq) {
-        prefetch_tma_descriptor(&p.tma_k);
-        prefetch_tma_descriptor(&p.tma_v);
-    }
-    if (p.depth > 0) {
-        prefetch_tma_descriptor(&p.tma_dk);
-        prefetch_tma_descriptor(&p.tma_dv);
+    const bool leader = threadIdx.x == 0;
+    if (leader) {
+        if (p.has_seq) {
+            prefetch_tma_descriptor(&p.tma_k);
+            prefetch_tma_descriptor(&p.tma_v);
+        }
+        if (p.depth > 0) {
+            prefetch_tma_descriptor(&p.tma_dk);
+            prefetch_tma_descriptor(&p.tma_dv);
+        }
     }
     auto prefetch_depth = [&](int i) {
         if (i >= sched.size()) return;
@@ -210,15 +249,27 @@ __device__ __forceinline__ void produce_key_tiles(FwdKernelParams const& p, Tile
             for (int i = 0; i < kDepthPrefetch; ++i) prefetch_depth(i);
         }
     }
+    // kDepthL2Lead: the depth boxes [box_at(i), box_at(i + 1)) go to L2 at sequence tile i.
+    const int lead = kDepthL2Lead > 0 && p.depth > 0 ? min(kDepthL2Lead, sched.n_seq) : 0;
+    auto box_at = [&](int i) { return ((i - (sched.n_seq - lead)) * sched.n_depth + lead - 1) / lead; };
     auto write = cutlass::make_producer_start_state<Pipeline>();
     for (int i = 0; i < sched.size(); ++i) {
         if constexpr (kDepthPrefetch > 0) {
-            if (p.depth > 0) prefetch_depth(i + kDepthPrefetch);
+            if (p.depth > 0 && leader) prefetch_depth(i + kDepthPrefetch);
+        }
+        if constexpr (kDepthL2Lead > 0) {
+            if (i >= sched.n_seq - lead && i < sched.n_seq) {
+                for (int j = box_at(i); j < box_at(i + 1); ++j) {
+                    prefetch_depth_box_to_l2<kHeadDim>(p, TileAt(p, sched, sched.n_seq + j), hk, batch,
+                                                       threadIdx.x % 32);
+                }
+            }
         }
         const int stage_offset = write.index() * kBlockN * kHeadDim;
         const TileAt tile(p, sched, i);
         auto load = [&](Pipeline& pipe, CUtensorMap const* seq_map, CUtensorMap const* depth_map, Element* buf) {
-            pipe.producer_acquire(write);
+            pipe.producer_acquire(write);  // thread 0 arrives with the byte count; the others only wait
+            if (!leader) return;
             uint64_t* full = pipe.producer_get_barrier(write);
             if (tile.is_seq) {
                 tma_load_rows<kBlockN, kHeadDim>(seq_map, full, buf + stage_offset, hk, tile.n * kBlockN, batch, 0);
@@ -336,12 +387,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     if (warp_group == 0) {
         // ------------------------------------------------------------------ producer
         cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
-        if (threadIdx.x != 0) return;
-        prefetch_tma_descriptor(&p.tma_q);
-        Barrier::arrive_and_expect_tx(&smem.q_full, Traits::kQBytes);
-        tma_load_rows<kBlockM, kHeadDim>(&p.tma_q, &smem.q_full, sQ_ptr, 0, hk, t_lo, batch);
-        produce_key_tiles<kBlockN, kHeadDim, Traits::kDepthPrefetch>(p, sched, pipe_k, pipe_v, sK_ptr, sV_ptr, hk,
-                                                                     batch);
+        // Thread 0 issues every load; with kDepthL2Lead its warp's other lanes prefetch.
+        if (threadIdx.x >= (Traits::kDepthL2Lead > 0 ? 32 : 1)) return;
+        if (threadIdx.x == 0) {
+            prefetch_tma_descriptor(&p.tma_q);
+            Barrier::arrive_and_expect_tx(&smem.q_full, Traits::kQBytes);
+            tma_load_rows<kBlockM, kHeadDim>(&p.tma_q, &smem.q_full, sQ_ptr, 0, hk, t_lo, batch);
+        }
+        produce_key_tiles<kBlockN, kHeadDim, Traits::kDepthPrefetch, Pipeline, Element, Traits::kDepthL2Lead>(
+            p, sched, pipe_k, pipe_v, sK_ptr, sV_ptr, hk, batch);
         return;
     }
 

@@ -50,6 +50,14 @@ inline std::string make_fwd_kernel_params(const FwdParams& a, int kBlockM, int k
     p.num_m_blocks = (T * G + kBlockM - 1) / kBlockM;
     p.has_seq = a.has_seq;
     p.depth_stripes = stripe_depth ? kBlockM / 64 : 1;  // one stripe per 64-row consumer warpgroup
+    p.depth_k_bytes = static_cast<const char*>(a.depth_k);
+    p.depth_v_bytes = static_cast<const char*>(a.depth_v);
+    const int64_t dk[4] = {a.dk_batch_stride, a.dk_seq_stride, a.dk_slot_stride, a.dk_head_stride};
+    const int64_t dv[4] = {a.dv_batch_stride, a.dv_seq_stride, a.dv_slot_stride, a.dv_head_stride};
+    for (int i = 0; i < 4; ++i) {  // 16-bit elements
+        p.dk_byte_strides[i] = 2 * dk[i];
+        p.dv_byte_strides[i] = 2 * dv[i];
+    }
     return {};
 }
 
@@ -130,7 +138,8 @@ template <class Element, int D>
 std::string launch_fwd(const FwdParams& a_in, cudaStream_t stream) {
     using Config = FwdConfig<D>;
     using Traits = FwdTraits<Element, D, Config::kBlockN, Config::kStages, Config::kConsumerWGs,
-                             Config::kDepthPrefetch, Config::kSwapDepth, Config::kDepthLoop, Config::kLatePvWait>;
+                             Config::kDepthPrefetch, Config::kSwapDepth, Config::kDepthLoop, Config::kLatePvWait,
+                             Config::kDepthL2Lead>;
     static_assert(sizeof(typename Traits::SharedStorage) <= 227 * 1024,
                   "shared memory over the 227 KB an SM90 CTA may have: fewer stages");
     const DepthBesidePlan plan = a_in.workspace != nullptr ? plan_depth_beside(a_in) : DepthBesidePlan{};

@@ -16,7 +16,8 @@ namespace moda {
 using namespace cute;
 
 template <class Element_, int kHeadDim_, int kBlockN_, int kStages_, int kConsumerWGs_ = 2,
-          int kDepthPrefetch_ = 0, bool kSwapDepth_ = false, bool kDepthLoop_ = false, bool kLatePvWait_ = false>
+          int kDepthPrefetch_ = 0, bool kSwapDepth_ = false, bool kDepthLoop_ = false, bool kLatePvWait_ = false,
+          int kDepthL2Lead_ = 0>
 struct FwdTraits {
     using Element = Element_;
     static constexpr int kHeadDim = kHeadDim_;
@@ -28,12 +29,18 @@ struct FwdTraits {
     static constexpr bool kSwapDepth = kSwapDepth_;         // operand-swapped depth tiles (see below)
     static constexpr bool kDepthLoop = kDepthLoop_;         // depth tiles in a sparse loop of their own
     static constexpr bool kLatePvWait = kLatePvWait_;       // the P V wait pinned after the softmax
+    static constexpr int kDepthL2Lead = kDepthL2Lead_;      // depth boxes to L2 over the last W sequence tiles
     static_assert(!(kSwapDepth && kDepthLoop), "kSwapDepth and kDepthLoop are two ways to run the depth tiles");
     static constexpr int kThreads = 128 * (1 + kConsumerWGs);  // warpgroup 0 produces
     // Register split (setmaxnreg): the producer needs few, the consumers hold S, P and O. The
     // 64K registers of the SM shared out in multiples of 8, at most 240 each (2 warpgroups:
     // 240, 3: 160).
-    static constexpr int kProducerRegs = 24;
+    // The producer warp's L2 prefetches (kDepthL2Lead) need 32. The consumers' setmaxnreg.inc
+    // waits for the registers the producer frees; with two consumer warpgroups a CTA starts
+    // with 168 a thread, and 24 is what leaves 240 for each consumer (32 hangs the kernel).
+    static constexpr int kProducerRegs = kDepthL2Lead > 0 ? 32 : 24;
+    static_assert(kDepthL2Lead == 0 || kConsumerWGs_ == 3,
+                  "the producer's L2 prefetches need 32 registers, which two consumer warpgroups leave only at 232");
     static constexpr int kConsumerRegs =
         cute::min(240, (65536 / 128 - kProducerRegs) / kConsumerWGs / 8 * 8);
     static_assert(kConsumerWGs == 2 || kConsumerWGs == 3, "two or three consumer warpgroups");

@@ -86,6 +86,8 @@ def test_kernel_instantiation_compiles(tmp_path):
     ("FwdConfig", 64, "kConsumerWGs=2", "moda_fwd_bf16_hdim64.cu"),
     ("BwdConfig", 128, "kOverlapTiles=true", "moda_bwd_bf16_hdim128.cu"),
     ("FwdConfig", 64, "kDepthPrefetch=8", "moda_fwd_bf16_hdim64.cu"),
+    # the producer warp's L2 prefetches: three consumer warpgroups only (registers)
+    ("FwdConfig", 64, "kDepthL2Lead=12", "moda_fwd_bf16_hdim64.cu"),
     ("BwdConfig", 64, "kDepthPrefetch=4", "moda_bwd_bf16_hdim64.cu"),
     # the swapped tiles' scratch does not fit beside six stages (a static_assert says so)
     ("FwdConfig", 64, "kSwapDepth=true,kStages=3", "moda_fwd_bf16_hdim64.cu"),
@@ -96,7 +98,7 @@ def test_kernel_instantiation_compiles(tmp_path):
     # the per-position depth kernel with the next item loading during the current one
     ("BwdConfig", 64, "kDepthStages=2,kDepthSlotRows=32", "moda_bwd_bf16_hdim64.cu"),
 ], ids=["warp_depth", "two_consumer_warpgroups_d64", "dq_tile_overlap_d128", "depth_prefetch_fwd",
-        "depth_prefetch_dkdv", "swapped_depth_d64", "depth_loop", "plain_pv_wait_d128",
+        "depth_l2_lead_fwd_d64", "depth_prefetch_dkdv", "swapped_depth_d64", "depth_loop", "plain_pv_wait_d128",
         "fused_dq_head_dim_split_d64", "fused_dq_d128", "depth_kernel_two_stages_d64"])
 def test_schedule_variants_compile(tmp_path, config, head_dim, assignments, instantiation):
     """Schedules that FwdConfig / BwdConfig can select but the default build does not (slower
