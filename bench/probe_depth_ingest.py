@@ -14,6 +14,13 @@ positions, as the forward's CTAs read them) with nothing computed, by:
   tma48    boxes of 384 rows, a third of the stages (where the positions divide);
   cpN      N threads (32, 96, 128) issuing 16-byte cp.async into the same stages, completed
            on the same kind of mbarrier (cp.async.mbarrier.arrive.noinc).
+And, for a depth kernel that would run beside the sequence kernel and take whole positions:
+  headsH   one thread, one TMA box per tensor (and 64 head-dim columns) holding H kv heads of
+           one position, rows in (head, slot) order: depth as [D, L, Hk, T, B], the slot and
+           head strides swapped, so that each head's L rows land contiguous and swizzled as a
+           wgmma or ldmatrix operand wants them (H = Hk: the position's L * Hk rows, which are
+           contiguous in memory). Items are (position, group of H heads), CTAs take them
+           round-robin; a stage holds one tensor's box, as many stages as fit in 200 KB.
 It prints GB/s per SM for 1 .. all SMs.
 
     python bench/probe_depth_ingest.py --out bench/results/probe_depth_ingest
@@ -124,6 +131,79 @@ __global__ void __launch_bounds__(128) ingest(__grid_constant__ const Probe p) {
         wait_parity(smem_addr(&full[j % p.stages]), uint32_t((j / p.stages) & 1));
 }
 
+// The headsH method: item i is position i / (Hk / Hb), kv heads [h0, h0 + Hb).
+struct HeadsProbe {
+    CUtensorMap map_k, map_v;  // depth as [D, L, Hk, T, B], box [64, L, Hb, 1, 1]
+    int L, Hk, Hb, n_items, stages, box_bytes;
+};
+
+template <int kD>
+__global__ void __launch_bounds__(128) ingest_heads(__grid_constant__ const HeadsProbe p) {
+    extern __shared__ __align__(1024) char ring[];
+    __shared__ __align__(8) uint64_t full[16];
+    if (threadIdx.x != 0) return;
+    constexpr int kHalves = kD / 64;
+    const int stage_bytes = kHalves * p.box_bytes, groups = p.Hk / p.Hb;  // a stage: one tensor of an item
+    for (int s = 0; s < p.stages; ++s)
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&full[s])));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    long long k = 0;  // stage uses: item k / 2, its K (k even) or V rows
+    for (;; ++k) {
+        const long long item = blockIdx.x + (k / 2) * gridDim.x;
+        if (item >= p.n_items) break;
+        const int t = int(item / groups), h0 = int(item % groups) * p.Hb;
+        const int s = int(k % p.stages);
+        const uint32_t bar = smem_addr(&full[s]);
+        if (k >= p.stages) wait_parity(bar, uint32_t((k / p.stages - 1) & 1));
+        char* stage = ring + size_t(s) * stage_bytes;
+        const CUtensorMap* map = (k & 1) == 0 ? &p.map_k : &p.map_v;
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(stage_bytes) : "memory");
+        for (int j = 0; j < kHalves; ++j) {
+            asm volatile(
+                "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                " [%0], [%1, {%3, %4, %5, %6, %7}], [%2];"
+                ::"r"(smem_addr(stage + j * p.box_bytes)), "l"(map), "r"(bar), "r"(j * 64), "r"(0), "r"(h0), "r"(t),
+                  "r"(0)
+                : "memory");
+        }
+    }
+    for (long long j = (k > p.stages ? k - p.stages : 0); j < k; ++j)  // drain
+        wait_parity(smem_addr(&full[j % p.stages]), uint32_t((j / p.stages) & 1));
+}
+
+void run_heads(torch::Tensor dk, torch::Tensor dv, int64_t heads_per_box, int64_t stages, int64_t n_items,
+               int64_t ctas) {
+    TORCH_CHECK(dk.is_contiguous() && dv.is_contiguous() && dk.dim() == 5 && dk.size(0) == 1);
+    HeadsProbe p{};
+    const int T = int(dk.size(1)), D = int(dk.size(4));
+    p.L = int(dk.size(2)); p.Hk = int(dk.size(3)); p.Hb = int(heads_per_box);
+    TORCH_CHECK(p.Hk % p.Hb == 0 && p.L <= 256, "heads per box must divide Hk; L <= 256 (a box dimension)");
+    p.n_items = int(n_items); p.stages = int(stages);
+    p.box_bytes = p.L * p.Hb * 64 * 2;
+    const bool bf16 = dk.scalar_type() == at::kBFloat16;
+    for (int t = 0; t < 2; ++t) {
+        const torch::Tensor& d = t == 0 ? dk : dv;
+        std::string err = moda::make_tensor_map<5>(
+            t == 0 ? &p.map_k : &p.map_v, bf16, d.data_ptr(),
+            {uint64_t(D), uint64_t(p.L), uint64_t(p.Hk), uint64_t(T), 1},
+            {uint64_t(d.stride(2)) * 2, uint64_t(d.stride(3)) * 2, uint64_t(d.stride(1)) * 2,
+             uint64_t(d.stride(0)) * 2},
+            {64, uint32_t(p.L), uint32_t(p.Hb), 1, 1}, CU_TENSOR_MAP_L2_PROMOTION_L2_128B);
+        TORCH_CHECK(err.empty(), err);
+    }
+    const int smem = 200 * 1024;
+    TORCH_CHECK(int64_t(stages) * (D / 64) * p.box_bytes <= smem && stages <= 16, "stages do not fit");
+    auto stream = at::cuda::getCurrentCUDAStream();
+    if (D == 64) {
+        cudaFuncSetAttribute(ingest_heads<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        ingest_heads<64><<<int(ctas), 128, smem, stream>>>(p);
+    } else {
+        cudaFuncSetAttribute(ingest_heads<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        ingest_heads<128><<<int(ctas), 128, smem, stream>>>(p);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void run(torch::Tensor dk, torch::Tensor dv, int64_t method, int64_t rows, int64_t stages,
          int64_t positions_per_item, int64_t n_items, int64_t ctas) {
     TORCH_CHECK(dk.is_contiguous() && dv.is_contiguous() && dk.dim() == 5 && dk.size(0) == 1);
@@ -168,9 +248,12 @@ void run(torch::Tensor dk, torch::Tensor dv, int64_t method, int64_t rows, int64
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="directory for the JSON")
+    ap.add_argument("--methods", default="", help="comma-separated subset (e.g. tma16,heads8); default: all")
     args = ap.parse_args()
+    wanted = set(filter(None, args.methods.split(",")))
     ext = load_inline("probe_depth_ingest", cpp_sources="void run(torch::Tensor, torch::Tensor, int64_t, int64_t, "
-                      "int64_t, int64_t, int64_t, int64_t);", cuda_sources=_CUDA, functions=["run"],
+                      "int64_t, int64_t, int64_t, int64_t);\nvoid run_heads(torch::Tensor, torch::Tensor, int64_t, "
+                      "int64_t, int64_t, int64_t);", cuda_sources=_CUDA, functions=["run", "run_heads"],
                       extra_cuda_cflags=["-arch=sm_90a", "-O3"], extra_include_paths=[str(CSRC)])
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     # (T, D, L, Hk, positions per CTA, stages of 128 rows): the forward's issue shapes.
@@ -184,7 +267,7 @@ def main() -> int:
         item_bytes = 2 * positions * L * D * 2
         print(f"T={T} D={D} L={L}: {items} items of {item_bytes // 1024} KB; GB/s per SM (ms)")
         for name, method, rows, div in methods:
-            if positions % (rows // min(128, 2 ** (L - 1).bit_length())):
+            if positions % (rows // min(128, 2 ** (L - 1).bit_length())) or (wanted and name not in wanted):
                 continue
             line = []
             for n in (1, 8, 32, 66, sms):
@@ -194,6 +277,23 @@ def main() -> int:
                 rate = n_items * item_bytes / ms / 1e6 / n
                 results.append({"T": T, "D": D, "L": L, "method": name, "ctas": n, "items": n_items,
                                 "ms": ms, "gbs_per_sm": rate})
+                line.append(f"N={n}: {rate:6.1f} ({ms:.3f})")
+            print(f"  {name:6s} " + "  ".join(line))
+        for heads in (2, 4, 8):
+            box_bytes = 2 * L * heads * D * 2  # K and V of one item
+            stages = (200 * 1024) // (box_bytes // 2)  # a stage holds one tensor's rows of an item
+            if stages < 2:
+                continue
+            name, line = f"heads{heads}", []
+            if wanted and name not in wanted:
+                continue
+            for n in (1, 8, 32, 66, sms):
+                n_items = min(T * Hk // heads, n * 64)
+                fn = lambda: ext.run_heads(dk, dv, heads, min(stages, 16), n_items, n)  # noqa: E731
+                ms = triton.testing.do_bench(fn, warmup=5, rep=30)
+                rate = n_items * box_bytes / ms / 1e6 / n
+                results.append({"T": T, "D": D, "L": L, "method": name, "ctas": n, "items": n_items,
+                                "ms": ms, "gbs_per_sm": rate, "stages": min(stages, 16)})
                 line.append(f"N={n}: {rate:6.1f} ({ms:.3f})")
             print(f"  {name:6s} " + "  ".join(line))
     out = Path(args.out)
