@@ -21,6 +21,9 @@ And, for a depth kernel that would run beside the sequence kernel and take whole
            wgmma or ldmatrix operand wants them (H = Hk: the position's L * Hk rows, which are
            contiguous in memory). Items are (position, group of H heads), CTAs take them
            round-robin; a stage holds one tensor's box, as many stages as fit in 200 KB.
+  headsHxW the same from W producer threads (lane 0 of warps 0 .. W-1), each with its own
+           share of the stages: whether the copy engine takes one box at a time per SM or
+           per issuing thread.
 It prints GB/s per SM for 1 .. all SMs.
 
     python bench/probe_depth_ingest.py --out bench/results/probe_depth_ingest
@@ -135,28 +138,36 @@ __global__ void __launch_bounds__(128) ingest(__grid_constant__ const Probe p) {
 struct HeadsProbe {
     CUtensorMap map_k, map_v;  // depth as [D, L, Hk, T, B], box [64, L, Hb, 1, 1]
     int L, Hk, Hb, n_items, stages, box_bytes;
+    int issuers;  // producer threads, one per warp, each with its own stages
 };
 
 template <int kD>
 __global__ void __launch_bounds__(128) ingest_heads(__grid_constant__ const HeadsProbe p) {
     extern __shared__ __align__(1024) char ring[];
     __shared__ __align__(8) uint64_t full[16];
-    if (threadIdx.x != 0) return;
     constexpr int kHalves = kD / 64;
     const int stage_bytes = kHalves * p.box_bytes, groups = p.Hk / p.Hb;  // a stage: one tensor of an item
-    for (int s = 0; s < p.stages; ++s)
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&full[s])));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    long long k = 0;  // stage uses: item k / 2, its K (k even) or V rows
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < p.stages; ++s)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&full[s])));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    // Issuer w (lane 0 of warp w < p.issuers) owns stages [w * per, (w + 1) * per) and the
+    // stage uses u = k * issuers + w: item u / 2, its K (u even) or V rows.
+    const int w = threadIdx.x / 32, per = p.stages / p.issuers;
+    if (threadIdx.x % 32 != 0 || w >= p.issuers) return;
+    long long k = 0;
     for (;; ++k) {
-        const long long item = blockIdx.x + (k / 2) * gridDim.x;
+        const long long u = k * p.issuers + w;
+        const long long item = blockIdx.x + (u / 2) * gridDim.x;
         if (item >= p.n_items) break;
         const int t = int(item / groups), h0 = int(item % groups) * p.Hb;
-        const int s = int(k % p.stages);
+        const int s = w * per + int(k % per);
         const uint32_t bar = smem_addr(&full[s]);
-        if (k >= p.stages) wait_parity(bar, uint32_t((k / p.stages - 1) & 1));
+        if (k >= per) wait_parity(bar, uint32_t((k / per - 1) & 1));
         char* stage = ring + size_t(s) * stage_bytes;
-        const CUtensorMap* map = (k & 1) == 0 ? &p.map_k : &p.map_v;
+        const CUtensorMap* map = (u & 1) == 0 ? &p.map_k : &p.map_v;
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(stage_bytes) : "memory");
         for (int j = 0; j < kHalves; ++j) {
             asm volatile(
@@ -167,18 +178,19 @@ __global__ void __launch_bounds__(128) ingest_heads(__grid_constant__ const Head
                 : "memory");
         }
     }
-    for (long long j = (k > p.stages ? k - p.stages : 0); j < k; ++j)  // drain
-        wait_parity(smem_addr(&full[j % p.stages]), uint32_t((j / p.stages) & 1));
+    for (long long j = (k > per ? k - per : 0); j < k; ++j)  // drain
+        wait_parity(smem_addr(&full[w * per + j % per]), uint32_t((j / per) & 1));
 }
 
 void run_heads(torch::Tensor dk, torch::Tensor dv, int64_t heads_per_box, int64_t stages, int64_t n_items,
-               int64_t ctas) {
+               int64_t ctas, int64_t issuers) {
     TORCH_CHECK(dk.is_contiguous() && dv.is_contiguous() && dk.dim() == 5 && dk.size(0) == 1);
     HeadsProbe p{};
     const int T = int(dk.size(1)), D = int(dk.size(4));
     p.L = int(dk.size(2)); p.Hk = int(dk.size(3)); p.Hb = int(heads_per_box);
     TORCH_CHECK(p.Hk % p.Hb == 0 && p.L <= 256, "heads per box must divide Hk; L <= 256 (a box dimension)");
-    p.n_items = int(n_items); p.stages = int(stages);
+    p.n_items = int(n_items); p.stages = int(stages); p.issuers = int(issuers);
+    TORCH_CHECK(issuers >= 1 && issuers <= 4 && stages % issuers == 0, "1 to 4 issuers, dividing the stages");
     p.box_bytes = p.L * p.Hb * 64 * 2;
     const bool bf16 = dk.scalar_type() == at::kBFloat16;
     for (int t = 0; t < 2; ++t) {
@@ -253,7 +265,7 @@ def main() -> int:
     wanted = set(filter(None, args.methods.split(",")))
     ext = load_inline("probe_depth_ingest", cpp_sources="void run(torch::Tensor, torch::Tensor, int64_t, int64_t, "
                       "int64_t, int64_t, int64_t, int64_t);\nvoid run_heads(torch::Tensor, torch::Tensor, int64_t, "
-                      "int64_t, int64_t, int64_t);", cuda_sources=_CUDA, functions=["run", "run_heads"],
+                      "int64_t, int64_t, int64_t, int64_t);", cuda_sources=_CUDA, functions=["run", "run_heads"],
                       extra_cuda_cflags=["-arch=sm_90a", "-O3"], extra_include_paths=[str(CSRC)])
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     # (T, D, L, Hk, positions per CTA, stages of 128 rows): the forward's issue shapes.
@@ -279,21 +291,21 @@ def main() -> int:
                                 "ms": ms, "gbs_per_sm": rate})
                 line.append(f"N={n}: {rate:6.1f} ({ms:.3f})")
             print(f"  {name:6s} " + "  ".join(line))
-        for heads in (2, 4, 8):
+        for heads, issuers in ((2, 1), (4, 1), (8, 1), (2, 2), (2, 4), (4, 2)):
             box_bytes = 2 * L * heads * D * 2  # K and V of one item
-            stages = (200 * 1024) // (box_bytes // 2)  # a stage holds one tensor's rows of an item
-            if stages < 2:
+            stages = min(16, (200 * 1024) // (box_bytes // 2)) // issuers * issuers  # a stage: one tensor
+            if stages < 2 * issuers:
                 continue
-            name, line = f"heads{heads}", []
+            name, line = f"heads{heads}" + (f"x{issuers}" if issuers > 1 else ""), []
             if wanted and name not in wanted:
                 continue
             for n in (1, 8, 32, 66, sms):
                 n_items = min(T * Hk // heads, n * 64)
-                fn = lambda: ext.run_heads(dk, dv, heads, min(stages, 16), n_items, n)  # noqa: E731
+                fn = lambda: ext.run_heads(dk, dv, heads, stages, n_items, n, issuers)  # noqa: E731
                 ms = triton.testing.do_bench(fn, warmup=5, rep=30)
                 rate = n_items * box_bytes / ms / 1e6 / n
                 results.append({"T": T, "D": D, "L": L, "method": name, "ctas": n, "items": n_items,
-                                "ms": ms, "gbs_per_sm": rate, "stages": min(stages, 16)})
+                                "ms": ms, "gbs_per_sm": rate, "stages": stages, "issuers": issuers})
                 line.append(f"N={n}: {rate:6.1f} ({ms:.3f})")
             print(f"  {name:6s} " + "  ".join(line))
     out = Path(args.out)
