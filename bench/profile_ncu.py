@@ -73,8 +73,10 @@ def run_workload(args: argparse.Namespace) -> None:
     def r(*shape):
         return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
 
-    inputs = (r(s["B"], s["T"], s["Hq"], s["D"]), r(s["B"], s["T"], s["Hk"], s["D"]), r(s["B"], s["T"], s["Hk"], s["D"]),
+    seq = None if args.depth_only else (r(s["B"], s["T"], s["Hk"], s["D"]), r(s["B"], s["T"], s["Hk"], s["D"]))
+    inputs = (r(s["B"], s["T"], s["Hq"], s["D"]), *(seq or (None, None)),
               r(s["B"], s["T"], s["L"], s["Hk"], s["D"]), r(s["B"], s["T"], s["L"], s["Hk"], s["D"]))
+    leaves = [x for x in inputs if x is not None]
     kw = dict(causal=not args.full, depth_chunk=args.depth_chunk, backend=args.backend)
 
     def start_recording():
@@ -91,7 +93,7 @@ def run_workload(args: argparse.Namespace) -> None:
         out = moda_cuda.moda_attention(*inputs, **kw)
         if record and args.direction == "bwd":
             start_recording()
-        torch.autograd.grad(out, inputs, torch.ones_like(out))
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
 
     for _ in range(3):  # compiles, autotunes and warms every kernel of the region
         region(record=False)
@@ -161,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--direction", choices=["fwd", "bwd", "both"], default="both")
     p.add_argument("--full", action="store_true", help="non-causal")
     p.add_argument("--depth-chunk", type=int, default=1)
+    p.add_argument("--depth-only", action="store_true", help="no sequence keys (k = v = None): the depth part alone")
     p.add_argument("--out", default=None, help="directory for the CSV and the table (required unless --worker)")
     p.add_argument("--stalls", action="store_true", help="add the warp stall reasons (why warps did not issue)")
     p.add_argument("--ncu", default=shutil.which("ncu") or "ncu")
@@ -175,7 +178,8 @@ def main(argv=None) -> int:
     metrics = known_metrics(args.ncu, list(METRICS) + (list(STALL_METRICS) if args.stalls else []))
     child = [sys.executable, os.path.abspath(__file__), "--worker", "--backend", args.backend,
              "--shape", ",".join(str(v) for v in args.shape.values()), "--direction", args.direction,
-             "--depth-chunk", str(args.depth_chunk)] + (["--full"] if args.full else [])
+             "--depth-chunk", str(args.depth_chunk)] + (["--full"] if args.full else []) + \
+        (["--depth-only"] if args.depth_only else [])
     cmd = [args.ncu, "--clock-control", "none", "--profile-from-start", "off", "--target-processes", "all",
            "--csv", "--page", "raw", "--metrics", ",".join(metrics)] + child
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -183,7 +187,8 @@ def main(argv=None) -> int:
         print(res.stdout[-4000:], res.stderr[-4000:], sep="\n", file=sys.stderr)
         return res.returncode
     os.makedirs(args.out, exist_ok=True)
-    stem = f"ncu_{args.backend}_{args.direction}_" + "_".join(f"{k}{v}" for k, v in args.shape.items())
+    stem = f"ncu_{args.backend}_{args.direction}_" + "_".join(f"{k}{v}" for k, v in args.shape.items()) + \
+        ("_depth_only" if args.depth_only else "")
     with open(os.path.join(args.out, stem + ".csv"), "w") as f:
         f.write(res.stdout)
     report = table(parse_ncu_csv(res.stdout), metrics)

@@ -15,7 +15,7 @@ prints per shape:
     against that number (DRAM contention would make it grow).
 
     git apply bench/patches/fwd_timeline.patch && pip install --no-build-isolation -e .
-    python bench/timeline_fwd.py --out DIR [--label NAME]
+    python bench/timeline_fwd.py --out DIR [--label NAME] [--depth-only]
     python bench/timeline_fwd.py --summarize DIR/NAME.npz   # saved records again, no GPU
 """
 
@@ -147,6 +147,8 @@ def main() -> int:
     ap.add_argument("--label", default="base", help="name of this build in the file names")
     ap.add_argument("--summarize", nargs="+", metavar="NPZ", help="print the summaries of saved records (no GPU)")
     ap.add_argument("--sms", type=int, default=132, help="SMs of the GPU the saved records come from")
+    ap.add_argument("--depth-only", action="store_true",
+                    help="also record each shape without sequence keys (k = v = None): its depth tiles alone")
     args = ap.parse_args()
     if args.summarize:
         for path in args.summarize:
@@ -164,10 +166,12 @@ def main() -> int:
         q = torch.randn(1, T, Hq, D, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(1, T, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         dk, dv = (torch.randn(1, T, L, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        for with_depth in (True, False):
-            name = f"T{T}_D{D}_L{L if with_depth else 0}"
+        variants = {f"T{T}_D{D}_L{L}": (q, k, v, dk, dv), f"T{T}_D{D}_L0": (q, k, v)}
+        if args.depth_only:
+            variants[f"T{T}_D{D}_L{L}_depth_only"] = (q, None, None, dk, dv)
+        for name, inputs in variants.items():
             path = out / f"{args.label}_{name}.bin"
-            records[name] = record((q, k, v, dk, dv) if with_depth else (q, k, v), path)
+            records[name] = record(inputs, path)
             path.unlink()
     np.savez_compressed(out / f"{args.label}.npz", **records)
     summary = report(args.label, records, torch.cuda.get_device_properties(0).multi_processor_count)

@@ -44,3 +44,20 @@ def test_known_metrics_keeps_launch_attributes(tmp_path):
     assert profile_ncu.known_metrics(str(fake), wanted) == [wanted[0], wanted[1], wanted[3]]
     text = profile_ncu.table([{"Kernel Name": "k(int)", wanted[3]: "1.5"}], [wanted[3]])
     assert "| kernel | stall barrier |" in text and "| k | 1.5 |" in text
+
+
+def test_depth_only_reaches_the_profiled_process(tmp_path):
+    """--depth-only is passed on to the profiled child and names the report."""
+    fake = tmp_path / "ncu"
+    args_file = tmp_path / "args.txt"
+    fake.write_text('#!/bin/sh\ncase "$*" in *--query-metrics*) echo \'"Metric Name","Description"\'; '
+                    'echo \'"gpu__time_duration","time"\'; exit 0;; esac\n'
+                    f'echo "$@" > {args_file}\n'
+                    f"cat <<'CSV'\n{RAW}CSV\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    assert profile_ncu.main(["--backend", "cuda", "--direction", "fwd", "--shape", "1,4096,64,8,64,64",
+                             "--depth-only", "--ncu", str(fake), "--out", str(out)]) == 0
+    assert "--depth-only" in args_file.read_text().split()
+    report = out / "ncu_cuda_fwd_B1_T4096_Hq64_Hk8_D64_L64_depth_only.md"
+    assert report.is_file() and "| _moda_fwd_kernel | 5843.9 |" in report.read_text()
