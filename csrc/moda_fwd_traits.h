@@ -40,7 +40,8 @@ struct FwdTraits {
     // with 168 a thread, and 24 is what leaves 240 for each consumer (32 hangs the kernel).
     static constexpr int kProducerRegs = kDepthL2Lead > 0 ? 32 : 24;
     static_assert(kDepthL2Lead == 0 || kConsumerWGs_ == 3,
-                  "the producer's L2 prefetches need 32 registers, which two consumer warpgroups leave only at 232");
+                  "kDepthL2Lead needs 32 producer registers: with two consumer warpgroups at 240 that is more "
+                  "than the 168 a thread a 384-thread CTA starts with");
     static constexpr int kConsumerRegs =
         cute::min(240, (65536 / 128 - kProducerRegs) / kConsumerWGs / 8 * 8);
     static_assert(kConsumerWGs == 2 || kConsumerWGs == 3, "two or three consumer warpgroups");
