@@ -257,6 +257,20 @@ void run(torch::Tensor dk, torch::Tensor dv, int64_t method, int64_t rows, int64
 """
 
 
+def time_over_sms(name: str, launch, max_items: int, per_cta: int, item_bytes: int, sms: int, row: dict) -> list:
+    """Time launch(n_items, n) on n = 1 .. all SMs (per_cta items each, at most max_items);
+    print one line of GB/s per SM and return one result per n, `row` added to each."""
+    results, line = [], []
+    for n in (1, 8, 32, 66, sms):
+        n_items = min(max_items, n * per_cta)
+        ms = triton.testing.do_bench(lambda: launch(n_items, n), warmup=5, rep=30)
+        rate = n_items * item_bytes / ms / 1e6 / n
+        results.append({**row, "method": name, "ctas": n, "items": n_items, "ms": ms, "gbs_per_sm": rate})
+        line.append(f"N={n}: {rate:6.1f} ({ms:.3f})")
+    print(f"  {name:6s} " + "  ".join(line))
+    return results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="directory for the JSON")
@@ -277,37 +291,23 @@ def main() -> int:
         dk, dv = (torch.randn(1, T, L, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         items = Hk * ((T + positions - 1) // positions)
         item_bytes = 2 * positions * L * D * 2
+        shape = {"T": T, "D": D, "L": L}
         print(f"T={T} D={D} L={L}: {items} items of {item_bytes // 1024} KB; GB/s per SM (ms)")
         for name, method, rows, div in methods:
             if positions % (rows // min(128, 2 ** (L - 1).bit_length())) or (wanted and name not in wanted):
                 continue
-            line = []
-            for n in (1, 8, 32, 66, sms):
-                n_items = min(items, n * 16)
-                fn = lambda: ext.run(dk, dv, method, rows, max(1, stages // div), positions, n_items, n)  # noqa: E731
-                ms = triton.testing.do_bench(fn, warmup=5, rep=30)
-                rate = n_items * item_bytes / ms / 1e6 / n
-                results.append({"T": T, "D": D, "L": L, "method": name, "ctas": n, "items": n_items,
-                                "ms": ms, "gbs_per_sm": rate})
-                line.append(f"N={n}: {rate:6.1f} ({ms:.3f})")
-            print(f"  {name:6s} " + "  ".join(line))
+            ring = max(1, stages // div)
+            launch = lambda n_items, n: ext.run(dk, dv, method, rows, ring, positions, n_items, n)  # noqa: E731
+            results += time_over_sms(name, launch, items, 16, item_bytes, sms, shape)
         for heads, issuers in ((2, 1), (4, 1), (8, 1), (2, 2), (2, 4), (4, 2)):
             box_bytes = 2 * L * heads * D * 2  # K and V of one item
-            stages = min(16, (200 * 1024) // (box_bytes // 2)) // issuers * issuers  # a stage: one tensor
-            if stages < 2 * issuers:
+            ring = min(16, (200 * 1024) // (box_bytes // 2)) // issuers * issuers  # a stage: one tensor
+            name = f"heads{heads}" + (f"x{issuers}" if issuers > 1 else "")
+            if ring < 2 * issuers or (wanted and name not in wanted):
                 continue
-            name, line = f"heads{heads}" + (f"x{issuers}" if issuers > 1 else ""), []
-            if wanted and name not in wanted:
-                continue
-            for n in (1, 8, 32, 66, sms):
-                n_items = min(T * Hk // heads, n * 64)
-                fn = lambda: ext.run_heads(dk, dv, heads, stages, n_items, n, issuers)  # noqa: E731
-                ms = triton.testing.do_bench(fn, warmup=5, rep=30)
-                rate = n_items * box_bytes / ms / 1e6 / n
-                results.append({"T": T, "D": D, "L": L, "method": name, "ctas": n, "items": n_items,
-                                "ms": ms, "gbs_per_sm": rate, "stages": stages, "issuers": issuers})
-                line.append(f"N={n}: {rate:6.1f} ({ms:.3f})")
-            print(f"  {name:6s} " + "  ".join(line))
+            launch = lambda n_items, n: ext.run_heads(dk, dv, heads, ring, n_items, n, issuers)  # noqa: E731
+            results += time_over_sms(name, launch, T * Hk // heads, 64, box_bytes, sms,
+                                     {**shape, "stages": ring, "issuers": issuers})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe_depth_ingest.json").write_text(json.dumps(results, indent=1))
