@@ -203,12 +203,9 @@ __device__ __forceinline__ void prefetch_depth_box_to_l2(FwdKernelParams const& 
         const int t = tile.s0 + (row >> slot_shift), l = tile.l0 + (row & (p.depth_box_slots - 1));
         if (t >= p.seqlen || l >= p.depth) continue;
         const int64_t part = (line % kLinesPerRow) * 128;
-        const int64_t k_at = batch * p.dk_byte_strides[0] + t * p.dk_byte_strides[1] + l * p.dk_byte_strides[2] +
-                             hk * p.dk_byte_strides[3] + part;
-        const int64_t v_at = batch * p.dv_byte_strides[0] + t * p.dv_byte_strides[1] + l * p.dv_byte_strides[2] +
-                             hk * p.dv_byte_strides[3] + part;
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(p.depth_k_bytes + k_at));
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(p.depth_v_bytes + v_at));
+        auto at = [&](int64_t const (&s)[4]) { return batch * s[0] + t * s[1] + l * s[2] + hk * s[3] + part; };
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p.depth_k_bytes + at(p.dk_byte_strides)));
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p.depth_v_bytes + at(p.dv_byte_strides)));
     }
 }
 

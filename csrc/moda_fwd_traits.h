@@ -39,7 +39,7 @@ struct FwdTraits {
     // waits for the registers the producer frees; with two consumer warpgroups a CTA starts
     // with 168 a thread, and 24 is what leaves 240 for each consumer (32 hangs the kernel).
     static constexpr int kProducerRegs = kDepthL2Lead > 0 ? 32 : 24;
-    static_assert(kDepthL2Lead == 0 || kConsumerWGs_ == 3,
+    static_assert(kDepthL2Lead == 0 || kConsumerWGs == 3,
                   "kDepthL2Lead needs 32 producer registers: with two consumer warpgroups at 240 that is more "
                   "than the 168 a thread a 384-thread CTA starts with");
     static constexpr int kConsumerRegs =
