@@ -24,6 +24,9 @@ And, for a depth kernel that would run beside the sequence kernel and take whole
   headsHxW the same from W producer threads (lane 0 of warps 0 .. W-1), each with its own
            share of the stages: whether the copy engine takes one box at a time per SM or
            per issuing thread.
+  ...spin  (tma16spin, heads2spin, heads8spin, heads2x4spin) the same with waits that spin on
+           mbarrier.test_wait instead of try_wait, which may suspend the waiting thread: whether
+           the time per box is the copy engine's or the wake-up of a suspended issuer.
 It prints GB/s per SM for 1 .. all SMs.
 
     python bench/probe_depth_ingest.py --out bench/results/probe_depth_ingest
@@ -58,9 +61,17 @@ struct Probe {
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+// kSpin = false: try_wait, which may suspend the thread until the phase completes (how the
+// pipelines wait); true: test_wait in a loop, which never suspends it.
+template <bool kSpin = false>
 __device__ __forceinline__ void wait_parity(uint32_t bar, uint32_t parity) {
-    asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}"
-                 ::"r"(bar), "r"(parity) : "memory");
+    if constexpr (kSpin) {
+        asm volatile("{\n.reg .pred p;\nSPIN:\nmbarrier.test_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra SPIN;\n}"
+                     ::"r"(bar), "r"(parity) : "memory");
+    } else {
+        asm volatile("{\n.reg .pred p;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT;\n}"
+                     ::"r"(bar), "r"(parity) : "memory");
+    }
 }
 
 // Tile k of this CTA: item (hk slowest, as the forward's grid), first position s0 of the tile.
@@ -75,7 +86,7 @@ __device__ __forceinline__ bool tile_of(Probe const& p, long long k, int& hk, in
 }
 
 // kThreads == 0: TMA from thread 0. Otherwise kThreads threads issue cp.async.
-template <int kThreads, int kD>
+template <int kThreads, int kD, bool kSpin = false>
 __global__ void __launch_bounds__(128) ingest(__grid_constant__ const Probe p) {
     extern __shared__ __align__(1024) char ring[];
     __shared__ __align__(8) uint64_t full[16];
@@ -94,7 +105,7 @@ __global__ void __launch_bounds__(128) ingest(__grid_constant__ const Probe p) {
     for (; tile_of(p, k, hk, s0); ++k) {
         const int s = int(k % p.stages);
         const uint32_t bar = smem_addr(&full[s]);
-        if (k >= p.stages) wait_parity(bar, uint32_t((k / p.stages - 1) & 1));
+        if (k >= p.stages) wait_parity<kSpin>(bar, uint32_t((k / p.stages - 1) & 1));
         char* stage = ring + size_t(s) * stage_bytes;
         if constexpr (kTma) {
             asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(stage_bytes) : "memory");
@@ -131,7 +142,7 @@ __global__ void __launch_bounds__(128) ingest(__grid_constant__ const Probe p) {
         }
     }
     for (long long j = (k > p.stages ? k - p.stages : 0); j < k; ++j)  // drain
-        wait_parity(smem_addr(&full[j % p.stages]), uint32_t((j / p.stages) & 1));
+        wait_parity<kSpin>(smem_addr(&full[j % p.stages]), uint32_t((j / p.stages) & 1));
 }
 
 // The headsH method: item i is position i / (Hk / Hb), kv heads [h0, h0 + Hb).
@@ -141,7 +152,7 @@ struct HeadsProbe {
     int issuers;  // producer threads, one per warp, each with its own stages
 };
 
-template <int kD>
+template <int kD, bool kSpin>
 __global__ void __launch_bounds__(128) ingest_heads(__grid_constant__ const HeadsProbe p) {
     extern __shared__ __align__(1024) char ring[];
     __shared__ __align__(8) uint64_t full[16];
@@ -165,7 +176,7 @@ __global__ void __launch_bounds__(128) ingest_heads(__grid_constant__ const Head
         const int t = int(item / groups), h0 = int(item % groups) * p.Hb;
         const int s = w * per + int(k % per);
         const uint32_t bar = smem_addr(&full[s]);
-        if (k >= per) wait_parity(bar, uint32_t((k / per - 1) & 1));
+        if (k >= per) wait_parity<kSpin>(bar, uint32_t((k / per - 1) & 1));
         char* stage = ring + size_t(s) * stage_bytes;
         const CUtensorMap* map = (u & 1) == 0 ? &p.map_k : &p.map_v;
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(stage_bytes) : "memory");
@@ -179,11 +190,11 @@ __global__ void __launch_bounds__(128) ingest_heads(__grid_constant__ const Head
         }
     }
     for (long long j = (k > per ? k - per : 0); j < k; ++j)  // drain
-        wait_parity(smem_addr(&full[w * per + j % per]), uint32_t((j / per) & 1));
+        wait_parity<kSpin>(smem_addr(&full[w * per + j % per]), uint32_t((j / per) & 1));
 }
 
 void run_heads(torch::Tensor dk, torch::Tensor dv, int64_t heads_per_box, int64_t stages, int64_t n_items,
-               int64_t ctas, int64_t issuers) {
+               int64_t ctas, int64_t issuers, bool spin) {
     TORCH_CHECK(dk.is_contiguous() && dv.is_contiguous() && dk.dim() == 5 && dk.size(0) == 1);
     HeadsProbe p{};
     const int T = int(dk.size(1)), D = int(dk.size(4));
@@ -206,12 +217,14 @@ void run_heads(torch::Tensor dk, torch::Tensor dv, int64_t heads_per_box, int64_
     const int smem = 200 * 1024;
     TORCH_CHECK(int64_t(stages) * (D / 64) * p.box_bytes <= smem && stages <= 16, "stages do not fit");
     auto stream = at::cuda::getCurrentCUDAStream();
+    auto launch = [&](auto kernel) {
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        kernel<<<int(ctas), 128, smem, stream>>>(p);
+    };
     if (D == 64) {
-        cudaFuncSetAttribute(ingest_heads<64>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        ingest_heads<64><<<int(ctas), 128, smem, stream>>>(p);
+        spin ? launch(ingest_heads<64, true>) : launch(ingest_heads<64, false>);
     } else {
-        cudaFuncSetAttribute(ingest_heads<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        ingest_heads<128><<<int(ctas), 128, smem, stream>>>(p);
+        spin ? launch(ingest_heads<128, true>) : launch(ingest_heads<128, false>);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -237,21 +250,20 @@ void run(torch::Tensor dk, torch::Tensor dv, int64_t method, int64_t rows, int64
     const int smem = 200 * 1024;  // one CTA per SM, as the forward
     TORCH_CHECK(int64_t(stages) * 2 * rows * p.D * 2 <= smem && stages <= 16);
     auto stream = at::cuda::getCurrentCUDAStream();
-#define LAUNCH(N)                                                                               \
-    if (p.D == 64) {                                                                             \
-        cudaFuncSetAttribute(ingest<N, 64>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);  \
-        ingest<N, 64><<<int(ctas), 128, smem, stream>>>(p);                                      \
-    } else {                                                                                     \
-        cudaFuncSetAttribute(ingest<N, 128>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem); \
-        ingest<N, 128><<<int(ctas), 128, smem, stream>>>(p);                                     \
-    }
-    switch (method) {
-        case 0: LAUNCH(0) break;
-        case 32: LAUNCH(32) break;
-        case 96: LAUNCH(96) break;
-        case 128: LAUNCH(128) break;
+    auto launch = [&](auto kernel) {
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        kernel<<<int(ctas), 128, smem, stream>>>(p);
+    };
+#define LAUNCH(N, SPIN) p.D == 64 ? launch(ingest<N, 64, SPIN>) : launch(ingest<N, 128, SPIN>)
+    switch (method) {  // 0: TMA; 1: TMA, waits that spin; N > 1: N threads of cp.async
+        case 0: LAUNCH(0, false); break;
+        case 1: LAUNCH(0, true); break;
+        case 32: LAUNCH(32, false); break;
+        case 96: LAUNCH(96, false); break;
+        case 128: LAUNCH(128, false); break;
         default: TORCH_CHECK(false, "method");
     }
+#undef LAUNCH
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 """
@@ -279,13 +291,13 @@ def main() -> int:
     wanted = set(filter(None, args.methods.split(",")))
     ext = load_inline("probe_depth_ingest", cpp_sources="void run(torch::Tensor, torch::Tensor, int64_t, int64_t, "
                       "int64_t, int64_t, int64_t, int64_t);\nvoid run_heads(torch::Tensor, torch::Tensor, int64_t, "
-                      "int64_t, int64_t, int64_t, int64_t);", cuda_sources=_CUDA, functions=["run", "run_heads"],
+                      "int64_t, int64_t, int64_t, int64_t, bool);", cuda_sources=_CUDA, functions=["run", "run_heads"],
                       extra_cuda_cflags=["-arch=sm_90a", "-O3"], extra_include_paths=[str(CSRC)])
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     # (T, D, L, Hk, positions per CTA, stages of 128 rows): the forward's issue shapes.
     shapes = [(4096, 64, 64, 8, 24, 6), (8192, 128, 32, 8, 32, 3)]
     methods = [("tma16", 0, 128, 1), ("tma32", 0, 256, 2), ("tma48", 0, 384, 3), ("cp32", 32, 128, 1),
-               ("cp96", 96, 128, 1), ("cp128", 128, 128, 1)]
+               ("cp96", 96, 128, 1), ("cp128", 128, 128, 1), ("tma16spin", 1, 128, 1)]
     results = []
     for T, D, L, Hk, positions, stages in shapes:
         dk, dv = (torch.randn(1, T, L, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -299,15 +311,16 @@ def main() -> int:
             ring = max(1, stages // div)
             launch = lambda n_items, n: ext.run(dk, dv, method, rows, ring, positions, n_items, n)  # noqa: E731
             results += time_over_sms(name, launch, items, 16, item_bytes, sms, shape)
-        for heads, issuers in ((2, 1), (4, 1), (8, 1), (2, 2), (2, 4), (4, 2)):
+        for heads, issuers, spin in ((2, 1, False), (4, 1, False), (8, 1, False), (2, 2, False), (2, 4, False),
+                                     (4, 2, False), (2, 1, True), (8, 1, True), (2, 4, True)):
             box_bytes = 2 * L * heads * D * 2  # K and V of one item
             ring = min(16, (200 * 1024) // (box_bytes // 2)) // issuers * issuers  # a stage: one tensor
-            name = f"heads{heads}" + (f"x{issuers}" if issuers > 1 else "")
+            name = f"heads{heads}" + (f"x{issuers}" if issuers > 1 else "") + ("spin" if spin else "")
             if ring < 2 * issuers or (wanted and name not in wanted):
                 continue
-            launch = lambda n_items, n: ext.run_heads(dk, dv, heads, ring, n_items, n, issuers)  # noqa: E731
+            launch = lambda n_items, n: ext.run_heads(dk, dv, heads, ring, n_items, n, issuers, spin)  # noqa: E731
             results += time_over_sms(name, launch, T * Hk // heads, 64, box_bytes, sms,
-                                     {**shape, "stages": ring, "issuers": issuers})
+                                     {**shape, "stages": ring, "issuers": issuers, "spin": spin})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe_depth_ingest.json").write_text(json.dumps(results, indent=1))
