@@ -52,6 +52,8 @@ def split_steps(events, flush_name: str):
 
 
 def analyse(steps):
+    """Means over the steps: span and kernel time (ms), the largest gaps by the pair of kernels
+    around them (ms per step), and each kernel's time (ms)."""
     spans, busy, gaps = [], [], []
     per_kernel = collections.defaultdict(list)
     for ks in steps:
