@@ -246,16 +246,17 @@ __device__ __forceinline__ void produce_key_tiles(FwdKernelParams const& p, Tile
             for (int i = 0; i < kDepthPrefetch; ++i) prefetch_depth(i);
         }
     }
-    // kDepthL2Lead: the depth boxes [box_at(i), box_at(i + 1)) go to L2 at sequence tile i.
+    // kDepthL2Lead: the depth boxes go to L2 over the last `lead` sequence tiles.
     const int lead = kDepthL2Lead > 0 && p.depth > 0 ? min(kDepthL2Lead, sched.n_seq) : 0;
-    auto box_at = [&](int i) { return ((i - (sched.n_seq - lead)) * sched.n_depth + lead - 1) / lead; };
     auto write = cutlass::make_producer_start_state<Pipeline>();
     for (int i = 0; i < sched.size(); ++i) {
         if constexpr (kDepthPrefetch > 0) {
             if (p.depth > 0 && leader) prefetch_depth(i + kDepthPrefetch);
         }
         if constexpr (kDepthL2Lead > 0) {
-            if (i >= sched.n_seq - lead && i < sched.n_seq) {
+            if (i >= sched.n_seq - lead && i < sched.n_seq) {  // so lead > 0
+                // Boxes [box_at(i), box_at(i + 1)) at sequence tile i, spread evenly.
+                auto box_at = [&](int k) { return ((k - (sched.n_seq - lead)) * sched.n_depth + lead - 1) / lead; };
                 for (int j = box_at(i); j < box_at(i + 1); ++j) {
                     prefetch_depth_box_to_l2<kHeadDim>(p, TileAt(p, sched, sched.n_seq + j), hk, batch,
                                                        threadIdx.x % 32);
