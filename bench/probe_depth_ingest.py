@@ -193,6 +193,15 @@ __global__ void __launch_bounds__(128) ingest_heads(__grid_constant__ const Head
         wait_parity<kSpin>(smem_addr(&full[w * per + j % per]), uint32_t((j / per) & 1));
 }
 
+// One of the probe's kernels on `ctas` CTAs of 128 threads with `smem` bytes of stages (one
+// CTA per SM, as the forward), on the current stream.
+template <class Params>
+void launch_probe(void (*kernel)(Params), Params const& p, int ctas, int smem) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    kernel<<<ctas, 128, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void run_heads(torch::Tensor dk, torch::Tensor dv, int64_t heads_per_box, int64_t stages, int64_t n_items,
                int64_t ctas, int64_t issuers, bool spin) {
     TORCH_CHECK(dk.is_contiguous() && dv.is_contiguous() && dk.dim() == 5 && dk.size(0) == 1);
@@ -216,17 +225,9 @@ void run_heads(torch::Tensor dk, torch::Tensor dv, int64_t heads_per_box, int64_
     }
     const int smem = 200 * 1024;
     TORCH_CHECK(int64_t(stages) * (D / 64) * p.box_bytes <= smem && stages <= 16, "stages do not fit");
-    auto stream = at::cuda::getCurrentCUDAStream();
-    auto launch = [&](auto kernel) {
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        kernel<<<int(ctas), 128, smem, stream>>>(p);
-    };
-    if (D == 64) {
-        spin ? launch(ingest_heads<64, true>) : launch(ingest_heads<64, false>);
-    } else {
-        spin ? launch(ingest_heads<128, true>) : launch(ingest_heads<128, false>);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto kernel = D == 64 ? (spin ? ingest_heads<64, true> : ingest_heads<64, false>)
+                          : (spin ? ingest_heads<128, true> : ingest_heads<128, false>);
+    launch_probe(kernel, p, int(ctas), smem);
 }
 
 void run(torch::Tensor dk, torch::Tensor dv, int64_t method, int64_t rows, int64_t stages,
@@ -249,12 +250,7 @@ void run(torch::Tensor dk, torch::Tensor dv, int64_t method, int64_t rows, int64
     }
     const int smem = 200 * 1024;  // one CTA per SM, as the forward
     TORCH_CHECK(int64_t(stages) * 2 * rows * p.D * 2 <= smem && stages <= 16);
-    auto stream = at::cuda::getCurrentCUDAStream();
-    auto launch = [&](auto kernel) {
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        kernel<<<int(ctas), 128, smem, stream>>>(p);
-    };
-#define LAUNCH(N, SPIN) p.D == 64 ? launch(ingest<N, 64, SPIN>) : launch(ingest<N, 128, SPIN>)
+#define LAUNCH(N, SPIN) launch_probe(p.D == 64 ? ingest<N, 64, SPIN> : ingest<N, 128, SPIN>, p, int(ctas), smem)
     switch (method) {  // 0: TMA; 1: TMA, waits that spin; N > 1: N threads of cp.async
         case 0: LAUNCH(0, false); break;
         case 1: LAUNCH(0, true); break;
@@ -264,7 +260,6 @@ void run(torch::Tensor dk, torch::Tensor dv, int64_t method, int64_t rows, int64
         default: TORCH_CHECK(false, "method");
     }
 #undef LAUNCH
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 """
 
