@@ -33,6 +33,8 @@ def moda_attention(
     depth_k: Optional[torch.Tensor] = None,
     depth_v: Optional[torch.Tensor] = None,
     *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
     scale: Optional[float] = None,
     causal: bool = True,
     depth_chunk: int = 1,
@@ -47,11 +49,19 @@ def moda_attention(
         k, v: ``[B, T, Hk, D]`` sequence keys/values, or both ``None`` (depth-only attention).
         depth_k, depth_v: ``[B, T, L, Hk, D]`` keys/values written by earlier layers, or both
             ``None``. Strided views (e.g. ``buf[:, :, :l]``) are read without copying.
+        cu_seqlens: packed documents (flash-attn's varlen convention): int32 ``[n_docs + 1]``
+            on q's device, ``0 = cu_seqlens[0] <= ... <= cu_seqlens[-1] = N``, with every tensor
+            packed into batch 1 (``q [1, N, Hq, D]``, ``depth_k [1, N, L, Hk, D]``). Query row
+            ``t`` of document ``i`` (first position ``a``) sees only keys of its document, and
+            the depth rows of its document's positions ``s`` with ``(s - a) // C == (t - a) // C``:
+            depth chunks restart at each document. Empty documents are allowed.
+        max_seqlen: the longest document (optional; checked against ``cu_seqlens``).
         scale: logit scale, default ``D ** -0.5``.
         causal: sequence key ``s`` is visible to query ``t`` only if ``s <= t``.
         depth_chunk: ``C``; query ``t`` sees the depth rows of every position ``s`` with
             ``s // C == t // C`` (and ``s <= t`` when causal). 1 = its own position only.
         return_lse: also return ``lse [B, Hq, T]`` (float32, natural log).
+            With ``cu_seqlens``: ``[1, Hq, N]``.
         deterministic: ask for bitwise-repeatable gradients. By default the compiled
             backward (cuda backend, D = 64) accumulates dQ with float32 atomics, so dQ may
             differ in its last bits from run to run; with ``True`` it computes dQ in a
@@ -64,8 +74,10 @@ def moda_attention(
     Returns ``out [B, T, Hq, D]`` in q's dtype (and ``lse`` when ``return_lse``).
     Differentiable in q, k, v, depth_k and depth_v.
     """
-    _ops.check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend)
-    out, lse = _ops.attention_op(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend)
+    _ops.check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend, cu_seqlens,
+                    max_seqlen)
+    out, lse = _ops.attention_op(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend,
+                                 cu_seqlens, max_seqlen)
     return (out, lse) if return_lse else out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -26,6 +26,7 @@ class MoDAShape:
     head_dim: int
     depth: int  # L: depth slots per position (0 when there is no depth)
     has_seq: bool  # sequence keys/values present (False: depth-only attention)
+    packed: bool = False  # documents packed into the time axis of batch 1 (cu_seqlens given)
 
     @property
     def group(self) -> int:
@@ -127,3 +128,62 @@ def check_inputs(
 
 def default_scale(head_dim: int, scale: Optional[float]) -> float:
     return float(scale) if scale is not None else head_dim**-0.5
+
+
+def check_cu_seqlens(q: torch.Tensor, cu_seqlens, max_seqlen) -> None:
+    """Everything about ``cu_seqlens`` / ``max_seqlen`` that needs no look at the offsets'
+    values (those are checked by :func:`packed_documents`, which reads them once)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be int32 (as in flash-attn's varlen API), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be [n_docs + 1] with n_docs >= 1, got {_shape(cu_seqlens)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; it must be on q's device")
+    if q.dim() == 4 and q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the documents are packed into batch 1: q must be [1, N, Hq, D], "
+                         f"got {_shape(q)}")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)):
+        raise TypeError(f"max_seqlen must be an int or None, got {type(max_seqlen).__name__}")
+
+
+def packed_documents(cu_seqlens: torch.Tensor, total: int, max_seqlen: Optional[int]) -> "PackedDocuments":
+    """Check the offsets' values (one small device-to-host copy) and describe the documents."""
+    offsets = tuple(int(x) for x in cu_seqlens.tolist())
+    if offsets[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
+    if any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {list(offsets)}")
+    if offsets[-1] != total:
+        raise ValueError(f"cu_seqlens must end at the packed length N = {total}, got {offsets[-1]}")
+    longest = max(b - a for a, b in zip(offsets, offsets[1:]))
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest document ({longest})")
+    return PackedDocuments(cu_seqlens, offsets, longest)
+
+
+class PackedDocuments:
+    """Documents packed into the time axis: document i holds positions
+    ``[offsets[i], offsets[i + 1])``; empty documents hold none.
+
+    ``bounds()`` gives every position its document's ``[start, end)`` as two int32 device
+    tensors (what the Triton kernels read), computed on the device once per call.
+    """
+
+    def __init__(self, cu_seqlens: torch.Tensor, offsets: Tuple[int, ...], max_seqlen: int):
+        self.cu_seqlens, self.offsets, self.max_seqlen = cu_seqlens, offsets, max_seqlen
+        self._bounds = None
+
+    def spans(self):
+        """(start, end) of every non-empty document."""
+        return [(a, b) for a, b in zip(self.offsets, self.offsets[1:]) if b > a]
+
+    def bounds(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._bounds is None:
+            cu = self.cu_seqlens.long()
+            total = self.offsets[-1]
+            doc = torch.repeat_interleave(torch.arange(len(self.offsets) - 1, device=cu.device), cu.diff(),
+                                          output_size=total)
+            self._bounds = (cu[doc].int().contiguous(), cu[doc + 1].int().contiguous())
+        return self._bounds

@@ -142,12 +142,13 @@ class _StreamAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sums: _DepthGradSums, q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic,
-                backend):
+                backend, cu_seqlens, max_seqlen):
         from .ops import attention_op
 
-        out, lse = attention_op(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend)
+        out, lse = attention_op(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend,
+                                cu_seqlens, max_seqlen)
         ctx.save_for_backward(q, k, v, depth_k, depth_v, out, lse)
-        ctx.sums, ctx.options = sums, (scale, causal, depth_chunk, deterministic, backend)
+        ctx.sums, ctx.options = sums, (scale, causal, depth_chunk, deterministic, backend, cu_seqlens, max_seqlen)
         return out
 
     @staticmethod
@@ -156,11 +157,9 @@ class _StreamAttention(torch.autograd.Function):
         from .ops import backward_adding_depth_grads
 
         q, k, v, depth_k, depth_v, out, lse = ctx.saved_tensors
-        scale, causal, depth_chunk, deterministic, backend = ctx.options
         grad_q, grad_k, grad_v = backward_adding_depth_grads(
-            grad_out, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk, deterministic, backend,
-            ctx.sums.first(depth_k.shape[2]))
-        return (None, grad_q, grad_k, grad_v) + (None,) * 7
+            grad_out, q, k, v, depth_k, depth_v, out, lse, *ctx.options, depth_grads_into=ctx.sums.first(depth_k.shape[2]))
+        return (None, grad_q, grad_k, grad_v) + (None,) * 9
 
 
 class DepthStream:
@@ -376,9 +375,12 @@ class DepthStream:
         depth_chunk: int = 1,
         deterministic: bool = False,
         backend: str = "auto",
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
     ) -> torch.Tensor:
         """:func:`moda_cuda.moda_attention` of ``q, k, v`` and the first ``n`` slots (default: all
-        written), the depth read as in :meth:`read`.
+        written), the depth read as in :meth:`read`. ``cu_seqlens``: documents packed into the
+        stream's positions (batch 1), as in :func:`moda_cuda.moda_attention`.
 
         The same values and gradients as ``moda_attention(q, k, v, *self.read(n), ...)``, but
         the depth gradients are added in place into the stream's sums over all readers (the
@@ -391,7 +393,9 @@ class DepthStream:
         depth_k, depth_v = self.read(n)
         if depth_k.shape[2] == 0 or not (depth_k.requires_grad or depth_v.requires_grad):
             return moda_attention(q, k, v, depth_k, depth_v, scale=scale, causal=causal, depth_chunk=depth_chunk,
-                                  deterministic=deterministic, backend=backend)
-        check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend)
+                                  deterministic=deterministic, backend=backend, cu_seqlens=cu_seqlens,
+                                  max_seqlen=max_seqlen)
+        check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend, cu_seqlens,
+                   max_seqlen)
         return _StreamAttention.apply(self._grad_sums, q, k, v, depth_k, depth_v, scale, causal, depth_chunk,
-                                      deterministic, backend)
+                                      deterministic, backend, cu_seqlens, max_seqlen)

@@ -66,15 +66,19 @@ class Backend:
 # ----------------------------------------------------------------------------- reference
 
 
-def _ref_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk):
+def _packed(documents) -> dict:
+    return {} if documents is None else dict(cu_seqlens=documents.cu_seqlens, max_seqlen=documents.max_seqlen)
+
+
+def _ref_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, documents=None):
     return moda_attention_ref(q, k, v, depth_k, depth_v, scale=scale, causal=causal, depth_chunk=depth_chunk,
-                              return_lse=True)
+                              return_lse=True, **_packed(documents))
 
 
 def _ref_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
-                  deterministic):
+                  deterministic, documents=None):
     return moda_attention_ref_backward(grad_out, q, k, v, depth_k, depth_v, out, lse, scale=scale, causal=causal,
-                                       depth_chunk=depth_chunk, grad_lse=grad_lse)
+                                       depth_chunk=depth_chunk, grad_lse=grad_lse, **_packed(documents))
 
 
 REFERENCE = Backend("reference", lambda: None, lambda q, shape, tensors: None, _ref_forward, _ref_backward)
@@ -117,21 +121,22 @@ def _last_dim_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _triton_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk):
+def _triton_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, documents=None):
     from .triton_ref import moda_fwd
 
     q, k, v, depth_k, depth_v = map(_last_dim_contiguous, (q, k, v, depth_k, depth_v))
-    return moda_fwd(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
+    return moda_fwd(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, documents)
 
 
 def _triton_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
-                     deterministic):
+                     deterministic, documents=None):
     from .triton_ref import moda_bwd
 
     tensors = (grad_out, q, k, v, depth_k, depth_v, out)
     grad_out, q, k, v, depth_k, depth_v, out = map(_last_dim_contiguous, tensors)
     # The Triton backward is deterministic by construction (no atomics), whatever is asked.
-    return moda_bwd(grad_out, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk, grad_lse=grad_lse)
+    return moda_bwd(grad_out, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk, grad_lse=grad_lse,
+                    documents=documents)
 
 
 TRITON = Backend("triton", _triton_unavailable, _triton_refuses, _triton_forward, _triton_backward)
@@ -208,6 +213,8 @@ def _cuda_refuses(q: torch.Tensor, shape: MoDAShape, tensors) -> Optional[str]:
         return f"depth L = {shape.depth} > {CUDA_MAX_DEPTH}, the CUDA kernel's maximum"
     if shape.seqlen < 1:
         return f"T = {shape.seqlen}; the CUDA kernel needs T >= 1"
+    if shape.packed:
+        return "packed documents (cu_seqlens) are not supported by the CUDA kernels yet"
     for name, t in zip(_TENSOR_NAMES, tensors):
         if t is not None:
             reason = _layout_refuses(name, t)
@@ -218,7 +225,8 @@ def _cuda_refuses(q: torch.Tensor, shape: MoDAShape, tensors) -> Optional[str]:
     return _int32_offsets_refuse(tensors)
 
 
-def _cuda_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk):
+def _cuda_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, documents=None):
+    # documents is always None here: _cuda_refuses turns packed inputs away.
     ext = _cuda_ext.load()
     B, T, Hq, D = q.shape
     out = torch.empty((B, T, Hq, D), device=q.device, dtype=q.dtype)
@@ -261,7 +269,7 @@ def _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, 
 
 
 def _cuda_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
-                   deterministic):
+                   deterministic, documents=None):
     if cuda_backward_by() == "cuda":
         return _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal,
                                   depth_chunk, deterministic)
@@ -277,7 +285,7 @@ CUDA = Backend("cuda", _cuda_unavailable, _cuda_refuses, _cuda_forward, _cuda_ba
 
 
 def backward_adding_depth_grads(backend: Backend, grad_out, q, k, v, depth_k, depth_v, out, lse, scale, causal,
-                                depth_chunk, deterministic, depth_grads_into):
+                                depth_chunk, deterministic, depth_grads_into, documents=None):
     """``backend``'s gradients of q, k, v; those of depth_k and depth_v are added into the two
     tensors of ``depth_grads_into`` (shaped like depth_k, depth_v; any strides) instead of
     returned. The compiled backward adds them in its epilogue, so they never exist on their
@@ -287,7 +295,7 @@ def backward_adding_depth_grads(backend: Backend, grad_out, q, k, v, depth_k, de
                                    deterministic, depth_grads_into)
     else:
         grads = backend.backward(grad_out, None, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
-                                 deterministic)
+                                 deterministic, documents)
         for into, grad in zip(depth_grads_into, grads[3:]):
             into.add_(grad)
     return grads[:3]

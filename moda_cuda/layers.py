@@ -11,6 +11,11 @@ read as depth keys (same position, or same depth chunk) in the one softmax of
 The last block writes nothing (no later block would read it), so it has no FFN k/v
 projection: every parameter receives a gradient, as DDP expects.
 
+Packed documents: every ``forward`` takes ``cu_seqlens`` (and optionally ``max_seqlen``)
+for inputs of batch 1 holding several documents back to back, as
+:func:`moda_cuda.moda_attention` does; rotary positions restart at each document
+(:func:`document_positions`), so a packed document is computed exactly as it would be alone.
+
 ``MoDAConfig(use_depth=False)`` is the plain-attention baseline: the same modules and the
 same kernel call, with no depth stream and no FFN k/v projection.
 :meth:`MoDAConfig.matched_baseline` widens the baseline's MLP so that both models have
@@ -37,6 +42,7 @@ __all__ = [
     "RotaryEmbedding",
     "rotary_tables",
     "apply_rotary",
+    "document_positions",
     "MoDAAttention",
     "SwiGLU",
     "MoDABlock",
@@ -193,6 +199,23 @@ class RotaryEmbedding(nn.Module):
         return self.cos[:seqlen], self.sin[:seqlen]
 
 
+def document_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Each packed position's index within its document: ``[total]`` int64, on the device of
+    ``cu_seqlens`` (computed there, no host sync)."""
+    cu = cu_seqlens.long()
+    lengths = cu.diff()
+    starts = torch.repeat_interleave(cu[:-1], lengths, output_size=total)
+    return torch.arange(total, device=cu.device) - starts
+
+
+def _packed_rope(rope: Optional[Rope], cu_seqlens: Optional[torch.Tensor], total: int) -> Optional[Rope]:
+    """Rotary tables for packed documents: the rows of each position's in-document index."""
+    if rope is None or cu_seqlens is None:
+        return rope
+    positions = document_positions(cu_seqlens, total)
+    return rope[0][positions], rope[1][positions]
+
+
 def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Rotate ``x [B, T, H, D]`` by position (float32 math, result in x's dtype)."""
     cos, sin = (t[None, :, None, :] for t in rope)
@@ -250,14 +273,18 @@ class MoDAAttention(nn.Module):
         rope: Optional[Rope] = None,
         *,
         append: bool = True,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
     ) -> torch.Tensor:
         """``x [B, T, d_model]`` -> ``[B, T, d_model]``.
 
         Args:
             stream: depth stream to read and write (None: no depth).
             slot: this layer's slot; depth slots ``[0, slot)`` are read.
-            rope: shared ``(cos, sin)`` tables; computed here when None and rope is on.
+            rope: shared ``(cos, sin)`` tables, one row per position of ``x``; computed here
+                when None and rope is on (restarting per document with ``cu_seqlens``).
             append: write this layer's k/v to ``slot`` (False for a last layer).
+            cu_seqlens, max_seqlen: documents packed into batch 1 (module docstring).
         """
         from . import moda_attention  # looked up per call: the public op, whatever patches it
 
@@ -267,9 +294,10 @@ class MoDAAttention(nn.Module):
         k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.rope:
-            rope = rope if rope is not None else _rope_tables(cfg, T, x.device)
+            rope = rope if rope is not None else _rope_tables(cfg, T, x.device, cu_seqlens)
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        options = dict(causal=self.causal, depth_chunk=cfg.depth_chunk, backend=cfg.backend)
+        options = dict(causal=self.causal, depth_chunk=cfg.depth_chunk, backend=cfg.backend, cu_seqlens=cu_seqlens,
+                       max_seqlen=max_seqlen)
         if stream is not None:
             slot = stream.length if slot is None else slot
             # The kernel wants one dtype; under autocast the projections already match.
@@ -284,9 +312,10 @@ class MoDAAttention(nn.Module):
         return self.o_proj(out.reshape(B, T, cfg.n_heads * cfg.head_dim).to(x.dtype))
 
 
-def _rope_tables(cfg: MoDAConfig, seqlen: int, device: torch.device) -> Rope:
+def _rope_tables(cfg: MoDAConfig, seqlen: int, device: torch.device,
+                 cu_seqlens: Optional[torch.Tensor] = None) -> Rope:
     """Rotary tables for a module used on its own (models share one cached table)."""
-    return rotary_tables(cfg.head_dim, seqlen, cfg.rope_theta, device)
+    return _packed_rope(rotary_tables(cfg.head_dim, seqlen, cfg.rope_theta, device), cu_seqlens, seqlen)
 
 
 class MoDABlock(nn.Module):
@@ -310,30 +339,36 @@ class MoDABlock(nn.Module):
             # "Light": one projection to Hk heads of k and v, no MLP of its own.
             self.ffn_kv = nn.Linear(config.d_model, 2 * config.n_kv_heads * config.head_dim, bias=False)
 
-    def _append_ffn_kv(self, h: torch.Tensor, stream: DepthStream, rope: Optional[Rope]) -> None:
+    def _append_ffn_kv(self, h: torch.Tensor, stream: DepthStream, rope: Optional[Rope],
+                       cu_seqlens: Optional[torch.Tensor]) -> None:
         cfg = self.config
         B, T, _ = h.shape
         k, v = self.ffn_kv(h).view(B, T, 2, cfg.n_kv_heads, cfg.head_dim).unbind(2)
         if cfg.rope:
             # Depth keys sit at their own position s: rotating them like sequence keys keeps
             # q_t . k_s a function of t - s (exactly position-free for depth_chunk = 1).
-            k = apply_rotary(k, rope if rope is not None else _rope_tables(cfg, T, h.device))
+            k = apply_rotary(k, rope if rope is not None else _rope_tables(cfg, T, h.device, cu_seqlens))
         stream.append(k.to(stream.dtype), v.to(stream.dtype), slot=self.layer_idx * cfg.slots_per_layer + 1)
 
-    def forward(self, x: torch.Tensor, stream: Optional[DepthStream] = None, rope: Optional[Rope] = None) -> torch.Tensor:
-        """``x [B, T, d_model]`` -> same shape; reads/writes ``stream`` when given."""
+    def forward(self, x: torch.Tensor, stream: Optional[DepthStream] = None, rope: Optional[Rope] = None,
+                cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:
+        """``x [B, T, d_model]`` -> same shape; reads/writes ``stream`` when given.
+        ``cu_seqlens``, ``max_seqlen``: packed documents (module docstring)."""
         slot = None
         if stream is not None:
             slot = self.layer_idx * self.config.slots_per_layer
+        if cu_seqlens is not None and rope is None and self.config.rope:
+            rope = _rope_tables(self.config, x.shape[1], x.device, cu_seqlens)  # shared by attn and FFN k
+        packed = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         if self.config.norm == "pre":
-            h = x + self.attn(self.norm1(x), stream, slot, rope, append=self.writes_depth)
+            h = x + self.attn(self.norm1(x), stream, slot, rope, append=self.writes_depth, **packed)
             m = self.norm2(h)
             if stream is not None and self.ffn_kv is not None:
-                self._append_ffn_kv(m, stream, rope)
+                self._append_ffn_kv(m, stream, rope, cu_seqlens)
             return h + self.mlp(m)
-        h = self.norm1(x + self.attn(x, stream, slot, rope, append=self.writes_depth))
+        h = self.norm1(x + self.attn(x, stream, slot, rope, append=self.writes_depth, **packed))
         if stream is not None and self.ffn_kv is not None:
-            self._append_ffn_kv(h, stream, rope)
+            self._append_ffn_kv(h, stream, rope, cu_seqlens)
         return self.norm2(h + self.mlp(h))
 
 
@@ -349,7 +384,8 @@ class _Trunk(nn.Module):
         self.blocks = nn.ModuleList(MoDABlock(config, i, causal=causal) for i in range(config.n_layers))
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: Optional[Rope]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[Rope], cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None) -> torch.Tensor:
         cfg = self.config
         stream = None
         if cfg.depth_slots > 0:
@@ -361,9 +397,9 @@ class _Trunk(nn.Module):
         use_ckpt = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if use_ckpt:
-                x = checkpoint(block, x, stream, rope, use_reentrant=False)
+                x = checkpoint(block, x, stream, rope, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
-                x = block(x, stream, rope)
+                x = block(x, stream, rope, cu_seqlens, max_seqlen)
         return self.final_norm(x)
 
 
@@ -394,16 +430,31 @@ class MoDAForCausalLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
+                cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> ModelOutput:
         """``input_ids [B, T]`` -> logits ``[B, T, vocab]``; ``targets [B, T]`` (the next tokens,
-        already shifted; -100 is ignored) add the mean cross-entropy loss."""
+        already shifted; -100 is ignored) add the mean cross-entropy loss.
+
+        ``cu_seqlens`` (int32 ``[n_docs + 1]``, on the ids' device): documents packed into one
+        row, ``input_ids [1, N]``; each attends only within itself and its positions restart
+        at 0. Its targets must not cross documents (put -100 at each document's last token).
+        ``max_seqlen`` (the longest document) spares reading the offsets for the length check.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
         T = input_ids.shape[1]
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
-        rope = self.rotary(T) if self.rotary is not None else None
-        h = self.trunk(self.embed(input_ids), rope)
+        longest = T
+        if cu_seqlens is not None:
+            from ._spec import check_cu_seqlens
+
+            check_cu_seqlens(input_ids[..., None, None], cu_seqlens, max_seqlen)
+            longest = max_seqlen if max_seqlen is not None else int(cu_seqlens.diff().max())
+        if longest > self.config.max_seq_len:
+            raise ValueError(f"sequence length {longest} exceeds max_seq_len {self.config.max_seq_len}")
+        rope = None
+        if self.rotary is not None:
+            rope = _packed_rope(self.rotary(longest if cu_seqlens is not None else T), cu_seqlens, T)
+        h = self.trunk(self.embed(input_ids), rope, cu_seqlens, max_seqlen)
         logits = self.lm_head(h)
         loss = None
         if targets is not None:

@@ -5,6 +5,8 @@
   asks for one explicitly (``moda_attention(..., backend="triton")``).
 * ``moda::attention_backward`` -- gradients of both: by the backend named, or with "auto" by
   the backend auto picks for the backward (``dispatch``), which need not be the forward's.
+* ``moda::attention_varlen`` / ``moda::attention_varlen_backward`` -- the same for documents
+  packed into batch 1 (``cu_seqlens``, ``max_seqlen`` as in flash-attn's varlen API).
 
 ``deterministic=True`` asks for bitwise-repeatable gradients: the compiled backward then
 computes dQ without atomics; the Triton and reference backwards are deterministic by
@@ -16,12 +18,13 @@ The kernels are registered for CPU and CUDA; each resolves its backend at run ti
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
 from . import dispatch
-from ._spec import check_inputs, default_scale
+from ._spec import check_cu_seqlens, check_inputs, default_scale, packed_documents
 
 _ARGS = "Tensor q, Tensor? k, Tensor? v, Tensor? depth_k, Tensor? depth_v, float? scale=None, " \
         "bool causal=True, int depth_chunk=1, bool deterministic=False"
@@ -35,6 +38,13 @@ _BWD_SCHEMA = (
 torch.library.define("moda::attention", f"({_ARGS}) -> {_FWD_OUT}")
 torch.library.define("moda::attention_with_backend", f"({_ARGS}, str backend='auto') -> {_FWD_OUT}")
 torch.library.define("moda::attention_backward", _BWD_SCHEMA)
+_PACKED = "Tensor cu_seqlens, int? max_seqlen"
+torch.library.define("moda::attention_varlen",
+                     "(Tensor q, Tensor? k, Tensor? v, Tensor? depth_k, Tensor? depth_v, " + _PACKED + "=None, "
+                     "float? scale=None, bool causal=True, int depth_chunk=1, bool deterministic=False, "
+                     f"str backend='auto') -> {_FWD_OUT}")
+torch.library.define("moda::attention_varlen_backward",
+                     _BWD_SCHEMA.replace("Tensor lse, ", f"Tensor lse, {_PACKED}, "))
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -42,10 +52,21 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _forward(q, k, v, depth_k, depth_v, scale=None, causal=True, depth_chunk=1, deterministic=False, backend="auto"):
+def _problem(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, cu_seqlens, max_seqlen):
+    """The validated sizes of a call and its packed documents (None without cu_seqlens)."""
     shape = check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
+    if cu_seqlens is None:
+        return shape, None
+    check_cu_seqlens(q, cu_seqlens, max_seqlen)
+    return dataclasses.replace(shape, packed=True), packed_documents(cu_seqlens, shape.seqlen, max_seqlen)
+
+
+def _forward(q, k, v, depth_k, depth_v, scale=None, causal=True, depth_chunk=1, deterministic=False, backend="auto",
+             cu_seqlens=None, max_seqlen=None):
+    shape, docs = _problem(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, cu_seqlens, max_seqlen)
     impl = dispatch.resolve(backend, q, shape, (q, k, v, depth_k, depth_v))
-    out, lse = impl.forward(q, k, v, depth_k, depth_v, default_scale(shape.head_dim, scale), causal, depth_chunk)
+    out, lse = impl.forward(q, k, v, depth_k, depth_v, default_scale(shape.head_dim, scale), causal, depth_chunk,
+                            docs)
     # Outputs are contiguous whatever the backend: the fake implementation promises it.
     return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
 
@@ -56,33 +77,48 @@ def _fake_forward(q, k, v, depth_k, depth_v, scale=None, causal=True, depth_chun
     return q.new_empty((B, T, Hq, D)), q.new_empty((B, Hq, T), dtype=_lse_dtype(q.dtype))
 
 
+def _varlen_forward(q, k, v, depth_k, depth_v, cu_seqlens, max_seqlen=None, scale=None, causal=True, depth_chunk=1,
+                    deterministic=False, backend="auto"):
+    return _forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend, cu_seqlens,
+                    max_seqlen)
+
+
+def _fake_varlen_forward(q, k, v, depth_k, depth_v, cu_seqlens, *args, **kwargs):
+    return _fake_forward(q, k, v, depth_k, depth_v)
+
+
 def _backward_impl(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
-                   deterministic, backend):
-    shape = check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
+                   deterministic, backend, cu_seqlens=None, max_seqlen=None):
+    shape, docs = _problem(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, cu_seqlens, max_seqlen)
     # "auto" picks the backward on its own speed: it may differ from the forward's backend
     # (every backward reads any forward's out and lse, which share one convention).
     impl = dispatch.resolve(backend, q, shape, (q, k, v, depth_k, depth_v), direction="backward")
     sc = default_scale(shape.head_dim, scale)
     grads = impl.backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, sc, causal, depth_chunk,
-                          deterministic)
+                          deterministic, docs)
     # The schema returns Tensors only: an absent input gets an empty placeholder.
     return tuple(q.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
+def _varlen_backward_impl(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, cu_seqlens, max_seqlen, scale,
+                          causal, depth_chunk, deterministic, backend):
+    return _backward_impl(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
+                          deterministic, backend, cu_seqlens, max_seqlen)
+
+
 def backward_adding_depth_grads(grad_out, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
-                                deterministic, backend, depth_grads_into):
+                                deterministic, backend, cu_seqlens=None, max_seqlen=None, *, depth_grads_into):
     """Gradients of q, k, v of one call (None for an absent k, v); the depth gradients are
     added into ``depth_grads_into`` instead (see ``dispatch.backward_adding_depth_grads``).
     For :class:`moda_cuda.DepthStream`, which sums its readers' depth gradients in place."""
-    shape = check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
+    shape, docs = _problem(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, cu_seqlens, max_seqlen)
     impl = dispatch.resolve(backend, q, shape, (q, k, v, depth_k, depth_v), direction="backward")
     return dispatch.backward_adding_depth_grads(impl, grad_out, q, k, v, depth_k, depth_v, out, lse,
                                                 default_scale(shape.head_dim, scale), causal, depth_chunk,
-                                                deterministic, depth_grads_into)
+                                                deterministic, depth_grads_into, docs)
 
 
-def _fake_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
-                   deterministic, backend):
+def _fake_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, *args):
     like = (q, k, v, depth_k, depth_v)
     return tuple(q.new_empty(0) if t is None else t.new_empty(t.shape) for t in like)
 
@@ -91,8 +127,11 @@ _DEFAULTS = (None, True, 1, False, "auto")  # scale, causal, depth_chunk, determ
 
 
 def _setup_context(ctx, inputs, output):
+    # Inputs: the five tensors, for the varlen op cu_seqlens and max_seqlen, then the options.
+    packed = 2 if ctx.varlen else 0
     q, k, v, depth_k, depth_v = inputs[:5]
-    options = tuple(inputs[5:]) + _DEFAULTS[len(inputs) - 5:]
+    ctx.packed_args = tuple(inputs[5:5 + packed]) + (None,) * (packed - len(inputs[5:5 + packed]))
+    options = tuple(inputs[5 + packed:]) + _DEFAULTS[max(len(inputs) - 5 - packed, 0):]
     ctx.scale, ctx.causal, ctx.depth_chunk, ctx.deterministic, ctx.backend = options
     out, lse = output
     ctx.save_for_backward(q, k, v, depth_k, depth_v, out, lse)
@@ -101,25 +140,39 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, depth_k, depth_v, out, lse = ctx.saved_tensors
-    grads = torch.ops.moda.attention_backward(
-        grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, ctx.scale, ctx.causal, ctx.depth_chunk,
-        ctx.deterministic, ctx.backend,
-    )
+    op = torch.ops.moda.attention_varlen_backward if ctx.varlen else torch.ops.moda.attention_backward
+    grads = op(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, *ctx.packed_args, ctx.scale, ctx.causal,
+               ctx.depth_chunk, ctx.deterministic, ctx.backend)
     grads = tuple(None if t is None else g for g, t in zip(grads, (q, k, v, depth_k, depth_v)))
     return grads + (None,) * (ctx.n_inputs - 5)
 
 
-for _name, _impl in (("attention", _forward), ("attention_with_backend", _forward)):
+def _context_setup(varlen: bool):
+    def setup(ctx, inputs, output):
+        ctx.varlen = varlen
+        _setup_context(ctx, inputs, output)
+
+    return setup
+
+
+for _name, _impl, _fake, _varlen in (("attention", _forward, _fake_forward, False),
+                                     ("attention_with_backend", _forward, _fake_forward, False),
+                                     ("attention_varlen", _varlen_forward, _fake_varlen_forward, True)):
     torch.library.register_kernel(f"moda::{_name}", ("cpu", "cuda"), _impl)
-    torch.library.register_fake(f"moda::{_name}")(_fake_forward)
-    torch.library.register_autograd(f"moda::{_name}", _backward, setup_context=_setup_context)
-torch.library.register_kernel("moda::attention_backward", ("cpu", "cuda"), _backward_impl)
-torch.library.register_fake("moda::attention_backward")(_fake_backward)
+    torch.library.register_fake(f"moda::{_name}")(_fake)
+    torch.library.register_autograd(f"moda::{_name}", _backward, setup_context=_context_setup(_varlen))
+for _name, _impl in (("attention_backward", _backward_impl), ("attention_varlen_backward", _varlen_backward_impl)):
+    torch.library.register_kernel(f"moda::{_name}", ("cpu", "cuda"), _impl)
+    torch.library.register_fake(f"moda::{_name}")(_fake_backward)
 
 
-def check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend) -> None:
-    """Raise on an invalid call before any kernel runs (the public entry points' checks)."""
+def check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend, cu_seqlens=None,
+               max_seqlen=None) -> None:
+    """Raise on an invalid call before any kernel runs (the public entry points' checks; the
+    values of cu_seqlens are read where the op runs, so that a traced call needs none)."""
     check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
+    if cu_seqlens is not None:
+        check_cu_seqlens(q, cu_seqlens, max_seqlen)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     dispatch.check_backend_name(backend)
@@ -128,8 +181,12 @@ def check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, determinis
 
 
 def attention_op(q, k, v, depth_k, depth_v, scale: Optional[float], causal: bool, depth_chunk: int,
-                 deterministic: bool, backend: str):
-    """Call the op that matches ``backend`` ("auto" -> the public ``moda::attention``)."""
+                 deterministic: bool, backend: str, cu_seqlens=None, max_seqlen: Optional[int] = None):
+    """Call the op that matches ``backend`` ("auto" -> the public ``moda::attention``) and
+    ``cu_seqlens`` (given -> ``moda::attention_varlen``)."""
+    if cu_seqlens is not None:
+        return torch.ops.moda.attention_varlen(q, k, v, depth_k, depth_v, cu_seqlens, max_seqlen, scale, causal,
+                                               depth_chunk, deterministic, backend)
     args = (q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic)
     if backend == "auto":
         return torch.ops.moda.attention(*args)

@@ -10,6 +10,10 @@ and returns the softmax-weighted sum of the matching values. Everything is vecto
 depth part is computed chunk by chunk as a batched product of ``C`` queries against the
 ``C * L`` depth rows of their chunk, so memory stays ``O(T * C * L)`` for depth.
 
+With ``cu_seqlens`` (documents packed into batch 1) each document is its own problem: the
+reference runs the dense computation once per document, on views of its positions, so a
+query never sees another document's keys and depth chunks restart at each document.
+
 Arithmetic runs in float64 for float64 inputs and in float32 otherwise.
 """
 
@@ -19,7 +23,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from ._spec import MoDAShape, check_inputs, default_scale
+from ._spec import MoDAShape, check_cu_seqlens, check_inputs, default_scale, packed_documents
 
 __all__ = ["moda_attention_ref", "moda_attention_ref_backward"]
 
@@ -119,6 +123,12 @@ def _empty_result(q: torch.Tensor, shape: MoDAShape) -> Tuple[torch.Tensor, torc
     return torch.zeros_like(q), lse
 
 
+def _document_views(docs, *tensors):
+    """Per non-empty document: (start, end, the tensors' views of its positions, time axis 1)."""
+    for a, b in docs.spans():
+        yield a, b, [None if t is None else t[:, a:b] for t in tensors]
+
+
 def moda_attention_ref(
     q: torch.Tensor,
     k: Optional[torch.Tensor],
@@ -130,14 +140,26 @@ def moda_attention_ref(
     causal: bool = True,
     depth_chunk: int = 1,
     return_lse: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Reference MoDA attention (any device, any float dtype, differentiable by autograd).
 
     Args and result are those of :func:`moda_cuda.moda_attention`: ``out [B, T, Hq, D]`` in
     q's dtype and, with ``return_lse``, ``lse [B, Hq, T]`` (float32, natural log; float64
-    for float64 inputs).
+    for float64 inputs). ``cu_seqlens`` packs documents into batch 1 (see the module docstring).
     """
     shape = check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
+    if cu_seqlens is not None:
+        check_cu_seqlens(q, cu_seqlens, max_seqlen)
+        docs = packed_documents(cu_seqlens, shape.seqlen, max_seqlen)
+        outs, lses = [], []
+        for _, _, views in _document_views(docs, q, k, v, depth_k, depth_v):
+            o, s = moda_attention_ref(*views, scale=scale, causal=causal, depth_chunk=depth_chunk, return_lse=True)
+            outs.append(o)
+            lses.append(s)
+        out, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+        return (out, lse) if return_lse else out
     if not shape.has_keys:
         out, lse = _empty_result(q, shape)
         return (out, lse) if return_lse else out
@@ -168,15 +190,31 @@ def moda_attention_ref_backward(
     causal: bool = True,
     depth_chunk: int = 1,
     grad_lse: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
 ) -> Tuple[torch.Tensor, ...]:
     """Analytic gradients (dq, dk, dv, d depth_k, d depth_v), the flash-attention way.
 
     With P = exp(S - lse) and delta = rowsum(dO * O) - dlse: dV = P^T dO,
     dS = P * (dO V^T - delta), dQ = scale * dS K, dK = scale * dS^T Q; depth keys and values
     are just more columns. ``grad_lse`` ([B, Hq, T], optional) is the gradient reaching lse
-    (d lse / d S = P). Absent inputs get ``None``.
+    (d lse / d S = P). Absent inputs get ``None``. ``cu_seqlens``: packed documents, each
+    differentiated on its own.
     """
     shape = check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
+    if cu_seqlens is not None:
+        check_cu_seqlens(q, cu_seqlens, max_seqlen)
+        docs = packed_documents(cu_seqlens, shape.seqlen, max_seqlen)
+        grads = [None if t is None else torch.zeros_like(t) for t in (q, k, v, depth_k, depth_v)]
+        time_major = (grad_out, q, k, v, depth_k, depth_v, out)
+        for a, b, views in _document_views(docs, *time_major):
+            g_lse = None if grad_lse is None else grad_lse[..., a:b]
+            doc_grads = moda_attention_ref_backward(*views, lse[..., a:b], scale=scale, causal=causal,
+                                                    depth_chunk=depth_chunk, grad_lse=g_lse)
+            for into, g in zip(grads, doc_grads):
+                if into is not None:
+                    into[:, a:b] = g
+        return tuple(grads)
     if not shape.has_keys:
         zero = torch.zeros_like(q)
         return zero, None, None, torch.zeros_like(depth_k), torch.zeros_like(depth_v)

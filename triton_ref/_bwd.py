@@ -13,6 +13,9 @@ After a row-statistics preprocess (delta = rowsum(dO * O)) come three launches:
 
 Every gradient element is written once, by one program, after a fixed-order reduction:
 the results are bitwise reproducible run to run (deterministic by construction).
+
+Packed documents (VARLEN) take the same loops over document-clipped ranges (_common): a key
+tile streams the rows of its documents only, masked where the tile straddles a boundary.
 """
 
 import torch
@@ -23,12 +26,18 @@ from . import _configs
 from ._common import (
     LOG2E,
     depth_span,
+    depth_span_in_documents,
+    document_bounds,
     key_positions,
+    key_reader_ranges_in_documents,
     key_tile_offsets,
+    query_key_ranges_in_documents,
     reader_span,
+    reader_span_in_documents,
     row_stat_offsets,
     row_tile_ptrs,
     visible,
+    visible_in_document,
 )
 from ._fwd import _dot_precision
 
@@ -56,10 +65,10 @@ def _bwd_preprocess_kernel(O, DO, GLSE, DELTA, stride_ob, stride_ot, stride_oh, 
 
 
 @triton.jit
-def _kv_rows(dk, dv, k, v, Qb, DOb, LSE, DELTA, b, hk, s_key, r_lo, r_hi, T, HK,
+def _kv_rows(dk, dv, k, v, Qb, DOb, LSE, DELTA, DOC_START, DOC_END, b, hk, s_key, r_lo, r_hi, T, HK,
              stride_qt, stride_qh, stride_dot, stride_doh, offs_d, d_ok, qk_scale, CHUNK,
              G: tl.constexpr, IS_DEPTH: tl.constexpr, CAUSAL: tl.constexpr, CHUNKED: tl.constexpr,
-             MASK: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+             MASK: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV ([N, D]) of one key tile over the folded query rows [r_lo, r_hi)."""
     for start in range(r_lo, r_hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
@@ -77,7 +86,13 @@ def _kv_rows(dk, dv, k, v, Qb, DOb, LSE, DELTA, b, hk, s_key, r_lo, r_hi, T, HK,
         # Transposed logits [N keys, M rows]: the key tile stays put, rows stream past it.
         pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
         if MASK:
-            pt = tl.where(visible(t_row[None, :], s_key[:, None], T, CHUNK, IS_DEPTH, CAUSAL, CHUNKED), pt, 0.0)
+            if VARLEN:
+                a_row, e_row = document_bounds(DOC_START, DOC_END, t_row, row_ok)
+                ok = visible_in_document(t_row[None, :], s_key[:, None], a_row[None, :], e_row[None, :], CHUNK,
+                                         IS_DEPTH, CAUSAL, CHUNKED)
+            else:
+                ok = visible(t_row[None, :], s_key[:, None], T, CHUNK, IS_DEPTH, CAUSAL, CHUNKED)
+            pt = tl.where(ok, pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
@@ -89,7 +104,7 @@ def _kv_rows(dk, dv, k, v, Qb, DOb, LSE, DELTA, b, hk, s_key, r_lo, r_hi, T, HK,
                  prune_configs_by={"early_config_prune": _configs.pruner("N")})
 @triton.jit
 def _bwd_kv_kernel(
-    Q, K, V, DO, LSE, DELTA, GK, GV,
+    Q, K, V, DO, LSE, DELTA, GK, GV, DOC_START, DOC_END,
     sm_scale,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kl, stride_kh,
@@ -100,7 +115,7 @@ def _bwd_kv_kernel(
     T, HK, L, CHUNK,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_DEPTH: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_DEPTH: tl.constexpr, CAUSAL: tl.constexpr, CHUNKED: tl.constexpr,
-    T_CLASS: tl.constexpr, L_CLASS: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, T_CLASS: tl.constexpr, L_CLASS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Gradients of BLOCK_N keys of one (batch, kv head): sequence keys, or depth rows (IS_DEPTH)."""
@@ -128,25 +143,32 @@ def _bwd_kv_kernel(
     DOb = DO + b.to(tl.int64) * stride_dob
     s_first = pid_n * BLOCK_N // L
     s_last = tl.minimum((pid_n * BLOCK_N + BLOCK_N - 1) // L, T - 1)
+    # Query rows [r_lo, r_hi) to stream, of which [full_lo, full_hi) see every key of the tile.
     if IS_DEPTH:
-        t_lo, t_hi = reader_span(s_first, s_last + 1, T, CHUNK, CAUSAL)
-        dk, dv = _kv_rows(dk, dv, k, v, Qb, DOb, LSE, DELTA, b, hk, s_key, t_lo * G, t_hi * G, T, HK,
-                          stride_qt, stride_qh, stride_dot, stride_doh, offs_d, d_ok, qk_scale, CHUNK,
-                          G, True, CAUSAL, CHUNKED, True, BLOCK_M, PRECISION)
+        if VARLEN:
+            t_lo, t_hi = reader_span_in_documents(DOC_START, DOC_END, s_first, s_last, CHUNK, CAUSAL)
+        else:
+            t_lo, t_hi = reader_span(s_first, s_last + 1, T, CHUNK, CAUSAL)
+        r_lo, full_lo, full_hi, r_hi = t_lo * G, t_hi * G, t_hi * G, t_hi * G
+    elif VARLEN:
+        t_lo, t_full_lo, t_full_hi, t_hi = key_reader_ranges_in_documents(DOC_START, DOC_END, s_first, s_last, CAUSAL)
+        r_lo, full_lo, full_hi, r_hi = t_lo * G, t_full_lo * G, t_full_hi * G, t_hi * G
     elif CAUSAL:
         # Rows at positions s_first..s_last see part of the tile; every later row sees all of it.
-        diag_hi = (s_last + 1) * G
-        dk, dv = _kv_rows(dk, dv, k, v, Qb, DOb, LSE, DELTA, b, hk, s_key, s_first * G, diag_hi, T, HK,
-                          stride_qt, stride_qh, stride_dot, stride_doh, offs_d, d_ok, qk_scale, CHUNK,
-                          G, False, CAUSAL, CHUNKED, True, BLOCK_M, PRECISION)
-        dk, dv = _kv_rows(dk, dv, k, v, Qb, DOb, LSE, DELTA, b, hk, s_key, diag_hi, T * G, T, HK,
-                          stride_qt, stride_qh, stride_dot, stride_doh, offs_d, d_ok, qk_scale, CHUNK,
-                          G, False, CAUSAL, CHUNKED, False, BLOCK_M, PRECISION)
+        r_lo, full_lo, full_hi, r_hi = s_first * G, (s_last + 1) * G, T * G, T * G
     else:
         # Keys past T are never stored, so every row may use the whole tile unmasked.
-        dk, dv = _kv_rows(dk, dv, k, v, Qb, DOb, LSE, DELTA, b, hk, s_key, 0, T * G, T, HK,
+        r_lo, full_lo, full_hi, r_hi = 0, 0, T * G, T * G
+    dk, dv = _kv_rows(dk, dv, k, v, Qb, DOb, LSE, DELTA, DOC_START, DOC_END, b, hk, s_key, r_lo, full_lo, T, HK,
+                      stride_qt, stride_qh, stride_dot, stride_doh, offs_d, d_ok, qk_scale, CHUNK,
+                      G, IS_DEPTH, CAUSAL, CHUNKED, True, VARLEN, BLOCK_M, PRECISION)
+    dk, dv = _kv_rows(dk, dv, k, v, Qb, DOb, LSE, DELTA, DOC_START, DOC_END, b, hk, s_key, full_lo, full_hi, T, HK,
+                      stride_qt, stride_qh, stride_dot, stride_doh, offs_d, d_ok, qk_scale, CHUNK,
+                      G, IS_DEPTH, CAUSAL, CHUNKED, False, VARLEN, BLOCK_M, PRECISION)
+    if VARLEN:
+        dk, dv = _kv_rows(dk, dv, k, v, Qb, DOb, LSE, DELTA, DOC_START, DOC_END, b, hk, s_key, full_hi, r_hi, T, HK,
                           stride_qt, stride_qh, stride_dot, stride_doh, offs_d, d_ok, qk_scale, CHUNK,
-                          G, False, CAUSAL, CHUNKED, False, BLOCK_M, PRECISION)
+                          G, IS_DEPTH, CAUSAL, CHUNKED, True, VARLEN, BLOCK_M, PRECISION)
 
     dk = dk * sm_scale
     tl.store(GK + b.to(tl.int64) * stride_gkb + hk * stride_gkh
@@ -156,9 +178,10 @@ def _bwd_kv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, t_row, Kb, Vb, stride_kt, stride_kl, stride_vt, stride_vl, offs_d, d_ok,
-              lo, hi, T, L, CHUNK, qk_scale, IS_DEPTH: tl.constexpr, CAUSAL: tl.constexpr,
-              CHUNKED: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_tiles(dq, q, do, lse, delta, t_row, a_row, e_row, Kb, Vb, stride_kt, stride_kl, stride_vt, stride_vl, offs_d,
+              d_ok, lo, hi, T, L, CHUNK, qk_scale, IS_DEPTH: tl.constexpr, CAUSAL: tl.constexpr,
+              CHUNKED: tl.constexpr, MASK: tl.constexpr, VARLEN: tl.constexpr, BLOCK_N: tl.constexpr,
+              PRECISION: tl.constexpr):
     """dQ contribution of keys [lo, hi) (sequence positions, or flattened depth rows)."""
     for start in range(lo, hi, BLOCK_N):
         offs_j = start + tl.arange(0, BLOCK_N)
@@ -171,7 +194,12 @@ def _dq_tiles(dq, q, do, lse, delta, t_row, Kb, Vb, stride_kt, stride_kl, stride
         vt = tl.load(Vb + key_tile_offsets(s, slot, offs_d, stride_vt, stride_vl, True), mask=ld, other=0.0)
         p = tl.math.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale - lse[:, None])
         if MASK:
-            p = tl.where(visible(t_row[:, None], s[None, :], T, CHUNK, IS_DEPTH, CAUSAL, CHUNKED), p, 0.0)
+            if VARLEN:
+                ok = visible_in_document(t_row[:, None], s[None, :], a_row[:, None], e_row[:, None], CHUNK,
+                                         IS_DEPTH, CAUSAL, CHUNKED)
+            else:
+                ok = visible(t_row[:, None], s[None, :], T, CHUNK, IS_DEPTH, CAUSAL, CHUNKED)
+            p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
@@ -182,7 +210,7 @@ def _dq_tiles(dq, q, do, lse, delta, t_row, Kb, Vb, stride_kt, stride_kl, stride
                  prune_configs_by={"early_config_prune": _configs.pruner("M")})
 @triton.jit
 def _bwd_q_kernel(
-    Q, K, V, DK, DV, DO, LSE, DELTA, GQ,
+    Q, K, V, DK, DV, DO, LSE, DELTA, GQ, DOC_START, DOC_END,
     sm_scale,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -194,7 +222,7 @@ def _bwd_q_kernel(
     T, HK, L, CHUNK,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_DEPTH: tl.constexpr, CAUSAL: tl.constexpr, CHUNKED: tl.constexpr,
-    T_CLASS: tl.constexpr, L_CLASS: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, T_CLASS: tl.constexpr, L_CLASS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of BLOCK_M G-folded query rows: the forward's walk over keys, with dS in place of P."""
@@ -222,26 +250,44 @@ def _bwd_q_kernel(
     delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    if VARLEN:
+        a_row, e_row = document_bounds(DOC_START, DOC_END, t_row, row_ok)
+    else:
+        a_row, e_row = t_row, t_row  # unused
     if HAS_SEQ:
         Kb = K + b.to(tl.int64) * stride_kb + hk * stride_kh
         Vb = V + b.to(tl.int64) * stride_vb + hk * stride_vh
-        if CAUSAL:
+        if VARLEN:
+            seq_lo, full_lo, full_hi, seq_hi = query_key_ranges_in_documents(DOC_START, DOC_END, t_lo, t_hi, CAUSAL,
+                                                                             BLOCK_N)
+        elif CAUSAL:
+            seq_lo, full_lo = 0, 0
             full_hi = (t_lo + 1) // BLOCK_N * BLOCK_N
             seq_hi = t_hi + 1
         else:
+            seq_lo, full_lo = 0, 0
             full_hi = T // BLOCK_N * BLOCK_N
             seq_hi = T
-        dq = _dq_tiles(dq, q, do, lse, delta, t_row, Kb, Vb, stride_kt, 0, stride_vt, 0, offs_d, d_ok,
-                       0, full_hi, T, 1, CHUNK, qk_scale, False, CAUSAL, CHUNKED, False, BLOCK_N, PRECISION)
-        dq = _dq_tiles(dq, q, do, lse, delta, t_row, Kb, Vb, stride_kt, 0, stride_vt, 0, offs_d, d_ok,
-                       full_hi, seq_hi, T, 1, CHUNK, qk_scale, False, CAUSAL, CHUNKED, True, BLOCK_N, PRECISION)
+        if VARLEN:
+            dq = _dq_tiles(dq, q, do, lse, delta, t_row, a_row, e_row, Kb, Vb, stride_kt, 0, stride_vt, 0, offs_d,
+                           d_ok, seq_lo, full_lo, T, 1, CHUNK, qk_scale, False, CAUSAL, CHUNKED, True, VARLEN,
+                           BLOCK_N, PRECISION)
+        dq = _dq_tiles(dq, q, do, lse, delta, t_row, a_row, e_row, Kb, Vb, stride_kt, 0, stride_vt, 0, offs_d,
+                       d_ok, full_lo, full_hi, T, 1, CHUNK, qk_scale, False, CAUSAL, CHUNKED, False, VARLEN,
+                       BLOCK_N, PRECISION)
+        dq = _dq_tiles(dq, q, do, lse, delta, t_row, a_row, e_row, Kb, Vb, stride_kt, 0, stride_vt, 0, offs_d,
+                       d_ok, full_hi, seq_hi, T, 1, CHUNK, qk_scale, False, CAUSAL, CHUNKED, True, VARLEN,
+                       BLOCK_N, PRECISION)
     if HAS_DEPTH:
-        s_lo, s_hi = depth_span(t_lo, t_hi, T, CHUNK, CAUSAL)
+        if VARLEN:
+            s_lo, s_hi = depth_span_in_documents(DOC_START, DOC_END, t_lo, t_hi, CHUNK, CAUSAL)
+        else:
+            s_lo, s_hi = depth_span(t_lo, t_hi, T, CHUNK, CAUSAL)
         DKb = DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh
         DVb = DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh
-        dq = _dq_tiles(dq, q, do, lse, delta, t_row, DKb, DVb, stride_dkt, stride_dkl, stride_dvt, stride_dvl,
-                       offs_d, d_ok, s_lo * L, s_hi * L, T, L, CHUNK, qk_scale, True, CAUSAL, CHUNKED, True,
-                       BLOCK_N, PRECISION)
+        dq = _dq_tiles(dq, q, do, lse, delta, t_row, a_row, e_row, DKb, DVb, stride_dkt, stride_dkl, stride_dvt,
+                       stride_dvl, offs_d, d_ok, s_lo * L, s_hi * L, T, L, CHUNK, qk_scale, True, CAUSAL, CHUNKED,
+                       True, VARLEN, BLOCK_N, PRECISION)
 
     dq = dq * sm_scale
     gq_ptrs = row_tile_ptrs(GQ + b.to(tl.int64) * stride_gqb, rows, t_row, g_row, hk, stride_gqt, stride_gqh, offs_d, G)
@@ -249,7 +295,7 @@ def _bwd_q_kernel(
 
 
 def moda_bwd(dout, q, k, v, depth_k, depth_v, out, lse, sm_scale: float, causal: bool, depth_chunk: int,
-             grad_lse=None):
+             grad_lse=None, documents=None):
     # dQ has its own pass rather than float32 atomics from the dK/dV pass: on an H200 the
     # atomic variant measured 10-18% slower end to end, and this way gradients are bitwise
     # reproducible without a separate deterministic mode.
@@ -257,6 +303,7 @@ def moda_bwd(dout, q, k, v, depth_k, depth_v, out, lse, sm_scale: float, causal:
 
     Gradients come back contiguous in their input's shape; inputs may be strided views.
     ``grad_lse`` ([B, Hq, T], optional) is a gradient flowing into the returned lse.
+    ``documents``: packed documents (``moda_cuda._spec.PackedDocuments``, batch 1) or None.
     """
     B, T, Hq, D = q.shape
     has_seq = k is not None
@@ -267,11 +314,12 @@ def moda_bwd(dout, q, k, v, depth_k, depth_v, out, lse, sm_scale: float, causal:
     BLOCK_D = max(16, triton.next_power_of_2(D))
     common = dict(
         G=G, HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_SEQ=has_seq, HAS_DEPTH=has_depth, CAUSAL=causal,
-        CHUNKED=depth_chunk > 1, T_CLASS=_configs.seqlen_class(T), L_CLASS=_configs.depth_class(L),
-        PRECISION=_dot_precision(q.dtype),
+        CHUNKED=depth_chunk > 1, VARLEN=documents is not None, T_CLASS=_configs.seqlen_class(T),
+        L_CLASS=_configs.depth_class(L), PRECISION=_dot_precision(q.dtype),
     )
 
     delta = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
+    doc_start, doc_end = documents.bounds() if documents is not None else (delta, delta)
     BLOCK_T = 16 if _configs.INTERPRET else 64
     glse = None if grad_lse is None else grad_lse.float().contiguous()
     _bwd_preprocess_kernel[(triton.cdiv(T, BLOCK_T), B * Hq)](
@@ -290,7 +338,7 @@ def moda_bwd(dout, q, k, v, depth_k, depth_v, out, lse, sm_scale: float, causal:
             return (triton.cdiv(T * n_slots, meta["BLOCK_N"]), B * Hk)
 
         _bwd_kv_kernel[grid](
-            q, k5, v5, dout, lse, delta, gk5, gv5, sm_scale,
+            q, k5, v5, dout, lse, delta, gk5, gv5, doc_start, doc_end, sm_scale,
             q.stride(0), q.stride(1), q.stride(2),
             k5.stride(0), k5.stride(1), k5.stride(2), k5.stride(3),
             v5.stride(0), v5.stride(1), v5.stride(2), v5.stride(3),
@@ -317,7 +365,7 @@ def moda_bwd(dout, q, k, v, depth_k, depth_v, out, lse, sm_scale: float, causal:
         return (triton.cdiv(T * G, meta["BLOCK_M"]), B * Hk)
 
     _bwd_q_kernel[q_grid](
-        q, k_, v_, dk_, dv_, dout, lse, delta, dq, sm_scale,
+        q, k_, v_, dk_, dv_, dout, lse, delta, dq, doc_start, doc_end, sm_scale,
         q.stride(0), q.stride(1), q.stride(2),
         k_.stride(0), k_.stride(1), k_.stride(2),
         v_.stride(0), v_.stride(1), v_.stride(2),

@@ -19,7 +19,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TUNING = os.environ.get("MODA_TRITON_TUNING", "on").lower() not in ("off", "0", "false")
 
 # Shared by every kernel's autotune key.
-SHAPE_KEY = ["G", "HEAD_DIM", "HAS_SEQ", "HAS_DEPTH", "CAUSAL", "CHUNKED", "T_CLASS", "L_CLASS"]
+SHAPE_KEY = ["G", "HEAD_DIM", "HAS_SEQ", "HAS_DEPTH", "CAUSAL", "CHUNKED", "VARLEN", "T_CLASS", "L_CLASS"]
 
 
 def seqlen_class(T: int) -> int:

@@ -9,6 +9,8 @@ t_lo..t_hi, all G heads. It walks
    their depth chunks) wrote, masked so each row keeps only its own position/chunk,
 
 all into the same running max / sum / accumulator, then writes out and lse (natural log).
+With packed documents (VARLEN) the sequence keys start at the first row's document and the
+tiles every row sees in full lie between the masked ones at both ends (_common).
 """
 
 import torch
@@ -20,11 +22,15 @@ from ._common import (
     LOG2E,
     MASKED,
     depth_span,
+    depth_span_in_documents,
+    document_bounds,
     key_positions,
     key_tile_offsets,
+    query_key_ranges_in_documents,
     row_stat_offsets,
     row_tile_ptrs,
     visible,
+    visible_in_document,
 )
 
 
@@ -40,9 +46,10 @@ def _softmax_step(acc, l_i, m_i, qk, v, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, t_row, Kb, Vb, stride_kt, stride_kl, stride_vt, stride_vl, offs_d, d_ok,
-               lo, hi, T, L, CHUNK, qk_scale, IS_DEPTH: tl.constexpr, CAUSAL: tl.constexpr,
-               CHUNKED: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_tiles(acc, l_i, m_i, q, t_row, a_row, e_row, Kb, Vb, stride_kt, stride_kl, stride_vt, stride_vl, offs_d,
+               d_ok, lo, hi, T, L, CHUNK, qk_scale, IS_DEPTH: tl.constexpr, CAUSAL: tl.constexpr,
+               CHUNKED: tl.constexpr, MASK: tl.constexpr, VARLEN: tl.constexpr, BLOCK_N: tl.constexpr,
+               PRECISION: tl.constexpr):
     """Keys [lo, hi) (sequence positions, or flattened depth rows) into the softmax state."""
     for start in range(lo, hi, BLOCK_N):
         offs_j = start + tl.arange(0, BLOCK_N)
@@ -56,7 +63,12 @@ def _fwd_tiles(acc, l_i, m_i, q, t_row, Kb, Vb, stride_kt, stride_kl, stride_vt,
                     other=0.0)
         qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         if MASK:
-            qk = tl.where(visible(t_row[:, None], s[None, :], T, CHUNK, IS_DEPTH, CAUSAL, CHUNKED), qk, MASKED)
+            if VARLEN:
+                ok = visible_in_document(t_row[:, None], s[None, :], a_row[:, None], e_row[:, None], CHUNK,
+                                         IS_DEPTH, CAUSAL, CHUNKED)
+            else:
+                ok = visible(t_row[:, None], s[None, :], T, CHUNK, IS_DEPTH, CAUSAL, CHUNKED)
+            qk = tl.where(ok, qk, MASKED)
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, PRECISION)
     return acc, l_i, m_i
 
@@ -65,7 +77,7 @@ def _fwd_tiles(acc, l_i, m_i, q, t_row, Kb, Vb, stride_kt, stride_kl, stride_vt,
                  prune_configs_by={"early_config_prune": _configs.pruner("M")})
 @triton.jit
 def _moda_fwd_kernel(
-    Q, K, V, DK, DV, O, LSE,
+    Q, K, V, DK, DV, O, LSE, DOC_START, DOC_END,
     sm_scale,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -76,7 +88,7 @@ def _moda_fwd_kernel(
     T, HK, L, CHUNK,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_DEPTH: tl.constexpr, CAUSAL: tl.constexpr, CHUNKED: tl.constexpr,
-    T_CLASS: tl.constexpr, L_CLASS: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, T_CLASS: tl.constexpr, L_CLASS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Heaviest causal tiles (largest t) first, so the tail of the grid is short work.
@@ -102,28 +114,44 @@ def _moda_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    if VARLEN:
+        a_row, e_row = document_bounds(DOC_START, DOC_END, t_row, row_ok)
+    else:
+        a_row, e_row = t_row, t_row  # unused
     if HAS_SEQ:
         Kb = K + b.to(tl.int64) * stride_kb + hk * stride_kh
         Vb = V + b.to(tl.int64) * stride_vb + hk * stride_vh
-        if CAUSAL:
+        if VARLEN:
+            seq_lo, full_lo, full_hi, seq_hi = query_key_ranges_in_documents(DOC_START, DOC_END, t_lo, t_hi, CAUSAL,
+                                                                             BLOCK_N)
+        elif CAUSAL:
+            seq_lo, full_lo = 0, 0
             full_hi = (t_lo + 1) // BLOCK_N * BLOCK_N  # keys < full_hi precede every row of the tile
             seq_hi = t_hi + 1
         else:
+            seq_lo, full_lo = 0, 0
             full_hi = T // BLOCK_N * BLOCK_N
             seq_hi = T
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, t_row, Kb, Vb, stride_kt, 0, stride_vt, 0, offs_d, d_ok,
-                                   0, full_hi, T, 1, CHUNK, qk_scale, False, CAUSAL, CHUNKED, False, BLOCK_N,
-                                   PRECISION)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, t_row, Kb, Vb, stride_kt, 0, stride_vt, 0, offs_d, d_ok,
-                                   full_hi, seq_hi, T, 1, CHUNK, qk_scale, False, CAUSAL, CHUNKED, True, BLOCK_N,
-                                   PRECISION)
+        if VARLEN:  # keys before the last row's document: masked
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, t_row, a_row, e_row, Kb, Vb, stride_kt, 0, stride_vt, 0,
+                                       offs_d, d_ok, seq_lo, full_lo, T, 1, CHUNK, qk_scale, False, CAUSAL, CHUNKED,
+                                       True, VARLEN, BLOCK_N, PRECISION)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, t_row, a_row, e_row, Kb, Vb, stride_kt, 0, stride_vt, 0,
+                                   offs_d, d_ok, full_lo, full_hi, T, 1, CHUNK, qk_scale, False, CAUSAL, CHUNKED,
+                                   False, VARLEN, BLOCK_N, PRECISION)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, t_row, a_row, e_row, Kb, Vb, stride_kt, 0, stride_vt, 0,
+                                   offs_d, d_ok, full_hi, seq_hi, T, 1, CHUNK, qk_scale, False, CAUSAL, CHUNKED,
+                                   True, VARLEN, BLOCK_N, PRECISION)
     if HAS_DEPTH:
-        s_lo, s_hi = depth_span(t_lo, t_hi, T, CHUNK, CAUSAL)
+        if VARLEN:
+            s_lo, s_hi = depth_span_in_documents(DOC_START, DOC_END, t_lo, t_hi, CHUNK, CAUSAL)
+        else:
+            s_lo, s_hi = depth_span(t_lo, t_hi, T, CHUNK, CAUSAL)
         DKb = DK + b.to(tl.int64) * stride_dkb + hk * stride_dkh
         DVb = DV + b.to(tl.int64) * stride_dvb + hk * stride_dvh
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, t_row, DKb, DVb, stride_dkt, stride_dkl, stride_dvt,
-                                   stride_dvl, offs_d, d_ok, s_lo * L, s_hi * L, T, L, CHUNK, qk_scale, True,
-                                   CAUSAL, CHUNKED, True, BLOCK_N, PRECISION)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, t_row, a_row, e_row, DKb, DVb, stride_dkt, stride_dkl,
+                                   stride_dvt, stride_dvl, offs_d, d_ok, s_lo * L, s_hi * L, T, L, CHUNK, qk_scale,
+                                   True, CAUSAL, CHUNKED, True, VARLEN, BLOCK_N, PRECISION)
 
     out = acc / l_i[:, None]
     o_ptrs = row_tile_ptrs(O + b.to(tl.int64) * stride_ob, rows, t_row, g_row, hk, stride_ot, stride_oh, offs_d, G)
@@ -137,9 +165,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def moda_fwd(q, k, v, depth_k, depth_v, sm_scale: float, causal: bool, depth_chunk: int):
+def moda_fwd(q, k, v, depth_k, depth_v, sm_scale: float, causal: bool, depth_chunk: int, documents=None):
     """Launch the forward. Shapes are validated by the caller; last dims must be contiguous.
 
+    ``documents``: packed documents (``moda_cuda._spec.PackedDocuments``, batch 1) or None.
     Returns (out [B, T, Hq, D] in q's dtype, lse [B, Hq, T] float32).
     """
     B, T, Hq, D = q.shape
@@ -157,8 +186,9 @@ def moda_fwd(q, k, v, depth_k, depth_v, sm_scale: float, causal: bool, depth_chu
     def grid(meta):
         return (triton.cdiv(T * G, meta["BLOCK_M"]), B * Hk)
 
+    doc_start, doc_end = documents.bounds() if documents is not None else (lse, lse)
     _moda_fwd_kernel[grid](
-        q, k_, v_, dk_, dv_, out, lse,
+        q, k_, v_, dk_, dv_, out, lse, doc_start, doc_end,
         sm_scale,
         q.stride(0), q.stride(1), q.stride(2),
         k_.stride(0), k_.stride(1), k_.stride(2),
@@ -169,6 +199,6 @@ def moda_fwd(q, k, v, depth_k, depth_v, sm_scale: float, causal: bool, depth_chu
         T, Hk, L, depth_chunk,
         G=G, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         HAS_SEQ=has_seq, HAS_DEPTH=has_depth, CAUSAL=causal, CHUNKED=depth_chunk > 1,
-        T_CLASS=_configs.seqlen_class(T), L_CLASS=_configs.depth_class(L), PRECISION=_dot_precision(q.dtype),
+        VARLEN=documents is not None, T_CLASS=_configs.seqlen_class(T), L_CLASS=_configs.depth_class(L), PRECISION=_dot_precision(q.dtype),
     )
     return out, lse

@@ -1,0 +1,142 @@
+"""Packed documents (``cu_seqlens``) on one GPU, side by side with the baselines, in one run.
+
+For each problem (N tokens in documents of seeded log-normal lengths, bf16, causal, depth
+chunk 1): ``moda_attention`` with ``cu_seqlens`` (backend auto), the same documents one call
+each (what a user without packed documents does), FlexAttention MoDA with a document mask,
+and FlexAttention with the same document mask WITHOUT depth (the sequence part's speed of
+light here). Times are ``triton.testing.do_bench`` medians (ms), forward and
+forward+backward; outputs are checked against the per-document calls first.
+
+    python bench/bench_varlen.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import moda_cuda
+from bench_moda import _bench, _fwd_bwd, _rel
+
+# (N tokens, documents, Hq, Hk, D, L)
+PROBLEMS = [(16384, 14, 32, 8, 128, 32), (16384, 8, 64, 8, 64, 64)]
+
+
+def document_lengths(total: int, docs: int, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.empty(docs).log_normal_(mean=0.0, std=1.0, generator=g)
+    lengths = (w / w.sum() * total).floor().long().clamp(min=1)
+    lengths[-1] += total - lengths.sum()
+    return lengths.tolist()
+
+
+def flex_documents(N, G, L, Hk, D, lengths, depth: bool):
+    """FlexAttention with a document mask: GQA folded into query rows, keys [sequence ; depth]."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
+
+    def mask_mod(b, h, qi, ki):
+        t = qi // G
+        s = torch.clamp(ki, max=N - 1)
+        seq = (ki < N) & (s <= t) & (doc[s] == doc[t])
+        if not depth:
+            return seq
+        return seq | ((ki >= N) & ((ki - N) // L == t))
+
+    kv_len = N + (N * L if depth else 0)
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=N * G, KV_LEN=kv_len, device="cuda",
+                                   _compile=True)
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def to_flex(q, k, v, dk, dv):
+        qf = q.reshape(1, N, Hk, G, D).permute(0, 2, 1, 3, 4).reshape(1, Hk, N * G, D)
+        kf, vf = k.transpose(1, 2), v.transpose(1, 2)
+        if depth:
+            kf = torch.cat([kf, dk.permute(0, 3, 1, 2, 4).reshape(1, Hk, N * L, D)], dim=2)
+            vf = torch.cat([vf, dv.permute(0, 3, 1, 2, 4).reshape(1, Hk, N * L, D)], dim=2)
+        return [x.detach().contiguous().requires_grad_() for x in (qf, kf, vf)]
+
+    def from_flex(o):
+        return o.reshape(1, Hk, N, G, D).permute(0, 2, 1, 3, 4).reshape(1, N, Hk * G, D)
+
+    return to_flex, (lambda qf, kf, vf: flex(qf, kf, vf, block_mask=block_mask)), from_flex
+
+
+def bench_problem(N, docs, Hq, Hk, D, L):
+    G = Hq // Hk
+    lengths = document_lengths(N, docs)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+
+    inputs = [r(1, N, Hq, D), r(1, N, Hk, D), r(1, N, Hk, D), r(1, N, L, Hk, D), r(1, N, L, Hk, D)]
+    grad_out = torch.randn(1, N, Hq, D, device="cuda", dtype=torch.bfloat16)
+    spans = [(a, b) for a, b in zip(cu.tolist(), cu.tolist()[1:]) if b > a]
+
+    def packed(*x):
+        return moda_cuda.moda_attention(*x, cu_seqlens=cu, max_seqlen=max(lengths))
+
+    def per_document(*x):
+        return torch.cat([moda_cuda.moda_attention(*[t[:, a:b] for t in x]) for a, b in spans], dim=1)
+
+    rows, want = [], per_document(*inputs).detach()
+    useful = 4.0 * Hq * D * sum(n * (n + 1) / 2 + n * L for n in lengths)
+
+    def record(name, fwd, step, err=None):
+        rows.append({"impl": name, "fwd_ms": fwd, "fwd_bwd_ms": step, "rel_err_vs_per_document": err,
+                     "fwd_tflops": useful / fwd / 1e9, "fwd_bwd_tflops": 3.5 * useful / step / 1e9})
+        print(f"  {name:<34} fwd {fwd:8.3f} ms  fwd+bwd {step:8.3f} ms"
+              + ("" if err is None else f"  err {err:.1e}"), flush=True)
+
+    got = packed(*inputs).detach()
+    record("moda_cuda cu_seqlens", _bench(lambda: packed(*inputs)), _bench(_fwd_bwd(packed, inputs, grad_out)),
+           _rel(got, want))
+    record("moda_cuda one call per document", _bench(lambda: per_document(*inputs)),
+           _bench(_fwd_bwd(per_document, inputs, grad_out)))
+    for label, depth in (("flex_attention MoDA, document mask", True),
+                         ("flex_attention no depth, document mask", False)):
+        to_flex, run, from_flex = flex_documents(N, G, L, Hk, D, lengths, depth)
+        f_in = to_flex(*inputs)
+        err = _rel(from_flex(run(*f_in)).detach(), want) if depth else None
+        f_grad = grad_out.reshape(1, N, Hk, G, D).permute(0, 2, 1, 3, 4).reshape(1, Hk, -1, D)
+        record(label, _bench(lambda: run(*f_in)), _bench(_fwd_bwd(run, f_in, f_grad)), err)
+    return {"N": N, "documents": docs, "lengths": lengths, "Hq": Hq, "Hk": Hk, "D": D, "L": L, "results": rows}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="directory for the raw JSON")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    results = []
+    for problem in PROBLEMS:
+        print("N={} docs={} Hq={} Hk={} D={} L={}".format(*problem), flush=True)
+        results.append(bench_problem(*problem))
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "backends": moda_cuda.available_backends()}
+    path = os.path.join(args.out, "bench_varlen.json")
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "problems": results}, f, indent=1)
+    print(f"wrote {path}")
+    print("\n| problem | implementation | fwd ms | fwd+bwd ms |\n|---|---|---|---|")
+    for p in results:
+        for row in p["results"]:
+            print(f"| N={p['N']} docs={p['documents']} Hq={p['Hq']} D={p['D']} L={p['L']} | {row['impl']} | "
+                  f"{row['fwd_ms']:.3f} | {row['fwd_bwd_ms']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
