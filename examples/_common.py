@@ -7,6 +7,7 @@ the gradients; evaluation is sharded over the ranks and all-reduced; rank 0 writ
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -30,6 +31,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- setup
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with every option's default; left out for flags, for options whose default is
+    None (their help says what happens then) and where the help already names it."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if action.default is None or isinstance(action.default, bool) or "default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
 
 
 @dataclass

@@ -84,33 +84,34 @@ def make_evaluator(d: C.Dist, val: torch.Tensor, batch: int, seqlen: int, n_batc
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=C.HelpFormatter)
     p.add_argument("--out", type=Path, default=Path("out/lm"), help="folder for lm_results.json and lm_loss.png")
     p.add_argument("--smoke", action="store_true", help="tiny model, a few steps, CPU: a sanity check")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (torchrun: each rank takes its GPU)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32), fp32, bf16, fp16 (autocast)")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=2000, help="training steps per model")
     p.add_argument("--minutes", type=float, default=None,
-                   help="train the MoDA model for about this long and the baseline for as many steps")
+                   help="train the MoDA model for about this long and the baseline for as many steps "
+                        "(instead of --steps)")
     p.add_argument("--models", default="moda,baseline", help="comma list of moda, baseline")
     p.add_argument("--batch", type=int, default=16, help="sequences per rank and step")
-    p.add_argument("--seqlen", type=int, default=1024)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--depth-chunk", type=int, default=1)
-    p.add_argument("--norm", choices=["pre", "post"], default="pre")
+    p.add_argument("--seqlen", type=int, default=1024, help="tokens (bytes) per sequence")
+    p.add_argument("--d-model", type=int, help="model width", default=512)
+    p.add_argument("--layers", type=int, help="transformer blocks", default=8)
+    p.add_argument("--heads", type=int, help="query heads", default=8)
+    p.add_argument("--kv-heads", type=int, help="key/value heads (grouped-query attention)", default=2)
+    p.add_argument("--depth-chunk", type=int, default=1, help="moda_attention's depth_chunk")
+    p.add_argument("--norm", choices=["pre", "post"], default="pre", help="pre- or post-norm blocks")
     p.add_argument("--no-ffn-kv", action="store_true", help="only attention k/v go to the depth stream")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     p.add_argument("--backend", default="auto", help="moda_attention backend")
-    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%% of the steps)")
-    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     p.add_argument("--eval-every", type=int, default=None, help="default: 10 evaluations per run")
-    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--eval-batches", type=int, default=16, help="validation batches per evaluation")
     p.add_argument("--data-mb", type=float, default=24.0, help="bytes of stdlib source to use (MB)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches")
     args = p.parse_args(argv)
     if args.smoke:
         args.device = "cpu" if args.device == "auto" else args.device
@@ -189,7 +190,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                             "final_val_loss": r["final_val"].get("loss")} for n, r in results.items()},
         }
         if d.is_main:
-            C.write_json(args.out / "lm_results.json", report)
+            written = [args.out / "lm_results.json"]
+            C.write_json(written[0], report)
             panels = [
                 ("training loss (EMA)", "loss (nats/byte)",
                  {n: ([s for s, _ in r["train_curve"]], C.smooth([v for _, v in r["train_curve"]]))
@@ -198,11 +200,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                  {n: ([e["step"] for e in r["val_curve"]], [e["loss"] for e in r["val_curve"]])
                   for n, r in results.items()}),
             ]
-            C.plot_panels(args.out / "lm_loss.png", "byte-level LM: MoDA vs plain attention", panels)
+            if C.plot_panels(args.out / "lm_loss.png", "byte-level LM: MoDA vs plain attention", panels):
+                written.append(args.out / "lm_loss.png")
             for n, s in report["summary"].items():
                 print(f"{n:>9}: {s['parameters'] / 1e6:7.3f}M params  {s['tokens_per_s']:12,.0f} tokens/s  "
                       f"final val loss {s['final_val_loss']:.4f}")
-            print(f"wrote {args.out / 'lm_results.json'}")
+            for path in written:
+                print(f"wrote {path}")
         return report
     finally:
         C.teardown(d)

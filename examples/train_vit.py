@@ -93,30 +93,32 @@ def make_evaluator(d: C.Dist, images: torch.Tensor, labels: torch.Tensor, batch:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=C.HelpFormatter)
     p.add_argument("--out", type=Path, default=Path("out/vit"), help="folder for vit_results.json and vit_curves.png")
     p.add_argument("--smoke", action="store_true", help="tiny model, a few steps, CPU: a sanity check")
-    p.add_argument("--data", choices=["digits", "synthetic"], default="digits")
+    p.add_argument("--data", choices=["digits", "synthetic"], default="digits",
+                   help="scikit-learn's digits, or generated images (no scikit-learn needed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (torchrun: each rank takes its GPU)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32), fp32, bf16, fp16 (autocast)")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=3000, help="training steps per model")
     p.add_argument("--minutes", type=float, default=None,
-                   help="train the MoDA model for about this long and the baseline for as many steps")
+                   help="train the MoDA model for about this long and the baseline for as many steps "
+                        "(instead of --steps)")
     p.add_argument("--models", default="moda,baseline", help="comma list of moda, baseline")
     p.add_argument("--batch", type=int, default=128, help="images per rank and step")
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--d-model", type=int, help="model width", default=128)
+    p.add_argument("--layers", type=int, help="transformer blocks", default=6)
+    p.add_argument("--heads", type=int, help="query heads", default=4)
+    p.add_argument("--kv-heads", type=int, help="key/value heads (grouped-query attention)", default=2)
     p.add_argument("--patch", type=int, default=2, help="patch size (8x8 images)")
-    p.add_argument("--norm", choices=["pre", "post"], default="pre")
+    p.add_argument("--norm", choices=["pre", "post"], default="pre", help="pre- or post-norm blocks")
     p.add_argument("--no-ffn-kv", action="store_true", help="only attention k/v go to the depth stream")
     p.add_argument("--backend", default="auto", help="moda_attention backend")
     p.add_argument("--no-augment", action="store_true", help="no random one-pixel shifts")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     p.add_argument("--eval-every", type=int, default=None, help="default: 20 evaluations per run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches")
     args = p.parse_args(argv)
     if args.smoke:
         args.device = "cpu" if args.device == "auto" else args.device
@@ -189,7 +191,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                             "final_val_accuracy": r["final_val"].get("accuracy")} for n, r in results.items()},
         }
         if d.is_main:
-            C.write_json(args.out / "vit_results.json", report)
+            written = [args.out / "vit_results.json"]
+            C.write_json(written[0], report)
             val = {n: r["val_curve"] for n, r in results.items()}
             panels = [
                 ("training loss (EMA)", "cross-entropy",
@@ -200,11 +203,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                 ("validation accuracy", "accuracy",
                  {n: ([e["step"] for e in c], [e["accuracy"] for e in c]) for n, c in val.items()}),
             ]
-            C.plot_panels(args.out / "vit_curves.png", f"ViT on {args.data}: MoDA vs plain attention", panels)
+            if C.plot_panels(args.out / "vit_curves.png", f"ViT on {args.data}: MoDA vs plain attention", panels):
+                written.append(args.out / "vit_curves.png")
             for n, s in report["summary"].items():
                 print(f"{n:>9}: {s['parameters'] / 1e6:7.3f}M params  {s['images_per_s']:10,.0f} images/s  "
                       f"final val loss {s['final_val_loss']:.4f}  accuracy {s['final_val_accuracy']:.3f}")
-            print(f"wrote {args.out / 'vit_results.json'}")
+            for path in written:
+                print(f"wrote {path}")
         return report
     finally:
         C.teardown(d)

@@ -14,6 +14,7 @@ import torch
 import moda_cuda
 from moda_cuda import dispatch
 from moda_cuda._spec import check_inputs
+from moda_cuda.info import INFO_DTYPES, check_shape
 from moda_cuda.reference import moda_attention_ref
 
 
@@ -39,7 +40,7 @@ def demo(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     B, T, Hq, Hk, D, L = (2, 2048, 16, 4, 64, 16) if cuda else (1, 256, 8, 2, 64, 8)
-    if args.seqlen:
+    if args.seqlen is not None:
         T = args.seqlen
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
@@ -75,26 +76,51 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"wants an integer >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants an integer, got {text!r}") from None
+    if not -(2**63) <= value < 2**64:  # what torch.Generator.manual_seed takes
+        raise argparse.ArgumentTypeError(f"wants an integer in [-2**63, 2**64), got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moda_cuda", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     d = sub.add_parser("demo", help="run and check a MoDA problem (default)")
-    d.add_argument("--seqlen", type=int, default=0, help="override T")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seqlen", type=_positive_int, default=None,
+                   help="override T (default: 2048 on a GPU, 256 on the CPU)")
+    d.add_argument("--seed", type=_seed, default=0, help="seed of the random inputs (default: 0)")
     i = sub.add_parser("info", help="versions, devices and backends")
-    i.add_argument("--shape", default=None, help="B,T,Hq,Hk,D,L: also say which backend runs this problem")
-    i.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32", "float64"])
+    i.add_argument("--shape", default=None,
+                   help="B,T,Hq,Hk,D,L: also say which backend runs this problem (B, T, Hq, Hk, D >= 1, "
+                        "L >= 0, Hq a multiple of Hk)")
+    i.add_argument("--dtype", default="bfloat16", choices=INFO_DTYPES, help="dtype of that problem (default: bfloat16)")
     args = parser.parse_args(argv)
     if args.command == "info":
         shape = None
-        if args.shape:
+        if args.shape is not None:
             try:
-                shape = [int(x) for x in args.shape.split(",")]
+                values = [int(x) for x in args.shape.split(",")]
             except ValueError:
-                parser.error(f"--shape wants B,T,Hq,Hk,D,L, got {args.shape!r}")
-            if len(shape) != 6:
-                parser.error(f"--shape wants six integers B,T,Hq,Hk,D,L, got {args.shape!r}")
+                i.error(f"argument --shape: wants six integers B,T,Hq,Hk,D,L, got {args.shape!r}")
+            try:
+                shape = check_shape(values, args.dtype)
+            except ValueError as e:
+                i.error(f"argument --shape: {args.shape!r}: {e}")
         moda_cuda.info(shape=shape, dtype=args.dtype)
         return 0
     if args.command is None:

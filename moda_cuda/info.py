@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -47,15 +47,52 @@ def _cuda_extension() -> dict:
     }
 
 
+SHAPE_NAMES = ("B", "T", "Hq", "Hk", "D", "L")
+INFO_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _meta_problem(shape: Sequence[int], dtype: str):
+    B, T, Hq, Hk, D, L = shape
+    meta = dict(device="meta", dtype=getattr(torch, dtype))
+    try:
+        q = torch.empty(B, T, Hq, D, **meta)
+        k = torch.empty(B, T, Hk, D, **meta)
+        dk = torch.empty(B, T, L, Hk, D, **meta)
+    except (RuntimeError, OverflowError) as e:
+        raise ValueError(f"the problem is too large for a tensor ({e})") from None
+    return q, k, dk
+
+
+def check_shape(shape: Sequence[int], dtype: str = "bfloat16") -> Tuple[int, ...]:
+    """``shape = (B, T, Hq, Hk, D, L)`` as ``info`` takes it, validated; ValueError says which
+    value is wrong (B, T, Hq, Hk and D are >= 1, L >= 0, Hq a multiple of Hk)."""
+    if dtype not in INFO_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(INFO_DTYPES)}, got {dtype!r}")
+    try:
+        values = tuple(shape)
+    except TypeError:
+        raise ValueError(f"shape must be six integers B, T, Hq, Hk, D, L, got {shape!r}") from None
+    if len(values) != len(SHAPE_NAMES):
+        raise ValueError(f"shape must be six integers B, T, Hq, Hk, D, L, got {len(values)} values")
+    for name, value in zip(SHAPE_NAMES, values):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        lowest = 0 if name == "L" else 1
+        if value < lowest:
+            raise ValueError(f"{name} must be >= {lowest}, got {value}")
+    B, T, Hq, Hk, D, L = values
+    if Hq % Hk:
+        raise ValueError(f"Hq ({Hq}) must be a multiple of Hk ({Hk}): each kv head serves Hq / Hk query heads")
+    q, k, dk = _meta_problem(values, dtype)
+    check_inputs(q, k, k, dk, dk, None, True, 1)  # anything else the kernels' inputs must satisfy
+    return values
+
+
 def _backends_for(shape: Sequence[int], dtype: str) -> Dict[str, dispatch.Backend]:
     """The backend ``backend="auto"`` picks for each direction of a problem of this shape on
     this machine."""
-    B, T, Hq, Hk, D, L = shape
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    meta = dict(device="meta", dtype=getattr(torch, dtype))
-    q = torch.empty(B, T, Hq, D, **meta)
-    k = torch.empty(B, T, Hk, D, **meta)
-    dk = torch.empty(B, T, L, Hk, D, **meta)
+    q, k, dk = _meta_problem(shape, dtype)
     spec = check_inputs(q, k, k, dk, dk, None, True, 1)
     # The policy looks at q's device and dtype and at every tensor's extent: a one-element
     # tensor stands in for q on the real device, meta tensors for the rest of the problem.
@@ -70,7 +107,10 @@ def info(print_it: bool = True, shape: Optional[Sequence[int]] = None, dtype: st
     forward (``backend for ...``: the one dispatch picks) and which implementation computes
     its gradients (``backward for ...``: the backend auto picks for the backward, and behind
     the cuda one its compiled backward, or Triton's with ``MODA_CUDA_BACKWARD=triton``).
+    A shape that is no valid problem raises ValueError (see :func:`check_shape`).
     """
+    if shape is not None:
+        shape = check_shape(shape, dtype)
     report = {
         "moda_cuda": _package_version(),
         "python": platform.python_version(),
@@ -93,7 +133,7 @@ def info(print_it: bool = True, shape: Optional[Sequence[int]] = None, dtype: st
         width = max(map(len, report))
         for key, value in report.items():
             if isinstance(value, dict):
-                print(f"{key:<{width}}")
+                print(key)
                 for name, state in value.items():
                     print(f"  {name:<{width - 2}} {state}")
             else:

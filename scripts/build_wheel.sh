@@ -23,18 +23,27 @@ while [ $# -gt 0 ]; do
 done
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
+case "$PY" in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # the build runs elsewhere
 
 STAGE=$(mktemp -d "${TMPDIR:-/tmp}/moda_wheel.XXXXXX")
+STAGE=$(cd "$STAGE" && pwd)
 trap 'rm -rf "$STAGE"' EXIT
 # Staged files of an earlier build (e.g. a _C from a CUDA build) must not leak into this
 # wheel; build/temp* (compiled objects, reused by ninja) is kept.
-rm -rf build/lib* build/bdist*
-if "$PY" -c "import build" >/dev/null 2>&1; then
-    "$PY" -m build --wheel --no-isolation --skip-dependency-check --outdir "$STAGE" . >&2
+rm -rf "$ROOT"/build/lib* "$ROOT"/build/bdist*
+# The frontend runs from the (empty) staging folder, not from the checkout: `python -m` puts
+# the working directory first on sys.path, where the checkout's build/ folder (setuptools'
+# output) would be imported as the package `build`.
+cd "$STAGE"
+if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('build.__main__') else 1)" \
+        >/dev/null 2>&1; then
+    echo "building the wheel with python -m build" >&2
+    "$PY" -m build --wheel --no-isolation --skip-dependency-check --outdir "$STAGE" "$ROOT" >&2
 else
-    "$PY" -m pip wheel -v --no-build-isolation --no-deps --disable-pip-version-check -w "$STAGE" . >&2
+    echo "building the wheel with pip wheel (the build package is not installed)" >&2
+    "$PY" -m pip wheel -v --no-build-isolation --no-deps --disable-pip-version-check -w "$STAGE" "$ROOT" >&2
 fi
 shopt -s nullglob
 wheels=("$STAGE"/moda_cuda-*.whl)

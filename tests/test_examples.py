@@ -33,6 +33,11 @@ def run(args, tmp_path, timeout=180):
     return stdout
 
 
+def written(stdout: str) -> list:
+    """The files an example says it wrote (``wrote PATH`` lines), in order."""
+    return [Path(line[len("wrote "):]) for line in stdout.splitlines() if line.startswith("wrote ")]
+
+
 def check_report(path: Path, rate_key: str) -> dict:
     report = json.loads(path.read_text())
     models = report["models"]
@@ -59,6 +64,7 @@ def test_lm_smoke(tmp_path):
         assert curve[-1] < curve[0]  # a few steps already help on real text
     assert (out / "lm_loss.png").exists() == HAS_MATPLOTLIB
     assert "tokens/s" in stdout
+    assert written(stdout) == [out / "lm_results.json"] + ([out / "lm_loss.png"] if HAS_MATPLOTLIB else [])
 
 
 def test_lm_smoke_under_torchrun(tmp_path):
@@ -72,11 +78,24 @@ def test_lm_smoke_under_torchrun(tmp_path):
 def test_vit_smoke(tmp_path):
     out = tmp_path / "vit"
     data = "digits" if HAS_SKLEARN else "synthetic"
-    run([sys.executable, str(ROOT / "examples/train_vit.py"), "--smoke", "--data", data, "--out", str(out)], tmp_path)
+    stdout = run([sys.executable, str(ROOT / "examples/train_vit.py"), "--smoke", "--data", data, "--out", str(out)],
+                 tmp_path)
     report = check_report(out / "vit_results.json", "images_per_s")
     for r in report["models"].values():
         assert 0.0 <= r["final_val"]["accuracy"] <= 1.0
     assert (out / "vit_curves.png").exists() == HAS_MATPLOTLIB
+    assert written(stdout) == [out / "vit_results.json"] + ([out / "vit_curves.png"] if HAS_MATPLOTLIB else [])
+
+
+@pytest.mark.parametrize("script, out, files", [
+    ("train_lm.py", "out/lm", ("lm_results.json", "lm_loss.png")),
+    ("train_vit.py", "out/vit", ("vit_results.json", "vit_curves.png")),
+])
+def test_example_help_shows_defaults(tmp_path, script, out, files):
+    stdout = " ".join(run([sys.executable, str(ROOT / "examples" / script), "--help"], tmp_path).split())
+    assert f"(default: {out})" in stdout and all(f in stdout for f in files)
+    assert "(default: moda,baseline)" in stdout and "(default: auto)" in stdout
+    assert "(default: None)" not in stdout and "(default: False)" not in stdout
 
 
 def test_bench_smoke(tmp_path):
