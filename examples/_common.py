@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 try:  # a checkout that is not pip-installed: use the package next to this folder
     import moda_cuda  # noqa: F401  (the examples import from it after this module)
@@ -163,7 +163,8 @@ def make_optimizer(model: nn.Module, spec: TrainSpec, device: torch.device) -> t
     return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95), fused=fused)
 
 
-Batch = Tuple[torch.Tensor, torch.Tensor]
+# (inputs, targets), or (inputs, targets, keyword arguments of the model's forward).
+Batch = Union[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, Dict]]
 
 
 def train(
@@ -215,9 +216,9 @@ def train(
             segment_start, segment_steps = time.perf_counter(), 0
         for group in opt.param_groups:
             group["lr"] = lr_at(step, spec)
-        inputs, targets = next_batch()
+        inputs, targets, *options = next_batch()
         with autocast(device, amp_dtype):
-            loss = ddp(inputs, targets).loss
+            loss = ddp(inputs, targets, **(options[0] if options else {})).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if spec.grad_clip > 0:

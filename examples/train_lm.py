@@ -8,6 +8,11 @@ the same batches in the same order and the same learning-rate schedule.
 Writes ``lm_results.json`` (config, parameter counts, curves, tokens/s, final validation
 loss) and ``lm_loss.png`` to ``--out``.
 
+``--pack``: each source file is a document; every step packs ``batch * seqlen`` bytes of
+consecutive documents into one row (``cu_seqlens``; a document longer than ``seqlen`` is
+cut into pieces of at most ``seqlen``), trained with document masking: no byte attends to, or
+is predicted from, another document. Validation is packed the same way.
+
     python examples/train_lm.py --smoke --out /tmp/lm                # CPU, seconds
     torchrun --nproc_per_node=1 examples/train_lm.py --minutes 4 --out bench/results/lm
 """
@@ -28,8 +33,9 @@ import torch
 from moda_cuda.layers import MoDAConfig, MoDAForCausalLM, count_parameters
 
 
-def load_stdlib_bytes(max_bytes: int) -> bytes:
-    """Concatenated ``.py`` sources of the standard library (sorted paths: deterministic)."""
+def load_stdlib_files(max_bytes: int) -> List[bytes]:
+    """The standard library's ``.py`` sources, one entry per file (sorted paths:
+    deterministic), up to ``max_bytes`` in all."""
     root = Path(sysconfig.get_paths()["stdlib"])
     chunks: List[bytes] = []
     total = 0
@@ -42,13 +48,18 @@ def load_stdlib_bytes(max_bytes: int) -> bytes:
                 data = (Path(dirpath) / name).read_bytes()
             except OSError:
                 continue
-            chunks.append(data)
-            total += len(data)
+            chunks.append(data[:max_bytes - total])
+            total += len(chunks[-1])
             if total >= max_bytes:
-                return b"".join(chunks)[:max_bytes]
+                return chunks
     if total < 1024:
         raise SystemExit(f"found only {total} bytes of Python sources under {root}")
-    return b"".join(chunks)
+    return chunks
+
+
+def document_starts(files: List[bytes]) -> torch.Tensor:
+    """Offsets of each file's first byte in their concatenation."""
+    return torch.tensor([0] + [len(f) for f in files[:-1]]).cumsum(0)
 
 
 def batch_sampler(data: torch.Tensor, batch: int, seqlen: int, seed: int, device: torch.device) -> Callable:
@@ -64,17 +75,53 @@ def batch_sampler(data: torch.Tensor, batch: int, seqlen: int, seed: int, device
     return next_batch
 
 
-def make_evaluator(d: C.Dist, val: torch.Tensor, batch: int, seqlen: int, n_batches: int) -> Callable:
-    """Mean next-byte loss over fixed validation windows (sharded over ranks)."""
+def packed_window(data: torch.Tensor, starts: torch.Tensor, start: int, n: int, seqlen: int, device: torch.device):
+    """``n`` bytes from ``start`` as one packed row: the pieces of documents it holds (cut at
+    ``seqlen`` bytes), each predicting only its own next bytes (-100 at a piece's last byte)."""
+    window = data[start:start + n + 1]
+    pos = torch.arange(start, start + n + 1)  # the window's bytes and the one its last byte predicts
+    doc_start = starts[torch.searchsorted(starts, pos, right=True) - 1]
+    piece = (pos - doc_start) // seqlen  # pieces of at most seqlen bytes per document
+    new = torch.ones(n + 1, dtype=torch.bool)
+    new[1:] = (doc_start[1:] != doc_start[:-1]) | (piece[1:] != piece[:-1])
+    cu = torch.cat([new[:n].nonzero().flatten(), torch.tensor([n])]).to(torch.int32)
+    targets = window[1:].clone()
+    targets[new[1:]] = -100  # the next byte starts another piece
+    options = {"cu_seqlens": cu.to(device, non_blocking=True), "max_seqlen": int(cu.diff().max())}
+    return window[None, :-1].to(device, non_blocking=True), targets[None].to(device, non_blocking=True), options
+
+
+def packed_sampler(data: torch.Tensor, starts: torch.Tensor, batch: int, seqlen: int, seed: int,
+                   device: torch.device) -> Callable:
+    """Random windows of ``batch * seqlen`` bytes packed into one row (see packed_window)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = batch * seqlen
+
+    def next_batch():
+        start = int(torch.randint(0, len(data) - n - 1, (1,), generator=gen))
+        return packed_window(data, starts, start, n, seqlen, device)
+
+    return next_batch
+
+
+def make_evaluator(d: C.Dist, val: torch.Tensor, batch: int, seqlen: int, n_batches: int,
+                   starts: Optional[torch.Tensor] = None) -> Callable:
+    """Mean next-byte loss over fixed validation windows (sharded over ranks); with the
+    documents' ``starts``, over packed windows of ``batch * seqlen`` bytes."""
     gen = torch.Generator().manual_seed(1234)
-    starts = torch.randint(0, len(val) - seqlen - 1, (n_batches, batch), generator=gen)
+    n = batch * seqlen if starts is not None else seqlen
+    window_starts = torch.randint(0, len(val) - n - 1, (n_batches, batch), generator=gen)
     offsets = torch.arange(seqlen + 1)
 
     def evaluate(model) -> Dict[str, float]:
         total, count = 0.0, 0
         for i in range(d.rank, n_batches, d.world_size):
-            window = val[starts[i][:, None] + offsets].to(d.device)
-            total += model(window[:, :-1], window[:, 1:]).loss.item()
+            if starts is not None:
+                ids, targets, options = packed_window(val, starts, int(window_starts[i, 0]), n, seqlen, d.device)
+                total += model(ids, targets, **options).loss.item()
+            else:
+                window = val[window_starts[i][:, None] + offsets].to(d.device)
+                total += model(window[:, :-1], window[:, 1:]).loss.item()
             count += 1
         total, count = C.all_reduce_sum(d, [total, count])
         loss = total / max(count, 1)
@@ -111,6 +158,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=None, help="default: 10 evaluations per run")
     p.add_argument("--eval-batches", type=int, default=16, help="validation batches per evaluation")
     p.add_argument("--data-mb", type=float, default=24.0, help="bytes of stdlib source to use (MB)")
+    p.add_argument("--pack", action="store_true",
+                   help="each source file a document, packed into one row per step, trained with document masking")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches")
     args = p.parse_args(argv)
     if args.smoke:
@@ -128,9 +177,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     amp = C.resolve_dtype(args.dtype, d.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        data = torch.frombuffer(bytearray(load_stdlib_bytes(int(args.data_mb * 2**20))), dtype=torch.uint8).long()
-        n_val = max(len(data) // 20, args.seqlen * 4)
+        files = load_stdlib_files(int(args.data_mb * 2**20))
+        data = torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8).long()
+        n_val = max(len(data) // 20, args.seqlen * 4, args.batch * args.seqlen * 2 if args.pack else 0)
         train_data, val_data = data[:-n_val], data[-n_val:]
+        starts = document_starts(files)
+        # Document starts within each split (the split point starts a document of its own).
+        train_starts = starts[starts < len(train_data)]
+        val_starts = torch.cat([torch.tensor([0]), starts[starts > len(train_data)] - len(train_data)])
         log(d, f"data: {len(train_data) / 2**20:.2f} MB train, {len(val_data) / 2**20:.2f} MB validation "
             f"(stdlib .py sources); world size {d.world_size}, device {C.device_name(d.device)}, autocast {amp}")
 
@@ -149,7 +203,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             return MoDAForCausalLM(configs[name]).to(d.device)
 
         def sampler():
-            return batch_sampler(train_data, args.batch, args.seqlen, args.seed * 1000 + d.rank, d.device)
+            seed = args.seed * 1000 + d.rank
+            if args.pack:
+                return packed_sampler(train_data, train_starts, args.batch, args.seqlen, seed, d.device)
+            return batch_sampler(train_data, args.batch, args.seqlen, seed, d.device)
 
         spec = C.TrainSpec(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
                            timing_warmup=2 if args.smoke else 10)
@@ -159,7 +216,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         spec.warmup = args.warmup if args.warmup is not None else max(1, spec.steps // 20)
         spec.eval_every = args.eval_every or max(1, spec.steps // 10)
         spec.log_every = max(1, spec.eval_every // 2)
-        evaluate = make_evaluator(d, val_data, args.batch, args.seqlen, args.eval_batches)
+        evaluate = make_evaluator(d, val_data, args.batch, args.seqlen, args.eval_batches,
+                                  val_starts if args.pack else None)
 
         results: Dict[str, Dict] = {}
         for name in names:

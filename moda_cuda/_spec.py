@@ -149,7 +149,25 @@ def check_cu_seqlens(q: torch.Tensor, cu_seqlens, max_seqlen) -> None:
 
 
 def packed_documents(cu_seqlens: torch.Tensor, total: int, max_seqlen: Optional[int]) -> "PackedDocuments":
-    """Check the offsets' values (one small device-to-host copy) and describe the documents."""
+    """Check the offsets' values and describe the documents.
+
+    Reading the offsets is a device-to-host copy, which waits for the GPU. A model calls the
+    op with the same ``cu_seqlens`` in every layer, forward and backward, so the result is
+    kept on the tensor (keyed by its version counter, which any in-place change bumps): one
+    read per ``cu_seqlens`` tensor, not one per call.
+    """
+    cached = getattr(cu_seqlens, "_moda_documents", None)
+    if cached is not None and cached[0] == cu_seqlens._version and cached[1].offsets[-1] == total:
+        docs = cached[1]
+    else:
+        docs = _read_documents(cu_seqlens, total)
+        cu_seqlens._moda_documents = (cu_seqlens._version, docs)
+    if max_seqlen is not None and max_seqlen < docs.max_seqlen:
+        raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest document ({docs.max_seqlen})")
+    return docs
+
+
+def _read_documents(cu_seqlens: torch.Tensor, total: int) -> "PackedDocuments":
     offsets = tuple(int(x) for x in cu_seqlens.tolist())
     if offsets[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
@@ -157,10 +175,7 @@ def packed_documents(cu_seqlens: torch.Tensor, total: int, max_seqlen: Optional[
         raise ValueError(f"cu_seqlens must be non-decreasing, got {list(offsets)}")
     if offsets[-1] != total:
         raise ValueError(f"cu_seqlens must end at the packed length N = {total}, got {offsets[-1]}")
-    longest = max(b - a for a, b in zip(offsets, offsets[1:]))
-    if max_seqlen is not None and max_seqlen < longest:
-        raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest document ({longest})")
-    return PackedDocuments(cu_seqlens, offsets, longest)
+    return PackedDocuments(cu_seqlens, offsets, max(b - a for a, b in zip(offsets, offsets[1:])))
 
 
 class PackedDocuments:

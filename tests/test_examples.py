@@ -67,6 +67,28 @@ def test_lm_smoke(tmp_path):
     assert written(stdout) == [out / "lm_results.json"] + ([out / "lm_loss.png"] if HAS_MATPLOTLIB else [])
 
 
+def test_lm_smoke_packed_documents(tmp_path):
+    out = tmp_path / "lm"
+    run([sys.executable, str(ROOT / "examples/train_lm.py"), "--smoke", "--pack", "--out", str(out)], tmp_path)
+    report = check_report(out / "lm_results.json", "tokens_per_s")
+    assert report["args"]["pack"] is True
+
+
+def test_packed_window_cuts_documents_and_pieces():
+    """One packed row: documents cut into pieces of at most seqlen bytes, no target across pieces."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    import torch
+    from train_lm import packed_window
+
+    data, starts = torch.arange(100), torch.tensor([0, 10, 13, 40, 90])
+    ids, targets, options = packed_window(data, starts, 5, 40, 8, torch.device("cpu"))
+    assert ids.tolist() == [list(range(5, 45))]
+    # Pieces: [5, 8) [8, 10) of the first document, [10, 13), then [13, 40) in pieces of 8 from 13, then [40, ...
+    assert options["cu_seqlens"].tolist() == [0, 3, 5, 8, 16, 24, 32, 35, 40] and options["max_seqlen"] == 8
+    last_of_piece = {2, 4, 7, 15, 23, 31, 34}
+    assert targets.tolist() == [[-100 if i in last_of_piece else 6 + i for i in range(40)]]
+
+
 def test_lm_smoke_under_torchrun(tmp_path):
     out = tmp_path / "lm"
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",

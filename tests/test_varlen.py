@@ -255,3 +255,23 @@ def test_causal_lm_on_packed_documents_is_the_lm_per_document():
         assert rel_err(a, b) < 1e-6  # RMSNorm computes in float32: its weights' sums round there
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model(ids, cu_seqlens=_cu([20]))
+
+
+def test_offsets_are_read_once_per_tensor_and_again_after_a_change(monkeypatch):
+    from moda_cuda import _spec
+
+    reads = []
+    real = _spec._read_documents
+    monkeypatch.setattr(_spec, "_read_documents", lambda cu, n: reads.append(1) or real(cu, n))
+    case = Case(Hq=4, Hk=2, D=8, L=2)
+    leaves = [t.clone().requires_grad_() for t in _packed_inputs(case, [4, 7], torch.float32, "cpu")]
+    cu = _cu([4, 7])
+    for _ in range(3):
+        moda_cuda.moda_attention(*leaves, cu_seqlens=cu).sum().backward()
+    assert len(reads) == 1
+    cu[1] = 5  # in place: a new version, read again
+    moda_cuda.moda_attention(*leaves, cu_seqlens=cu)
+    assert len(reads) == 2
+    cu[2] = 10
+    with pytest.raises(ValueError, match="end at the packed length"):
+        moda_cuda.moda_attention(*leaves, cu_seqlens=cu)
