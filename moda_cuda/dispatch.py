@@ -311,15 +311,15 @@ _AUTO_ORDER = (CUDA, TRITON)
 # Triton's are, but cost it relatively more: a consumer warpgroup multiplies its 64 rows
 # (64 / G positions) by every depth row of those positions. So auto takes it where the depth
 # columns are a small share of the sequence keys a row reads (T / 2 on average, causal).
-# Measured on the H200 (bf16, causal forward; README, bench/NOTES.md):
+# Measured on the H200 (bf16, causal forward; docs/performance.md):
 #   share 1/16 (T=16384, G=8, L=64, D=64)  cuda faster
 #   share 1/8  (T=8192,  G=4, L=32, D=128) cuda faster
 #   shares 0.13-0.24 (T=4096, G=4, L=17..31, D=64: the depth-stream benchmark's layers)
 #                                          cuda faster: 10.28 against 12.03 ms for the
 #                                          32-layer stack's forward (bench/results/)
-#   share 1/4  (T=4096,  G=8, L=64, D=64)  triton faster before the six-stage forward; since,
-#                                          within run-to-run noise (0.505 against 0.515 ms)
-# So cuda below 1/4; at 1/4 and above (where nothing says cuda is faster) triton.
+#   share 1/4  (T=4096,  G=8, L=64, D=64)  cuda faster: 0.465 against 0.664 ms
+#                                          (bench/results/bench_moda_issue.json)
+# So cuda up to 1/4; above (where nothing says cuda is faster) triton.
 _CUDA_DEPTH_SHARE_LIMIT = 1 / 4
 
 
@@ -336,7 +336,7 @@ DIRECTIONS = ("forward", "backward")
 def _auto_order(shape: MoDAShape, direction: str = "forward") -> Tuple["Backend", ...]:
     """``_AUTO_ORDER``; for the forward, with the compiled forward moved last where its depth
     share is large (the compiled backward is the faster one at every measured share)."""
-    if direction == "backward" or cuda_depth_share(shape) < _CUDA_DEPTH_SHARE_LIMIT:
+    if direction == "backward" or cuda_depth_share(shape) <= _CUDA_DEPTH_SHARE_LIMIT:
         return _AUTO_ORDER
     return tuple(b for b in _AUTO_ORDER if b is not CUDA) + tuple(b for b in _AUTO_ORDER if b is CUDA)
 

@@ -242,7 +242,8 @@ def test_auto_order_moves_cuda_last_where_the_depth_share_is_large():
     assert dispatch._auto_order(_spec(16384, 64, 8, 64)) == (dispatch.CUDA, dispatch.TRITON)
     assert dispatch._auto_order(_spec(8192, 32, 8, 32)) == (dispatch.CUDA, dispatch.TRITON)
     assert dispatch._auto_order(_spec(4096, 32, 8, 31)) == (dispatch.CUDA, dispatch.TRITON)  # share 0.242
-    assert dispatch._auto_order(_spec(4096, 64, 8, 64)) == (dispatch.TRITON, dispatch.CUDA)  # at the bound
+    assert dispatch._auto_order(_spec(4096, 64, 8, 64)) == (dispatch.CUDA, dispatch.TRITON)  # at the bound
+    assert dispatch._auto_order(_spec(2048, 64, 8, 64)) == (dispatch.TRITON, dispatch.CUDA)  # share 1/2
     assert dispatch._auto_order(_spec(4096, 64, 8, 64, has_seq=False)) == (dispatch.TRITON, dispatch.CUDA)
 
 

@@ -1,0 +1,104 @@
+"""Host time per call: moda_attention against SDPA at a tiny shape, where the GPU work is
+negligible and what is measured is the Python, dispatcher and launch path of one call.
+
+Each timing is the median over ``--rounds`` rounds of ``--calls`` eager calls, divided by the
+calls, with the GPU synchronized only around each round (what a model's layers see: the host
+runs ahead of the GPU as long as it is faster). Forward runs under ``torch.no_grad()``;
+forward+backward is ``autograd.grad`` of the output. Prints a table and writes JSON.
+
+    python bench/host_overhead.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import moda_cuda
+
+SHAPE = dict(B=1, T=64, Hq=8, Hk=2, D=64, L=4)
+
+
+def per_call_us(fn, calls: int, rounds: int, sync) -> float:
+    for _ in range(calls):  # warm-up: compiles, autotuning, caches
+        fn()
+    sync()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="directory for the raw JSON")
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--backends", default="auto,cuda,triton")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    s = SHAPE
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=g).requires_grad_()
+
+    q, k, v = r(s["B"], s["T"], s["Hq"], s["D"]), r(s["B"], s["T"], s["Hk"], s["D"]), r(s["B"], s["T"], s["Hk"], s["D"])
+    dk, dv = r(s["B"], s["T"], s["L"], s["Hk"], s["D"]), r(s["B"], s["T"], s["L"], s["Hk"], s["D"])
+    grad = torch.randn_like(q)
+    qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    gt = grad.transpose(1, 2)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+
+    cases = {"sdpa (no depth)": (sdpa, (qt, kt, vt), gt)}
+    for name in args.backends.split(","):
+        if name != "auto" and name not in moda_cuda.available_backends():
+            continue
+        cases[f"moda_attention[{name}]"] = (
+            lambda _b=name: moda_cuda.moda_attention(q, k, v, dk, dv, backend=_b), (q, k, v, dk, dv), grad)
+
+    rows = []
+    for label, (fn, leaves, g_out) in cases.items():
+        def forward(_fn=fn):
+            with torch.no_grad():
+                _fn()
+
+        def step(_fn=fn, _leaves=leaves, _g=g_out):
+            torch.autograd.grad(_fn(), _leaves, _g)
+
+        fwd, both = per_call_us(forward, args.calls, args.rounds, sync), per_call_us(step, args.calls, args.rounds, sync)
+        rows.append({"impl": label, "forward_us": fwd, "forward_backward_us": both})
+        print(f"  {label:<28} forward {fwd:8.1f} us   forward+backward {both:8.1f} us", flush=True)
+
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "python": platform.python_version(), "shape": SHAPE,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "calls": args.calls, "rounds": args.rounds}
+    path = os.path.join(args.out, "host_overhead.json")
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
+    print("\n| implementation | forward us/call | forward+backward us/call |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row['impl']} | {row['forward_us']:.1f} | {row['forward_backward_us']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
