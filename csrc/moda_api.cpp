@@ -95,11 +95,6 @@ void fwd(const at::Tensor& q, const std::optional<at::Tensor>& k, const std::opt
          at::Tensor& lse, double scale, bool causal, int64_t depth_chunk) {
     moda::FwdParams p = make_fwd_params(q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk);
     c10::cuda::CUDAGuard guard(q.device());
-    at::Tensor workspace;  // freed on return: the caching allocator orders its reuse after the kernels
-    if (const int64_t bytes = moda::fwd_workspace_bytes(p); bytes > 0) {
-        workspace = at::empty({bytes}, q.options().dtype(at::kByte));
-        p.workspace = workspace.data_ptr();
-    }
     const char* error = moda::run_fwd(p, at::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(error[0] == '\0', "moda_cuda CUDA forward: ", error);
 }

@@ -18,11 +18,6 @@ namespace moda {
 // - kKVBuffers: K / V buffers of the key-stationary kernel; a CTA walking a run of depth
 //   boxes keeps kKVBuffers - 1 boxes' loads in flight behind the one it works on (shared
 //   memory: kKVBuffers x 2 x [128 x D]). Four at D = 64 measured within 1.5% of two.
-// - kStripeDepthDq: the dQ kernel's depth tile order (TileAt, as the forward's kStripeDepth).
-//   No faster at D = 64, slower at D = 128 (1.59 against 1.48 ms at T = 8192); off.
-// - kDepthPrefetch, kDepthPrefetchDq: depth boxes asked of L2 this many boxes (tiles) before
-//   their load, in the key-stationary kernel's depth runs and in the dQ kernel (0: none). Not
-//   measured yet (the forward's measured slower at every distance); off.
 // - kFusedDq: unless deterministic gradients are asked for, the key-stationary kernel also
 //   computes dQ (fp32 atomics, then a conversion) instead of the dQ kernel. Forward+backward
 //   at T = 16384, D = 64: 23.18 against 24.51 ms; T = 4096: 2.47 against 2.53; at D = 128
@@ -52,8 +47,6 @@ template <> struct BwdConfig<64> {
     static constexpr bool kFusedDq = true, kDqOwnKeys = true;
     static constexpr bool kDepthKernel = true;
     static constexpr int kDepthSlotRows = 64, kDepthStages = 1, kDepthWarps = 1;
-    static constexpr bool kStripeDepthDq = false;
-    static constexpr int kDepthPrefetch = 0, kDepthPrefetchDq = 0;
 };
 template <> struct BwdConfig<128> {
     static constexpr int kStages = 2, kStagesDq = 2, kKVBuffers = 2;
@@ -61,8 +54,6 @@ template <> struct BwdConfig<128> {
     static constexpr bool kFusedDq = false, kDqOwnKeys = false;
     static constexpr bool kDepthKernel = true;
     static constexpr int kDepthSlotRows = 32, kDepthStages = 1, kDepthWarps = 1;
-    static constexpr bool kStripeDepthDq = false;
-    static constexpr int kDepthPrefetch = 0, kDepthPrefetchDq = 0;
 };
 
 // Whether the backward of a problem accumulates dQ in the key-stationary kernel (atomics

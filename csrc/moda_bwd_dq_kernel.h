@@ -17,7 +17,7 @@ namespace moda {
 
 using namespace cute;
 
-template <class Element_, int kHeadDim_, int kStages_, bool kOverlapTiles_, int kDepthPrefetch_ = 0>
+template <class Element_, int kHeadDim_, int kStages_, bool kOverlapTiles_>
 struct BwdDqTraits {
     using Element = Element_;
     static constexpr int kHeadDim = kHeadDim_;
@@ -30,7 +30,6 @@ struct BwdDqTraits {
     static constexpr int kConsumerRegs = 240;
     // Leave a tile's dQ product running into the next tile (BwdConfig).
     static constexpr bool kOverlapTiles = kOverlapTiles_;
-    static constexpr int kDepthPrefetch = kDepthPrefetch_;  // depth tiles asked of L2 this far ahead (0: none)
 
     using AtomLayoutMNK = Layout<Shape<Int<kConsumerWGs>, _1, _1>>;
     using TiledMmaSdP = decltype(make_tiled_mma(
@@ -112,8 +111,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dq_kernel(__grid
         Barrier::arrive_and_expect_tx(&smem.q_full, 2 * Traits::kQBytes);
         tma_load_rows<kBlockM, kHeadDim>(&p.tma_q, &smem.q_full, smem.q.data(), 0, hk, t_lo, batch);
         tma_load_rows<kBlockM, kHeadDim>(&params.tma_do, &smem.q_full, smem.dout.data(), 0, hk, t_lo, batch);
-        produce_key_tiles<kBlockN, kHeadDim, Traits::kDepthPrefetch>(p, sched, pipe_k, pipe_v, smem.k.data(),
-                                                                     smem.v.data(), hk, batch);
+        produce_key_tiles<kBlockN, kHeadDim>(p, sched, pipe_k, pipe_v, smem.k.data(), smem.v.data(), hk, batch);
         return;
     }
 

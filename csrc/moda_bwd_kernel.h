@@ -220,21 +220,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
         prefetch_tma_descriptor(&p.tma_do);
         const float* stats = p.row_stats + int64_t(batch * p.kv_heads + hk) * p.n_row_steps * 2 * kBlockM;
         PipelineState write = cutlass::make_producer_start_state<Pipeline>();
-        // With kDepthPrefetch = A > 0, depth box j + A is asked of L2 (a TMA prefetch) when box
-        // j's keys are issued, and at the start boxes j_begin + 1 .. j_begin + A: a run's boxes
-        // come from DRAM (no other CTA reads them), behind only kKVBuffers - 1 loads in flight.
-        auto prefetch_box = [&](int j) {
-            if (j >= work.j_end) return;
-            const KeyBlock kb = KeyBlock::make<kCausal>(p, j);
-            if (kb.is_seq) return;
-            tma_prefetch_rows<kHeadDim>(&p.tma_dk, hk, kb.l0, kb.s0, batch);
-            tma_prefetch_rows<kHeadDim>(&p.tma_dv, hk, kb.l0, kb.s0, batch);
-        };
         for (int j = work.j_begin; j < work.j_end; ++j) {
-            if constexpr (Traits::kDepthPrefetch > 0) {
-                const int last = j + Traits::kDepthPrefetch;
-                for (int a = j == work.j_begin ? j + 1 : last; a <= last; ++a) prefetch_box(a);
-            }
             const int w = j - work.j_begin, buf = w % Traits::kKVBuffers;
             if (w >= Traits::kKVBuffers) {  // wait until the consumers are done with this buffer's last block
                 cutlass::arch::ClusterBarrier::wait(&smem.kv_empty[buf], (w / Traits::kKVBuffers - 1) & 1);

@@ -35,7 +35,7 @@ template <class Element, int D, bool kFusedDq>
 std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {  // after the preprocess
     using Config = BwdConfig<D>;
     using Traits = BwdTraits<Element, D, Config::kStages, Config::kOverlapSteps, kFusedDq, Config::kKVBuffers,
-                             Config::kDepthPrefetch, Config::kDqOwnKeys>;
+                             Config::kDqOwnKeys>;
     constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
     const FwdParams& f = a.fwd;
     const bool bf16 = f.dtype == DType::kBFloat16;
@@ -100,10 +100,10 @@ std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {  // after
 template <class Element, int D>
 std::string launch_bwd_dq(const BwdParams& a, cudaStream_t stream) {  // after the preprocess
     using Config = BwdConfig<D>;
-    using Traits = BwdDqTraits<Element, D, Config::kStagesDq, Config::kOverlapTiles, Config::kDepthPrefetchDq>;
+    using Traits = BwdDqTraits<Element, D, Config::kStagesDq, Config::kOverlapTiles>;
     const FwdParams& f = a.fwd;
     BwdDqKernelParams p{};
-    std::string err = make_fwd_kernel_params(f, Traits::kBlockM, Traits::kBlockN, Config::kStripeDepthDq, p.fwd);
+    std::string err = make_fwd_kernel_params(f, Traits::kBlockM, Traits::kBlockN, p.fwd);
     if (!err.empty()) return err;
     err = make_folded_rows_map(&p.tma_do, f.dtype == DType::kBFloat16, a.dout, D, f.q_heads / f.kv_heads,
                                f.kv_heads, f.seqlen, f.batch, a.do_batch_stride, a.do_seq_stride, a.do_head_stride,

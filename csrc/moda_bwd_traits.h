@@ -16,8 +16,8 @@ constexpr int kBwdStepRows = 64;
 // Steps over the T * G folded rows of one (batch, kv head).
 inline int bwd_row_steps(int seqlen, int group) { return (seqlen * group + kBwdStepRows - 1) / kBwdStepRows; }
 
-template <class Element_, int kHeadDim_, int kStages_, bool kOverlapSteps_, bool kFusedDq_, int kKVBuffers_ = 2,
-          int kDepthPrefetch_ = 0, bool kDqOwnKeys_ = false>
+template <class Element_, int kHeadDim_, int kStages_, bool kOverlapSteps_, bool kFusedDq_, int kKVBuffers_,
+          bool kDqOwnKeys_>
 struct BwdTraits {
     using Element = Element_;
     static constexpr int kHeadDim = kHeadDim_;
@@ -66,8 +66,6 @@ struct BwdTraits {
     // K and V in kKVBuffers buffers: a CTA that walks several depth boxes loads the next
     // boxes' keys (from DRAM: no other CTA reads them) while it works on the current one.
     static constexpr int kKVBuffers = kKVBuffers_;
-    // A CTA's depth boxes asked of L2 this many boxes before their load (0: none).
-    static constexpr int kDepthPrefetch = kDepthPrefetch_;
     using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kKVBuffers>>{}));
     using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));
     // Q^T and dO^T: the same bytes, indexed (d, row, stage).

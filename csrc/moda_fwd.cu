@@ -8,7 +8,6 @@
 
 #include <cutlass/numeric_types.h>
 
-#include "moda_fwd_config.h"
 #include "moda_params.h"
 
 namespace moda {
@@ -45,11 +44,6 @@ std::string check_supported(const FwdParams& a) {
         if (ptr != nullptr && !aligned16(ptr)) return "tensors must start at 16-byte aligned addresses";
     }
     return {};
-}
-
-int64_t fwd_workspace_bytes(const FwdParams& params) {
-    if (!check_supported(params).empty()) return 0;
-    return plan_depth_beside(params).workspace_bytes();
 }
 
 const char* run_fwd(const FwdParams& params, void* stream) {

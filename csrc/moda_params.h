@@ -30,9 +30,6 @@ struct FwdParams {
     const void* depth_v;
     void* out;
     float* lse;
-    // Scratch of fwd_workspace_bytes(*this) bytes (null when that is 0); the forward zeroes
-    // what it needs zeroed.
-    void* workspace;
 
     int64_t q_batch_stride, q_seq_stride, q_head_stride;
     int64_t k_batch_stride, k_seq_stride, k_head_stride;
@@ -75,8 +72,6 @@ struct BwdParams {
 // Launches on `stream` (a cudaStream_t passed as void* to keep this header CUDA-free).
 const char* run_fwd(const FwdParams& params, void* stream);
 const char* run_bwd(const BwdParams& params, void* stream);
-// Size of FwdParams::workspace in bytes (0: not used) on the current device.
-int64_t fwd_workspace_bytes(const FwdParams& params);
 // Size of BwdParams::row_stats and of BwdParams::dq_accum (0: not used), in floats.
 int64_t bwd_row_stats_floats(const FwdParams& params);
 int64_t bwd_dq_accum_floats(const FwdParams& params, bool deterministic);

@@ -37,14 +37,6 @@ __device__ __forceinline__ void tma_load_rows(CUtensorMap const* map, uint64_t* 
     }
 }
 
-// Ask L2 for the rows that tma_load_rows<N, D> with the same coordinates would load (a TMA
-// prefetch: no shared memory, no barrier), so that the load, issued later, finds them there.
-template <int D>
-__device__ __forceinline__ void tma_prefetch_rows(CUtensorMap const* map, int c1, int c2, int c3, int c4) {
-    CUTLASS_PRAGMA_UNROLL
-    for (int j = 0; j < D / 64; ++j) SM90_TMA_LOAD_5D::PREFETCH::copy(map, j * 64, c1, c2, c3, c4);
-}
-
 // Parameters of a TMA pipeline whose producer is thread 0 (warpgroup 0) and whose consumers
 // are all threads of the other warpgroups: the producer arrives on "full" with the stage's byte
 // count and TMA completes it; every consumer thread arrives on "empty" when done with a stage.

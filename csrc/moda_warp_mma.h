@@ -1,4 +1,4 @@
-// Warp-level building blocks shared by the per-position depth kernels (forward and backward):
+// Warp-level building blocks of the per-position depth kernel (moda_bwd_depth_kernel.h):
 // mma.sync on 16-bit operands with fp32 accumulators, their fragment layouts, ldmatrix, and
 // 16-byte global stores.
 #pragma once

@@ -3,7 +3,7 @@
 //
 // All maps here describe tiles of 64 elements along the contiguous head dimension, stored
 // with the 128-byte swizzle that the wgmma K-major shared-memory layouts expect; the outer
-// box dimensions select which rows a tile holds (see moda_fwd_launch.h).
+// box dimensions select which rows a tile holds (see moda_tma_maps.h).
 #pragma once
 
 #include <cuda.h>
