@@ -2,8 +2,9 @@
 //
 // The forward's structure (moda_fwd_kernel.h): one CTA per 128 G-folded query rows of one
 // (batch, kv head), Q and dO loaded once, the same list of key tiles (sequence tiles, then the
-// depth boxes of its own positions) streamed through the same K and V pipelines, the same
-// per-row visibility and warpgroup skipping. With the forward's lse the probabilities need no
+// depth boxes of its own positions: moda_fwd_tile_scheduler.h) streamed by the same producer
+// (moda_fwd_producer.h) through the same K and V pipelines, the same per-row visibility
+// (moda_fwd_mask.h) and warpgroup skipping. With the forward's lse the probabilities need no
 // online softmax; per tile each consumer warpgroup runs
 //     S = Q K^T,  dP = dO V^T                      (operands in shared memory)
 //     P = exp2(S * scale * log2 e - lse * log2 e),  dS = P (dP - delta)
@@ -11,7 +12,19 @@
 // dQ stays in registers over all tiles and is written once: no atomics, deterministic.
 #pragma once
 
-#include "moda_fwd_kernel.h"
+#include <cuda.h>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "moda_fwd_kernel_params.h"
+#include "moda_fwd_mask.h"
+#include "moda_fwd_producer.h"
+#include "moda_fwd_tile_scheduler.h"
+#include "moda_sm90_common.h"
 
 namespace moda {
 

@@ -6,233 +6,41 @@
 // the kBlockM / G positions [t_lo, t_hi] with all their G heads, and every key/value tile it
 // loads serves all G heads at once. Consumer warpgroup w owns rows [64 w, 64 w + 64).
 //
-// The CTA walks one list of key tiles into ONE online softmax:
-//   1. sequence tiles, last (causal diagonal, masked) first, then the fully visible ones;
-//   2. depth tiles: the contiguous block of depth rows its own positions (and their depth
-//      chunks) wrote. A depth tile is a [Tb positions x Lb slots] box of the depth tensor
-//      (Lb = L rounded up to a power of two, capped at kBlockN; Tb = kBlockN / Lb), so it
-//      reads only rows this CTA can see. A warpgroup skips the matmuls of a depth tile that
-//      none of its rows can see (with G = 8, half of them), and of causal sequence tiles
-//      that lie wholly after its rows.
-// The producer issues every tile through the same two pipelines (K, then V), so the
-// consumers see a single stream of [kBlockN x D] tiles whatever their source.
+// The CTA walks one list of key tiles into ONE online softmax (moda_fwd_tile_scheduler.h):
+// sequence tiles, then the depth boxes of its own positions. The producer
+// (moda_fwd_producer.h) issues every tile through the same two pipelines (K, then V), so the
+// consumers see a single stream of [kBlockN x D] tiles whatever their source. A warpgroup
+// skips the matmuls of a depth tile that none of its rows can see (with G = 8, half of them),
+// and of causal sequence tiles that lie wholly after its rows. A depth tile is dense: the
+// warpgroup's 64 rows times every column of the box, of which a row sees at most one
+// position's slots (moda_fwd_mask.h masks the others).
 //
 // Within a warpgroup, tile i's S = Q K^T is issued together with tile i-1's O += P V, and
 // the P V product is waited for only after tile i's softmax, so that the tensor cores work on
 // P V while the warpgroup exponentiates (see the main loop for how that wait is kept there).
-// A depth tile is dense: the warpgroup's 64 rows times every column of the box, of which a
-// row sees at most one position's slots (RowVisibility masks the others).
 #pragma once
 
 #include <cuda.h>
 
-#include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/array.h>
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include "moda_fwd_kernel_params.h"
+#include "moda_fwd_mask.h"
+#include "moda_fwd_producer.h"
+#include "moda_fwd_softmax.h"
+#include "moda_fwd_tile_scheduler.h"
 #include "moda_fwd_traits.h"
 #include "moda_sm90_common.h"
 
 namespace moda {
 
 using namespace cute;
-
-// Everything the kernel reads, passed by value as a __grid_constant__ parameter (the TMA
-// unit reads the tensor maps straight from parameter space).
-struct FwdKernelParams {
-    // Five-dimensional maps, innermost first (moda_fwd_launch.h builds them):
-    CUtensorMap tma_q;   // q as [D, G, Hk, T, B]; box [64, G, 1, 128 / G, 1] -> rows t * G + g
-    CUtensorMap tma_k;   // k as [D, Hk, T, B, 1]; box [64, 1, kBlockN, 1, 1]
-    CUtensorMap tma_v;
-    CUtensorMap tma_dk;  // depth_k as [D, Hk, L, T, B]; box [64, 1, Lb, Tb, 1] -> rows t * Lb + l
-    CUtensorMap tma_dv;
-    void* out;
-    float* lse;
-    int64_t out_batch_stride, out_seq_stride, out_head_stride;
-    int seqlen, kv_heads, group, depth, depth_chunk;
-    int depth_box_slots;      // Lb
-    int depth_box_positions;  // Tb
-    int depth_slot_blocks;    // ceil(L / Lb)
-    int num_m_blocks;
-    int has_seq;
-    float scale_log2;         // softmax scale * log2(e): scores are exponentiated with exp2
-};
-
-// The list of key tiles one CTA walks; producer and consumers derive it identically.
-struct TileSchedule {
-    int n_seq;         // sequence tiles, walked from n_seq - 1 down to 0
-    int first_masked;  // sequence tiles >= this one need the causal / ragged-end mask
-    int n_depth;       // depth tiles after them
-    int s_lo, s_hi;    // depth rows of positions [s_lo, s_hi) may be visible
-
-    template <bool kCausal, int kBlockN>
-    __device__ static TileSchedule make(FwdKernelParams const& p, int t_lo, int t_hi) {
-        TileSchedule s{};
-        if (p.has_seq) {
-            int seq_end = kCausal ? t_hi + 1 : p.seqlen;
-            s.n_seq = (seq_end + kBlockN - 1) / kBlockN;
-            s.first_masked = kCausal ? (t_lo + 1) / kBlockN : p.seqlen / kBlockN;
-        }
-        if (p.depth > 0) {
-            int C = p.depth_chunk;
-            s.s_lo = t_lo / C * C;
-            s.s_hi = kCausal ? t_hi + 1 : min((t_hi / C + 1) * C, p.seqlen);
-            int position_blocks = (s.s_hi - s.s_lo + p.depth_box_positions - 1) / p.depth_box_positions;
-            s.n_depth = position_blocks * p.depth_slot_blocks;
-        }
-        return s;
-    }
-    __device__ int size() const { return n_seq + n_depth; }
-};
-
-// Tile i of a schedule: sequence tile n (walked last to first), or depth tile d with the
-// first position s0 and first slot l0 of its box. Depth boxes are position-major, so the
-// boxes that one consumer warpgroup's rows see are consecutive.
-struct TileAt {
-    bool is_seq;
-    int n;
-    int s0 = 0, l0 = 0;
-    __device__ TileAt(FwdKernelParams const& p, TileSchedule const& sched, int i)
-        : is_seq(i < sched.n_seq), n(sched.n_seq - 1 - i) {
-        if (!is_seq) {
-            const int d = i - sched.n_seq;
-            // One slot block (L <= kBlockN) is the common case: no 32-bit division then,
-            // which every consumer warp would otherwise run once per depth tile.
-            const int blocks = p.depth_slot_blocks;
-            const int position_block = blocks == 1 ? d : d / blocks;
-            s0 = sched.s_lo + position_block * p.depth_box_positions;
-            l0 = (d - position_block * blocks) * p.depth_box_slots;
-        }
-    }
-};
-
-template <class T>
-__device__ __forceinline__ T quad_allreduce_max(T x) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
-    return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
-}
-
-template <class T>
-__device__ __forceinline__ T quad_allreduce_sum(T x) {
-    x += __shfl_xor_sync(0xffffffff, x, 1);
-    return x + __shfl_xor_sync(0xffffffff, x, 2);
-}
-
-// The kBlockM G-folded query rows of a query-stationary CTA (the forward, the backward's dQ):
-// blocks are taken heaviest first (the last rows see the most causal keys); rows
-// [row0, row0 + kBlockM) are the positions [t_lo, t_hi] with all their G heads.
-template <int kBlockM>
-struct QueryBlock {
-    int row0, t_lo, t_hi;
-    __device__ explicit QueryBlock(FwdKernelParams const& p)
-        : row0((p.num_m_blocks - 1 - int(blockIdx.x)) * kBlockM),
-          t_lo(row0 / p.group),
-          t_hi(min((row0 + kBlockM - 1) / p.group, p.seqlen - 1)) {}
-};
-
-// The producer's stream of key tiles for a query-stationary CTA: each tile of the schedule
-// into the K pipeline's and the V pipeline's next stage (a sequence box [64, 1, kBlockN, 1, 1]
-// at position n * kBlockN, or a depth box [64, 1, Lb, Tb, 1] at slot l0, position s0). Run by
-// thread 0 alone.
-template <int kBlockN, int kHeadDim, class Pipeline, class Element>
-__device__ __forceinline__ void produce_key_tiles(FwdKernelParams const& p, TileSchedule const& sched,
-                                                  Pipeline& pipe_k, Pipeline& pipe_v, Element* sK, Element* sV,
-                                                  int hk, int batch) {
-    if (p.has_seq) {
-        prefetch_tma_descriptor(&p.tma_k);
-        prefetch_tma_descriptor(&p.tma_v);
-    }
-    if (p.depth > 0) {
-        prefetch_tma_descriptor(&p.tma_dk);
-        prefetch_tma_descriptor(&p.tma_dv);
-    }
-    auto write = cutlass::make_producer_start_state<Pipeline>();
-    for (int i = 0; i < sched.size(); ++i) {
-        const int stage_offset = write.index() * kBlockN * kHeadDim;
-        const TileAt tile(p, sched, i);
-        auto load = [&](Pipeline& pipe, CUtensorMap const* seq_map, CUtensorMap const* depth_map, Element* buf) {
-            pipe.producer_acquire(write);  // arrives on the stage's "full" barrier with its byte count
-            uint64_t* full = pipe.producer_get_barrier(write);
-            if (tile.is_seq) {
-                tma_load_rows<kBlockN, kHeadDim>(seq_map, full, buf + stage_offset, hk, tile.n * kBlockN, batch, 0);
-            } else {
-                tma_load_rows<kBlockN, kHeadDim>(depth_map, full, buf + stage_offset, hk, tile.l0, tile.s0, batch);
-            }
-        };
-        load(pipe_k, &p.tma_k, &p.tma_dk, sK);
-        load(pipe_v, &p.tma_v, &p.tma_dv, sV);
-        ++write;
-    }
-}
-
-// Which columns of a key tile one thread's two query rows (positions t[0], t[1]) see. In both
-// kinds of tile a row sees one contiguous range of columns [lo, hi): sequence tiles up to the
-// causal diagonal or the end of T; depth boxes (position-major: column c is position
-// s0 + c / Lb, slot l0 + c % Lb) the positions of the row's depth window. Masking is then two
-// compares per score against per-row bounds, plus the slot test in a box whose last slots lie
-// past L: no divisions and no branches per element.
-template <bool kCausal, int kBlockN>
-struct RowVisibility {
-    int t[2];
-    DepthWindow window[2];
-
-    __device__ RowVisibility(FwdKernelParams const& p, int const (&t_row)[2]) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int h = 0; h < 2; ++h) {
-            t[h] = t_row[h];
-            window[h] = DepthWindow::of<kCausal>(t_row[h], p.depth_chunk, p.seqlen);
-        }
-    }
-
-    __device__ void columns(FwdKernelParams const& p, TileAt const& tile, int (&lo)[2], int (&hi)[2]) const {
-        CUTLASS_PRAGMA_UNROLL
-        for (int h = 0; h < 2; ++h) {
-            if (tile.is_seq) {
-                const int end = kCausal ? min(t[h] + 1, p.seqlen) : p.seqlen;
-                lo[h] = 0;
-                hi[h] = end - tile.n * kBlockN;
-            } else {
-                lo[h] = (window[h].first - tile.s0) * p.depth_box_slots;
-                hi[h] = (window[h].last + 1 - tile.s0) * p.depth_box_slots;
-            }
-        }
-    }
-
-    // Scores of the columns these rows do not see -> -inf (an accumulator fragment, see frag_col).
-    template <class Frag>
-    __device__ void mask(FwdKernelParams const& p, TileAt const& tile, Frag& scores, int lane) const {
-        int lo[2], hi[2];
-        columns(p, tile, lo, hi);
-        // Slot test, a no-op for sequence tiles: column c holds slot c & slot_mask.
-        const int slot_mask = tile.is_seq ? kBlockN - 1 : p.depth_box_slots - 1;
-        const int slot_end = tile.is_seq ? kBlockN : min(p.depth - tile.l0, p.depth_box_slots);
-        if (slot_end > slot_mask) {
-            // Every slot of the box exists (and sequence tiles have none): only the window.
-            // Column c = frag_col(e, 0) + frag_col(0, lane); the first term is a constant, so
-            // shifting the bounds by the second leaves two compares with immediates per score.
-            const int lane_col = frag_col(0, lane);
-            const int first[2] = {lo[0] - lane_col, lo[1] - lane_col};
-            const int end[2] = {hi[0] - lane_col, hi[1] - lane_col};
-            CUTLASS_PRAGMA_UNROLL
-            for (int e = 0; e < size(scores); ++e) {
-                const int c = frag_col(e, 0);
-                const int h = frag_row_half(e);
-                if (c < first[h] || c >= end[h]) scores(e) = -INFINITY;
-            }
-            return;
-        }
-        CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < size(scores); ++e) {
-            const int c = frag_col(e, lane);
-            const int h = frag_row_half(e);
-            if (c < lo[h] || c >= hi[h] || (c & slot_mask) >= slot_end) scores(e) = -INFINITY;
-        }
-    }
-};
 
 template <class Traits, bool kCausal>
 __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_constant__ const FwdKernelParams p) {
@@ -316,8 +124,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     const int wg_t_hi = min((row0 + wg * 64 + 63) / G, p.seqlen - 1);
     const bool wg_has_rows = wg_t_lo < p.seqlen;
 
+    // The online softmax's running max and sum of this thread's two rows (moda_fwd_softmax.h).
     float row_max[2] = {-INFINITY, -INFINITY};
-    float row_sum[2] = {0.f, 0.f};  // this thread's partial sums; reduced over the quad at the end
+    float row_sum[2] = {0.f, 0.f};
     const float scale_log2 = p.scale_log2;
 
     // This warpgroup's depth window (rows are in position order).
@@ -329,45 +138,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     auto apply_mask = [&](TileAt const& tile) {
         if (tile.is_seq && tile.n < sched.first_masked) return;
         rows_see.mask(p, tile, tSrS, lane);
-    };
-    // The new running max from this thread's partial tile maxima (reduced over the quad here);
-    // the factor alpha that rescales what was accumulated, and the exponent offset of the
-    // tile's scores.
-    auto update_row_max = [&](float (&tile_max)[2], float (&alpha)[2], float (&offset)[2]) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int h = 0; h < 2; ++h) {
-            tile_max[h] = quad_allreduce_max(tile_max[h]);
-            // A row that has seen only masked scores keeps max -inf: exponentiate against 0
-            // instead, so that exp2(-inf - -inf) never makes a NaN.
-            offset[h] = tile_max[h] == -INFINITY ? 0.f : tile_max[h] * scale_log2;
-            alpha[h] = exp2f(row_max[h] * scale_log2 - offset[h]);
-            row_max[h] = tile_max[h];
-            row_sum[h] *= alpha[h];
-        }
-    };
-    // Online softmax in base 2 over the scores in tSrS: updates the running max and sum,
-    // turns tSrS into probabilities (fp32, in place) and returns the factor by which the
-    // output accumulated so far must be rescaled.
-    auto softmax_step = [&](float (&alpha)[2]) {
-        float tile_max[2] = {row_max[0], row_max[1]};
-        CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < size(tSrS); ++e) {
-            tile_max[frag_row_half(e)] = fmaxf(tile_max[frag_row_half(e)], tSrS(e));
-        }
-        float offset[2];
-        update_row_max(tile_max, alpha, offset);
-        CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < size(tSrS); ++e) {
-            const int h = frag_row_half(e);
-            tSrS(e) = exp2f(tSrS(e) * scale_log2 - offset[h]);
-            row_sum[h] += tSrS(e);
-        }
-    };
-    auto rescale_and_convert = [&](float const (&alpha)[2]) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < size(tOrO); ++e) tOrO(e) *= alpha[frag_row_half(e)];
-        CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < size(tSrS); ++e) tOrP(e) = static_cast<Element>(tSrS(e));
     };
 
     Barrier::wait(&smem.q_full, 0);
@@ -412,6 +182,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             skip_tile();
             continue;
         }
+
         pipe_k.consumer_wait(read);
         float alpha[2];
         if (has_pending) {
@@ -425,7 +196,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             wgmma_wait<1>(tSrS);  // S is ready; P V may still run
             pipe_k.consumer_release(read);
             apply_mask(tile);
-            softmax_step(alpha);
+            softmax_step(tSrS, row_max, row_sum, scale_log2, alpha);
             // A plain wgmma.wait_group here is moved ahead of the softmax by ptxas, in every
             // forward kernel (bench/sass_wait_placement.py: the wait before the first exp2), so
             // the overlap would not happen. Behind a branch on the row sums, which the exp2s
@@ -445,9 +216,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             wgmma_wait<0>(tSrS);
             pipe_k.consumer_release(read);
             apply_mask(tile);
-            softmax_step(alpha);
+            softmax_step(tSrS, row_max, row_sum, scale_log2, alpha);
         }
-        rescale_and_convert(alpha);
+        rescale_and_convert(tOrO, tOrP, tSrS, alpha);
         pending = read;
         has_pending = true;
         ++read;
@@ -455,20 +226,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
     if (has_pending) flush_pending();
 
     // ---------------------------------------------------------------------- epilogue
+    // Each row's output, normalized, and its lse. (Kept here: as a function of its own it came
+    // out of ptxas with two register initializations in another order.)
     float inv_sum[2], lse[2];
-    CUTLASS_PRAGMA_UNROLL
-    for (int h = 0; h < 2; ++h) {
-        const float l = quad_allreduce_sum(row_sum[h]);
-        inv_sum[h] = l > 0.f ? 1.f / l : 0.f;
-        // Natural-log logsumexp of the scaled scores (-inf for a row that saw nothing).
-        lse[h] = l > 0.f ? (row_max[h] * scale_log2 + log2f(l)) * 0.6931471805599453f : -INFINITY;
-    }
+    softmax_finalize(row_max, row_sum, scale_log2, inv_sum, lse);
     Element* out = static_cast<Element*>(p.out);
     CUTLASS_PRAGMA_UNROLL
     for (int h = 0; h < 2; ++h) {
         const int t = t_row[h];
         const int head = hk * G + row[h] % G;
-        if (t >= p.seqlen) continue;
+        if (t >= p.seqlen) continue;  // a padding row past T
         Element* dst = out + batch * p.out_batch_stride + t * p.out_seq_stride + head * p.out_head_stride;
         CUTLASS_PRAGMA_UNROLL
         for (int e = 0; e < size(tOrO); e += 4) {

@@ -1,5 +1,5 @@
-// Device helpers shared by the Hopper forward and backward kernels: the depth visibility
-// window, TMA row loads, wgmma issue / wait, and the register layout of wgmma accumulators.
+// Device helpers shared by the Hopper forward and backward kernels: TMA row loads, the TMA
+// pipeline's parameters, wgmma issue / wait, and the register layout of wgmma accumulators.
 #pragma once
 
 #include <cuda.h>
@@ -12,19 +12,6 @@
 namespace moda {
 
 using namespace cute;
-
-// The depth rows a query at position t may read are those written at positions
-// [first, last]: its own position (depth_chunk = 1), or the positions of its chunk, up to t
-// when causal. The window is contiguous and moves monotonically with t, so the union over a
-// range of query positions is the window from the first one's `first` to the last one's `last`.
-struct DepthWindow {
-    int first, last;
-    template <bool kCausal>
-    __device__ static DepthWindow of(int t, int chunk, int seqlen) {
-        const int first = t / chunk * chunk;
-        return {first, kCausal ? t : min(first + chunk, seqlen) - 1};
-    }
-};
 
 template <int N, int D, class Element>
 __device__ __forceinline__ void tma_load_rows(CUtensorMap const* map, uint64_t* bar, Element* smem, int c1, int c2,
