@@ -14,7 +14,7 @@
 //     S^T = K Q^T,  dP^T = V dO^T                         (keys x rows, operands in smem)
 //     P^T = exp2(S^T * scale * log2 e - lse * log2 e)      (masked entries 0)
 //     dV += P^T dO,  dS^T = P^T (dP^T - delta),  dK += dS^T Q
-// with delta = rowsum(dO * O) - grad_lse (moda_bwd_preprocess_kernel). Steps whose rows see all
+// with delta = rowsum(dO * O) - grad_lse (moda_bwd_preprocess.h). Steps whose rows see all
 // of a sequence block's keys skip the mask; at D = 64 a step's dV and dK run while the next
 // step's S^T and dP^T are issued. Every gradient row of K, V, depth K and depth V is reduced
 // inside one CTA, over all its readers, in a fixed order: no atomics, so these gradients are
@@ -34,151 +34,15 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "moda_bwd_dq_accum.h"
+#include "moda_bwd_kernel_params.h"
+#include "moda_bwd_named_barriers.h"
+#include "moda_bwd_tile_scheduler.h"
 #include "moda_bwd_traits.h"
 #include "moda_sm90_common.h"
 
 namespace moda {
 
 using namespace cute;
-
-struct BwdKernelParams {
-    CUtensorMap tma_q;    // q and dO as [D, G, Hk, T, B]; box [64, G, 1, 64 / G, 1] -> rows t * G + g
-    CUtensorMap tma_do;
-    CUtensorMap tma_k;    // k, v as [D, Hk, T, B, 1]; box [64, 1, 128, 1, 1]
-    CUtensorMap tma_v;
-    CUtensorMap tma_dk;   // depth_k, depth_v as [D, Hk, L, T, B]; box [64, 1, Lb, Tb, 1]
-    CUtensorMap tma_dv;
-    const float* row_stats;  // [B, Hk, row steps, 2, kBlockM]: log2-scaled lse, then delta (preprocess)
-    void* grad_k;         // [B, T, Hk, D]        (unused without sequence keys)
-    void* grad_v;
-    void* grad_depth_k;   // [B, T, L, Hk, D]     (unused when L = 0)
-    void* grad_depth_v;
-    int64_t gk_batch_stride, gk_seq_stride, gk_head_stride;
-    int64_t gv_batch_stride, gv_seq_stride, gv_head_stride;
-    int64_t gdk_batch_stride, gdk_seq_stride, gdk_slot_stride, gdk_head_stride;
-    int64_t gdv_batch_stride, gdv_seq_stride, gdv_slot_stride, gdv_head_stride;
-    bool accumulate_depth_grads;  // add the depth gradients to grad_depth_k / _v (BwdParams)
-    int batch, seqlen, kv_heads, group, depth, depth_chunk;
-    int group_log2;           // G is a power of two: row / G is a shift
-    int depth_box_slots;      // Lb
-    int depth_box_positions;  // Tb
-    int depth_slot_blocks;    // ceil(L / Lb)
-    int n_seq_blocks;         // ceil(T / 128) with sequence keys, else 0
-    int n_depth_boxes;        // ceil(T / Tb) * depth_slot_blocks, 0 when L = 0
-    int depth_boxes_per_cta;  // consecutive depth boxes one CTA walks
-    int depth_ctas_per_head;  // ceil(n_depth_boxes / depth_boxes_per_cta)
-    int n_row_steps;          // ceil(T * G / kBlockM)
-    float* dq_accum;          // [B, Hk, row steps] blocks of DqAccumLayout, zeroed (fused dQ only)
-    float scale;              // softmax scale
-    float scale_log2;         // scale * log2(e)
-};
-
-// What one CTA works on: key blocks [j_begin, j_end) of one (batch, kv head); j <
-// n_seq_blocks is sequence block j, else depth box j - n_seq_blocks. Sequence blocks come
-// first, one per CTA, block-major over all heads and batches: causal block 0 reads every
-// query row, the last one only the diagonal, so the longest CTAs start first. Then runs of
-// depth_boxes_per_cta depth boxes: a box is one short step, so a CTA walks several, loading
-// the next box's keys while it works on the current one.
-struct CtaWork {
-    int hk, batch, j_begin, j_end;
-    __device__ static CtaWork of(BwdKernelParams const& p, int i) {
-        const int heads = p.kv_heads * p.batch;
-        const int seq_ctas = p.n_seq_blocks * heads;
-        if (i < seq_ctas) {
-            const int head = i % heads, j = i / heads;
-            return {head % p.kv_heads, head / p.kv_heads, j, j + 1};
-        }
-        i -= seq_ctas;
-        const int head = i / p.depth_ctas_per_head;
-        const int box = i % p.depth_ctas_per_head * p.depth_boxes_per_cta;
-        const int j = p.n_seq_blocks + box;
-        return {head % p.kv_heads, head / p.kv_heads, j, j + min(p.depth_boxes_per_cta, p.n_depth_boxes - box)};
-    }
-};
-
-// The 128 keys of one key block: key r is sequence key n * 128 + r, or depth row (s0 + r / Lb,
-// l0 + r % Lb); and the query positions [t_first, t_last] that may read any of them.
-struct KeyBlock {
-    bool is_seq;
-    int n, s0, l0;
-    int t_first, t_last;
-
-    template <bool kCausal>
-    __device__ static KeyBlock make(BwdKernelParams const& p, int j) {
-        KeyBlock kb{};
-        const int T = p.seqlen;
-        kb.is_seq = j < p.n_seq_blocks;
-        if (kb.is_seq) {
-            kb.n = j;
-            kb.t_first = kCausal ? j * 128 : 0;
-            kb.t_last = T - 1;
-        } else {
-            const int d = j - p.n_seq_blocks;
-            kb.s0 = d / p.depth_slot_blocks * p.depth_box_positions;
-            kb.l0 = d % p.depth_slot_blocks * p.depth_box_slots;
-            const int C = p.depth_chunk;
-            const int s_last = min(kb.s0 + p.depth_box_positions, T) - 1;
-            // t reads s iff first(t) <= s <= last(t): t in [s (causal) or s's chunk start, s's chunk end].
-            kb.t_first = kCausal ? kb.s0 : kb.s0 / C * C;
-            kb.t_last = min((s_last / C + 1) * C, T) - 1;
-        }
-        return kb;
-    }
-};
-
-// delta = rowsum(dO * O) - grad_lse per G-folded query row (b, hk, row = t G + g), rows
-// padded to whole steps of kRows. Writes delta as [B, Hq, T] (for dQ) and both row
-// statistics as [B, Hk, steps, 2, kRows]: lse * log2(e), then delta, so that the
-// key-stationary kernel brings a step's statistics with one bulk copy. Padding rows get
-// zeros: finite, and their probabilities are masked to zero. out and dout are [B, T, Hq, D]
-// with the given strides (elements); lse, grad_lse and delta [B, Hq, T] contiguous.
-// kLanesPerRow = D / 8 adjacent threads share a row, one 16-byte chunk each, so that a warp's
-// loads cover whole rows (one thread per row made each load instruction touch 32 rows).
-template <class Element, int D, int kRows>
-__global__ void moda_bwd_preprocess_kernel(const Element* out, const Element* dout, const float* lse,
-                                           const float* grad_lse, float* delta, float* row_stats, int B, int T,
-                                           int Hk, int group_log2, int steps, int64_t o_batch, int64_t o_seq,
-                                           int64_t o_head, int64_t do_batch, int64_t do_seq, int64_t do_head) {
-    constexpr int kLanesPerRow = D / 8;
-    static_assert(kLanesPerRow <= 32 && 32 % kLanesPerRow == 0, "a row's lanes lie in one warp");
-    const int64_t thread = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    const int64_t i = thread / kLanesPerRow;  // ((b Hk + hk) steps + step) kRows + c
-    const int chunk = int(thread % kLanesPerRow);
-    // Whole rows per warp and a grid of whole warps: every lane of a row takes the shuffles.
-    const bool in_range = i < int64_t(B) * Hk * steps * kRows;
-    const int64_t block = i / kRows;  // (b Hk + hk) steps + step
-    const int row = int(block % steps) * kRows + int(i % kRows);
-    const int bh = int(block / steps), b = bh / Hk;
-    const int G = 1 << group_log2, t = row >> group_log2, h = bh % Hk * G + (row & (G - 1));
-    const bool real = in_range && t < T;
-    float acc = 0.f;
-    if (real) {
-        using Chunk = cutlass::Array<Element, 8>;
-        const Chunk ov = *reinterpret_cast<const Chunk*>(out + b * o_batch + t * o_seq + h * o_head + chunk * 8);
-        const Chunk gv = *reinterpret_cast<const Chunk*>(dout + b * do_batch + t * do_seq + h * do_head + chunk * 8);
-        CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < 8; ++e) acc += float(ov[e]) * float(gv[e]);
-    }
-    CUTLASS_PRAGMA_UNROLL
-    for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffff, acc, offset);
-    if (!in_range || chunk != 0) return;
-    float lse2 = 0.f, d = 0.f;
-    if (real) {
-        const int64_t j = (int64_t(b) * Hk * G + h) * T + t;
-        d = acc - (grad_lse != nullptr ? grad_lse[j] : 0.f);
-        delta[j] = d;
-        lse2 = lse[j] * 1.4426950408889634f;
-    }
-    float* stats = row_stats + block * 2 * kRows;
-    stats[i % kRows] = lse2;
-    stats[kRows + i % kRows] = d;
-}
-
-// Named barrier of the fused dQ: both consumer warpgroups' halves of a step's dS are in
-// shared memory (user id 0; CUTLASS offsets it past its reserved ones).
-constexpr uint32_t kDsReadyBarrier = 0;
-// kDqOwnKeys: warpgroup w's own half of dS is in shared memory (ids 1 + w).
-constexpr uint32_t kOwnDsReadyBarrier = 1;
 
 template <class Traits, bool kCausal>
 __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__grid_constant__ const BwdKernelParams p) {

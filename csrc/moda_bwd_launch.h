@@ -15,6 +15,7 @@
 #include "moda_bwd_depth_kernel.h"
 #include "moda_bwd_dq_kernel.h"
 #include "moda_bwd_kernel.h"
+#include "moda_bwd_preprocess.h"
 #include "moda_fwd_kernel_params.h"
 #include "moda_params.h"
 #include "moda_tma_maps.h"
