@@ -6,7 +6,7 @@
 
 namespace moda {
 
-// Schedule per head dim (measurements: bench/NOTES.md, "Hopper CUDA backward"):
+// Schedule per head dim (measurements: docs/experiments.md, "Backward"; result files at 5fe62d2):
 // - kStages, kStagesDq: pipeline stages of the key-stationary kernel's Q / dO tiles (shared
 //   memory: kKVBuffers buffers of K, V, plus 2 x kStages x [64 x D]) and of the dQ kernel's
 //   K / V tiles (Q, dO once, plus 2 x kStages x [64 x D]). Not tuned yet.
@@ -21,7 +21,7 @@ namespace moda {
 // - kFusedDq: unless deterministic gradients are asked for, the key-stationary kernel also
 //   computes dQ (fp32 atomics, then a conversion) instead of the dQ kernel. Forward+backward
 //   at T = 16384, D = 64: 23.18 against 24.51 ms; T = 4096: 2.47 against 2.53; at D = 128
-//   (T = 8192) 6.11 against 5.93, so D = 128 keeps the dQ kernel (bench/results/). Which
+//   (T = 8192) 6.11 against 5.93, so D = 128 keeps the dQ kernel (cuda_bwd/fused_dq/). Which
 //   shapes at D = 64 take it: bwd_fuses_dq below.
 // - kDqOwnKeys: the fused dQ's split over the consumer warpgroups (BwdTraits): by keys (no
 //   barrier between them, twice the atomics, D / 2 accumulator registers per thread) or by
@@ -33,7 +33,7 @@ namespace moda {
 //   rows; otherwise the key-stationary kernel's depth boxes (64-row products over several
 //   positions) and the dQ kernel's depth tiles. kDepthSlotRows, kDepthStages, kDepthWarps: its
 //   depth rows per item, items per warp in shared memory, warps per CTA (BwdDepthTraits).
-//   Depth kernel alone at T = 16384 / D = 128 / T = 4096 (bench/results/cuda_bwd/depth_kernel/):
+//   Depth kernel alone at T = 16384 / D = 128 / T = 4096 (cuda_bwd/depth_kernel/):
 //   four warps per CTA with two stages 1.81 / 0.98 / 0.44 ms (one CTA per SM: bound by
 //   latency); one warp per CTA with two stages of half the rows 1.52 / 0.73 / 0.37; one warp
 //   per CTA with one stage (eleven per SM) 1.43 / 0.75 / 0.36, shipped; with 16-byte stores
@@ -61,7 +61,7 @@ template <> struct BwdConfig<128> {
 //
 // At D = 64 the fused dQ saves the dQ kernel's second pass over S and dP, but makes each
 // key-stationary CTA heavier, with G query heads adding into the same rows. Forward+backward,
-// mean of two runs (bench/results/cuda_bwd/fused_dq_policy/; L = 64 unless said), fused
+// mean of two runs (cuda_bwd/fused_dq_policy/; L = 64 unless said), fused
 // against dQ kernel: with G >= 8 up to T = 4096 the dQ kernel is ahead (G = 8, T = 4096: 1.96
 // against 1.90 ms at B = 1, 3.86 against 3.81 at B = 2, 7.66 against 7.65 at B = 4; L = 0:
 // 1.46 against 1.41; T = 2048, B = 2: 1.34 against 1.29; G = 16: 2.34 against 2.13), except
@@ -69,7 +69,7 @@ template <> struct BwdConfig<128> {
 // against 12.44 at B = 2, 21.49 against 22.13 at T = 16384) and for G <= 4 (T = 4096: 1.17
 // against 1.19 at G = 4, 1.37 against 1.41 at G = 1) the fused dQ is ahead. The sums of the
 // kernels' times point the same way, except at B = 2, T = 4096 (one run each way) and L = 0
-// (even); bench/NOTES.md, tenth round, has both measures.
+// (even); docs/experiments.md has both measures.
 inline bool bwd_fuses_dq(const FwdParams& params, bool deterministic) {
     if (deterministic) return false;
     const int G = params.kv_heads > 0 ? params.q_heads / params.kv_heads : 0;

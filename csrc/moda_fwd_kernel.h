@@ -198,12 +198,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
             apply_mask(tile);
             softmax_step(tSrS, row_max, row_sum, scale_log2, alpha);
             // A plain wgmma.wait_group here is moved ahead of the softmax by ptxas, in every
-            // forward kernel (bench/sass_wait_placement.py: the wait before the first exp2), so
+            // forward kernel (the SASS shows the wait before the first exp2), so
             // the overlap would not happen. Behind a branch on the row sums, which the exp2s
             // produce, the wait cannot move above them. The branch is always taken, by every
             // thread alike, as wgmma.wait_group requires: a sum of exp2s is never the all-ones
             // bit pattern (the GPU's NaNs are 0x7fffffff). The plain wait after it then finds
-            // nothing left in flight. Measured (bench/NOTES.md, fourteenth round), forward ms
+            // nothing left in flight. Measured (docs/experiments.md), forward ms
             // with depth / without depth, T = 16384 D = 64 | T = 8192 D = 128 | T = 4096 D = 64:
             // 5.158 / 4.675 | 1.230 / 0.984 | 0.474 / 0.328 against 5.298 / 4.865 | 1.261 /
             // 1.008 | 0.487 / 0.347 with the wait where ptxas put it.

@@ -14,7 +14,7 @@ cut into pieces of at most ``seqlen``), trained with document masking: no byte a
 is predicted from, another document. Validation is packed the same way.
 
     python examples/train_lm.py --smoke --out /tmp/lm                # CPU, seconds
-    torchrun --nproc_per_node=1 examples/train_lm.py --minutes 4 --out bench/results/lm
+    torchrun --nproc_per_node=1 examples/train_lm.py --minutes 4 --out out/lm
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Writes ``vit_results.json`` (config, parameter counts, curves, images/s, final v
 loss and accuracy) and ``vit_curves.png`` to ``--out``.
 
     python examples/train_vit.py --smoke --out /tmp/vit
-    torchrun --nproc_per_node=1 examples/train_vit.py --steps 3000 --out bench/results/vit
+    torchrun --nproc_per_node=1 examples/train_vit.py --steps 3000 --out out/vit
 """
 
 from __future__ import annotations

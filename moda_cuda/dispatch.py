@@ -11,7 +11,7 @@ Backends:
 * ``reference`` -- pure PyTorch; serves every valid input.
 
 ``backend="auto"`` chooses each direction by its own measured speed (H200; README,
-bench/NOTES.md). The forward: cuda, then triton, then the reference, except where the depth
+docs/performance.md). The forward: cuda, then triton, then the reference, except where the depth
 part is a large share of the work (``cuda_depth_share``): there triton goes first. The
 backward: cuda, then triton, then the reference, whichever forward ran (the compiled
 backward measured faster on every benchmark shape, and reads any forward's ``out`` and
@@ -316,7 +316,7 @@ _AUTO_ORDER = (CUDA, TRITON)
 #   share 1/8  (T=8192,  G=4, L=32, D=128) cuda faster
 #   shares 0.13-0.24 (T=4096, G=4, L=17..31, D=64: the depth-stream benchmark's layers)
 #                                          cuda faster: 10.28 against 12.03 ms for the
-#                                          32-layer stack's forward (bench/results/)
+#                                          32-layer stack's forward (depth_stream/, at 5fe62d2)
 #   share 1/4  (T=4096,  G=8, L=64, D=64)  cuda faster: 0.465 against 0.664 ms
 #                                          (bench/results/bench_moda_issue.json)
 # So cuda up to 1/4; above (where nothing says cuda is faster) triton.
