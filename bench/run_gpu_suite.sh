@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # One GPU run's worth of checks and measurements, logs and JSON under --out:
 #   validate  bench/validate_fwd.py and bench/validate_bwd.py (the compiled kernels against the reference)
-#   tests   the cuda-marked tests and the kernel tests (autotuning off: quick compiles)
-#   bench   bench_moda.py on the issue shapes, with the per-kernel breakdown
+#   tests   every cuda-marked test (autotuning off: quick compiles); the two paper-layout
+#           cases alone afterwards (each holds ~53 GB of the GPU in its float64 reference)
+#   bench   bench_moda.py on the issue shapes (auto and each backend), with the per-kernel breakdown
+#   varlen  bench_varlen.py: packed documents against one call per document and FlexAttention
+#   host    host_overhead.py: host time per call against SDPA
 #   stream  bench_depth_stream.py (32-layer stack, depth stream vs stack-per-layer)
-#   lm      the byte-level LM example, MoDA vs baseline (--lm-minutes each)
+#   lm      the byte-level LM example, MoDA vs baseline (--lm-minutes each), padded windows
+#           and packed documents (--pack)
 #   ncu     profile_ncu.py on the paper geometry
 # Usage: bench/run_gpu_suite.sh --out DIR [--only tests,bench,...] [--lm-minutes M]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="" only="validate,tests,bench,stream,lm,ncu" lm_minutes=1.5
+out="" only="validate,tests,bench,varlen,host,stream,lm,ncu" lm_minutes=1.5
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
@@ -32,12 +36,19 @@ step() {  # name, command...: run, log, remember failures, print the tail
 }
 want validate && step validate_fwd python3 bench/validate_fwd.py --backend cuda
 want validate && step validate_bwd python3 bench/validate_bwd.py
-# 4 workers: the paper-layout test alone holds ~53 GB of the GPU; 12 ran out of memory.
-want tests && step tests env MODA_TRITON_TUNING=off python3 -m pytest -q -n 4 -p no:benchmark \
-    tests/test_cuda.py tests/test_triton_kernels.py tests/test_op.py tests/test_cli.py
-want bench && step bench python3 bench/bench_moda.py --breakdown --out "$out"
+# 4 workers, without the paper-layout cases: two of those at once need more than an H100 holds.
+want tests && step tests env MODA_TRITON_TUNING=off MODA_REQUIRE_CUDA_EXT=1 python3 -m pytest -q -n 4 \
+    -p no:benchmark -m cuda -k "not paper_layout" tests
+want tests && step tests_paper_layout env MODA_TRITON_TUNING=off python3 -m pytest -q -p no:benchmark -m cuda \
+    -k paper_layout tests
+want bench && step bench python3 bench/bench_moda.py --backends auto,cuda,cuda+deterministic,triton --breakdown \
+    --out "$out"
+want varlen && step varlen python3 bench/bench_varlen.py --out "$out"
+want host && step host python3 bench/host_overhead.py --out "$out"
 want stream && step stream env MODA_TRITON_TUNING=off python3 bench/bench_depth_stream.py --profile --out "$out"
 want lm && step lm torchrun --standalone --nproc_per_node=1 examples/train_lm.py --minutes "$lm_minutes" \
     --out "$out/lm"
+want lm && step lm_pack torchrun --standalone --nproc_per_node=1 examples/train_lm.py --pack \
+    --minutes "$lm_minutes" --out "$out/lm_pack"
 want ncu && step ncu python3 bench/profile_ncu.py --stalls --backend triton --shape 1,16384,64,8,64,64 --out "$out"
 exit $status
