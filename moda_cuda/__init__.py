@@ -23,7 +23,8 @@ from ._version import __version__
 from .dispatch import available_backends
 from .info import info
 
-__all__ = ["moda_attention", "available_backends", "info", "__version__", "DepthStream"]
+__all__ = ["moda_attention", "moda_attention_with_kvcache", "available_backends", "info", "__version__",
+           "DepthStream"]
 
 
 def moda_attention(
@@ -78,6 +79,50 @@ def moda_attention(
                     max_seqlen)
     out, lse = _ops.attention_op(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend,
                                  cu_seqlens, max_seqlen)
+    return (out, lse) if return_lse else out
+
+
+def moda_attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    depth_k: Optional[torch.Tensor] = None,
+    depth_v: Optional[torch.Tensor] = None,
+    *,
+    k: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    cache_seqlens: torch.Tensor,
+    scale: Optional[float] = None,
+    depth_chunk: int = 1,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """MoDA attention of ``S`` new tokens per sequence against a KV cache (decoding).
+
+    Args:
+        q: ``[B, S, Hq, D]``, the new tokens' queries.
+        k_cache, v_cache: ``[B, Tmax, Hk, D]``, the sequence keys/values cached so far.
+        depth_k, depth_v: ``[B, S, L, Hk, D]``, the new tokens' own depth rows (what their
+            earlier layers produced for them), or None.
+        k, v: ``[B, S, Hk, D]``, the new tokens' keys/values: written into the caches at
+            ``cache_seqlens[b] + i`` in place before attending. None: already there.
+        cache_seqlens: int32 ``[B]``, tokens cached per sequence before these (sequences of
+            different lengths in one batch); ``cache_seqlens[b] + S <= Tmax``. Not read on the
+            host (no synchronization), so not checked.
+        depth_chunk: 1 (a new token's depth rows are its own).
+        backend: ``"auto"`` or ``"reference"`` (the only implementation so far).
+
+    New token ``i`` of sequence ``b`` at position ``p = cache_seqlens[b] + i`` sees the cache
+    at positions ``<= p`` and its depth rows: the training op's output at position ``p``.
+    Returns ``out [B, S, Hq, D]`` (and ``lse [B, Hq, S]``). Not differentiable.
+    """
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"backend {backend!r} has no KV-cache attention yet; use 'auto' or 'reference'")
+    from .kvcache import check_kvcache_inputs
+
+    check_kvcache_inputs(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale, depth_chunk)
+    out, lse = torch.ops.moda.attention_with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens,
+                                                     scale, depth_chunk)
     return (out, lse) if return_lse else out
 
 

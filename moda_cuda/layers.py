@@ -217,8 +217,9 @@ def _packed_rope(rope: Optional[Rope], cu_seqlens: Optional[torch.Tensor], total
 
 
 def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate ``x [B, T, H, D]`` by position (float32 math, result in x's dtype)."""
-    cos, sin = (t[None, :, None, :] for t in rope)
+    """Rotate ``x [B, T, H, D]`` by position (float32 math, result in x's dtype). The tables are
+    ``[T, D / 2]``, or ``[B, T, D / 2]`` where sequences sit at different positions (decoding)."""
+    cos, sin = (t[None, :, None, :] if t.dim() == 2 else t[:, :, None, :] for t in rope)
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
@@ -264,6 +265,7 @@ class MoDAAttention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, hk * hd, bias=False)
         self.v_proj = nn.Linear(config.d_model, hk * hd, bias=False)
         self.o_proj = nn.Linear(hq * hd, config.d_model, bias=False)
+        self.layer_idx = 0  # its slot in a KV cache (MoDABlock sets it)
 
     def forward(
         self,
@@ -275,6 +277,7 @@ class MoDAAttention(nn.Module):
         append: bool = True,
         cu_seqlens: Optional[torch.Tensor] = None,
         max_seqlen: Optional[int] = None,
+        cache=None,
     ) -> torch.Tensor:
         """``x [B, T, d_model]`` -> ``[B, T, d_model]``.
 
@@ -285,8 +288,12 @@ class MoDAAttention(nn.Module):
                 when None and rope is on (restarting per document with ``cu_seqlens``).
             append: write this layer's k/v to ``slot`` (False for a last layer).
             cu_seqlens, max_seqlen: documents packed into batch 1 (module docstring).
+            cache: a :class:`moda_cuda.generation.MoDAKVCache`: while prefilling, this layer's
+                rotated k/v are written at positions ``[0, T)``; after that, x holds new tokens
+                that attend to the cache (``moda_attention_with_kvcache``), their k/v written at
+                ``cache.seqlens``.
         """
-        from . import moda_attention  # looked up per call: the public op, whatever patches it
+        from . import moda_attention, moda_attention_with_kvcache  # looked up per call: the public ops
 
         cfg = self.config
         B, T, _ = x.shape
@@ -302,11 +309,19 @@ class MoDAAttention(nn.Module):
             slot = stream.length if slot is None else slot
             # The kernel wants one dtype; under autocast the projections already match.
             q, k, v = q.to(stream.dtype), k.to(stream.dtype), v.to(stream.dtype)
-        if stream is not None and slot > 0:
+        layer_cache = cache.layer(self.layer_idx, k) if cache is not None else None
+        if layer_cache is not None and not layer_cache.prefill:
+            depth = stream.read(slot) if stream is not None and slot > 0 else (None, None)
+            out = moda_attention_with_kvcache(q, layer_cache.k, layer_cache.v, *depth, k=k, v=v,
+                                              cache_seqlens=layer_cache.seqlens)
+        elif stream is not None and slot > 0:
             # Reads the earlier slots; their gradients are summed in the stream, in place.
             out = stream.attention(q, k, v, slot, **options)
         else:  # no depth, or none yet (the first block): skip the empty depth pass
             out = moda_attention(q, k, v, None, None, **options)
+        if layer_cache is not None and layer_cache.prefill:
+            layer_cache.k[:, :T] = k.detach()
+            layer_cache.v[:, :T] = v.detach()
         if stream is not None and append:
             stream.append(k, v, slot=slot)
         return self.o_proj(out.reshape(B, T, cfg.n_heads * cfg.head_dim).to(x.dtype))
@@ -330,6 +345,7 @@ class MoDABlock(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.attn = MoDAAttention(config, causal=causal)
+        self.attn.layer_idx = layer_idx
         self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
         self.norm1 = RMSNorm(config.d_model, config.norm_eps)
         self.norm2 = RMSNorm(config.d_model, config.norm_eps)
@@ -351,15 +367,17 @@ class MoDABlock(nn.Module):
         stream.append(k.to(stream.dtype), v.to(stream.dtype), slot=self.layer_idx * cfg.slots_per_layer + 1)
 
     def forward(self, x: torch.Tensor, stream: Optional[DepthStream] = None, rope: Optional[Rope] = None,
-                cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:
+                cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
+                cache=None) -> torch.Tensor:
         """``x [B, T, d_model]`` -> same shape; reads/writes ``stream`` when given.
-        ``cu_seqlens``, ``max_seqlen``: packed documents (module docstring)."""
+        ``cu_seqlens``, ``max_seqlen``: packed documents (module docstring); ``cache``: a KV
+        cache (``MoDAAttention``)."""
         slot = None
         if stream is not None:
             slot = self.layer_idx * self.config.slots_per_layer
         if cu_seqlens is not None and rope is None and self.config.rope:
             rope = _rope_tables(self.config, x.shape[1], x.device, cu_seqlens)  # shared by attn and FFN k
-        packed = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        packed = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache)
         if self.config.norm == "pre":
             h = x + self.attn(self.norm1(x), stream, slot, rope, append=self.writes_depth, **packed)
             m = self.norm2(h)
@@ -385,7 +403,7 @@ class _Trunk(nn.Module):
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
 
     def forward(self, x: torch.Tensor, rope: Optional[Rope], cu_seqlens: Optional[torch.Tensor] = None,
-                max_seqlen: Optional[int] = None) -> torch.Tensor:
+                max_seqlen: Optional[int] = None, cache=None) -> torch.Tensor:
         cfg = self.config
         stream = None
         if cfg.depth_slots > 0:
@@ -399,7 +417,7 @@ class _Trunk(nn.Module):
             if use_ckpt:
                 x = checkpoint(block, x, stream, rope, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
-                x = block(x, stream, rope, cu_seqlens, max_seqlen)
+                x = block(x, stream, rope, cu_seqlens, max_seqlen, cache)
         return self.final_norm(x)
 
 
@@ -431,7 +449,8 @@ class MoDAForCausalLM(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
-                cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> ModelOutput:
+                cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
+                cache=None) -> ModelOutput:
         """``input_ids [B, T]`` -> logits ``[B, T, vocab]``; ``targets [B, T]`` (the next tokens,
         already shifted; -100 is ignored) add the mean cross-entropy loss.
 
@@ -439,6 +458,10 @@ class MoDAForCausalLM(nn.Module):
         row, ``input_ids [1, N]``; each attends only within itself and its positions restart
         at 0. Its targets must not cross documents (put -100 at each document's last token).
         ``max_seqlen`` (the longest document) spares reading the offsets for the length check.
+
+        ``cache`` (:class:`moda_cuda.generation.MoDAKVCache`): the prompt's keys are written
+        into it (prefill), or ``input_ids`` are new tokens at positions ``cache.seqlens[b] + i``
+        that attend to it; ``cache.seqlens`` then advances. See :meth:`generate`.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
@@ -451,15 +474,30 @@ class MoDAForCausalLM(nn.Module):
             longest = max_seqlen if max_seqlen is not None else int(cu_seqlens.diff().max())
         if longest > self.config.max_seq_len:
             raise ValueError(f"sequence length {longest} exceeds max_seq_len {self.config.max_seq_len}")
+        decoding = cache is not None and not cache.prefill
         rope = None
-        if self.rotary is not None:
+        if self.rotary is not None and decoding:
+            positions = cache.seqlens.long()[:, None] + torch.arange(T, device=input_ids.device)
+            rope = (self.rotary.cos[positions], self.rotary.sin[positions])
+        elif self.rotary is not None:
             rope = _packed_rope(self.rotary(longest if cu_seqlens is not None else T), cu_seqlens, T)
-        h = self.trunk(self.embed(input_ids), rope, cu_seqlens, max_seqlen)
+        h = self.trunk(self.embed(input_ids), rope, cu_seqlens, max_seqlen, cache)
+        if decoding:
+            cache.seqlens += T
         logits = self.lm_head(h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return ModelOutput(logits, loss)
+
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
+        """``[B, T + max_new_tokens]`` token ids: prefill with the training op, then decode steps
+        against a KV cache (:func:`moda_cuda.generation.generate`: ``temperature``, ``top_k``,
+        ``top_p``, ``do_sample``, ``eos_token_id``, ``attention_mask``, ``generator``)."""
+        from .generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **options)
 
 
 class MoDAViT(nn.Module):

@@ -7,6 +7,8 @@
   the backend auto picks for the backward (``dispatch``), which need not be the forward's.
 * ``moda::attention_varlen`` / ``moda::attention_varlen_backward`` -- the same for documents
   packed into batch 1 (``cu_seqlens``, ``max_seqlen`` as in flash-attn's varlen API).
+* ``moda::attention_with_kvcache`` -- new tokens against a KV cache (decoding; writes the new
+  keys into the cache in place; ``moda_cuda.kvcache``). Not differentiable.
 
 ``deterministic=True`` asks for bitwise-repeatable gradients: the compiled backward then
 computes dQ without atomics; the Triton and reference backwards are deterministic by
@@ -25,6 +27,7 @@ import torch
 
 from . import dispatch
 from ._spec import check_cu_seqlens, check_inputs, default_scale, packed_documents
+from .kvcache import attention_with_kvcache_ref, check_kvcache_inputs, write_new_keys
 
 _ARGS = "Tensor q, Tensor? k, Tensor? v, Tensor? depth_k, Tensor? depth_v, float? scale=None, " \
         "bool causal=True, int depth_chunk=1, bool deterministic=False"
@@ -161,6 +164,27 @@ for _name, _impl, _fake, _varlen in (("attention", _forward, _fake_forward, Fals
     torch.library.register_kernel(f"moda::{_name}", ("cpu", "cuda"), _impl)
     torch.library.register_fake(f"moda::{_name}")(_fake)
     torch.library.register_autograd(f"moda::{_name}", _backward, setup_context=_context_setup(_varlen))
+torch.library.define("moda::attention_with_kvcache",
+                     "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? depth_k, Tensor? depth_v, Tensor? k, "
+                     f"Tensor? v, Tensor cache_seqlens, float? scale=None, int depth_chunk=1) -> {_FWD_OUT}")
+
+
+def _with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale=None, depth_chunk=1):
+    check_kvcache_inputs(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale, depth_chunk)
+    if k is not None:
+        write_new_keys(k_cache, v_cache, k, v, cache_seqlens)
+    out, lse = attention_with_kvcache_ref(q, k_cache, v_cache, depth_k, depth_v, cache_seqlens, scale)
+    return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
+
+
+def _fake_with_kvcache(q, *args, **kwargs):
+    B, S, Hq, D = q.shape
+    return q.new_empty((B, S, Hq, D)), q.new_empty((B, Hq, S), dtype=_lse_dtype(q.dtype))
+
+
+torch.library.register_kernel("moda::attention_with_kvcache", ("cpu", "cuda"), _with_kvcache)
+torch.library.register_fake("moda::attention_with_kvcache")(_fake_with_kvcache)
+
 for _name, _impl in (("attention_backward", _backward_impl), ("attention_varlen_backward", _varlen_backward_impl)):
     torch.library.register_kernel(f"moda::{_name}", ("cpu", "cuda"), _impl)
     torch.library.register_fake(f"moda::{_name}")(_fake_backward)

@@ -1,0 +1,97 @@
+"""generate(): decoding against a KV cache gives what recomputing the whole sequence gives."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from moda_cuda.generation import MoDAKVCache
+from moda_cuda.layers import MoDAConfig, MoDAForCausalLM
+
+CONFIG = MoDAConfig(d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=40, max_seq_len=48, init_std=0.3)
+
+
+def _model(config=CONFIG, seed=0):
+    torch.manual_seed(seed)
+    return MoDAForCausalLM(config).double().eval()
+
+
+@torch.no_grad()
+def _greedy_by_recomputation(model, ids, n):
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("config", [CONFIG, dataclasses.replace(CONFIG, ffn_kv=False),
+                                    dataclasses.replace(CONFIG, use_depth=False)],
+                         ids=["moda", "no_ffn_kv", "baseline"])
+def test_greedy_with_the_cache_is_greedy_by_recomputation(config):
+    model = _model(config)
+    ids = torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(1))
+    out = model.generate(ids, 12)
+    assert torch.equal(out, _greedy_by_recomputation(model, ids, 12))
+    assert len(set(out[:, 9:].flatten().tolist())) > 3  # a non-degenerate continuation
+
+
+@torch.no_grad()
+def test_decode_logits_equal_the_full_forward():
+    model = _model()
+    ids = torch.randint(0, 40, (2, 20), generator=torch.Generator().manual_seed(2))
+    full = model(ids).logits
+    cache = MoDAKVCache(CONFIG.n_layers, 2, 20, CONFIG.n_kv_heads, CONFIG.head_dim)
+    model(ids[:, :11], cache=cache)  # prefill 11 tokens
+    cache.prefill = False
+    cache.seqlens.fill_(11)
+    steps = [model(ids[:, 11:15], cache=cache).logits]  # 4 tokens at once
+    steps += [model(ids[:, t:t + 1], cache=cache).logits for t in range(15, 20)]
+    assert torch.allclose(torch.cat(steps, 1), full[:, 11:], atol=1e-10)
+    assert cache.seqlens.tolist() == [20, 20]
+
+
+def test_prompts_of_different_lengths():
+    model = _model()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 40, (1, n), generator=g) for n in (4, 9, 1)]
+    T = 9
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, :p.shape[1]] = p[0]
+        mask[b, :p.shape[1]] = 1
+    out = model.generate(ids, 6, attention_mask=mask, eos_token_id=39)
+    for b, p in enumerate(prompts):
+        n = p.shape[1]
+        want = _greedy_by_recomputation(model, p, 6)[0]
+        assert torch.equal(out[b, :n + 6], want)
+        assert (out[b, n + 6:] == 39).all()
+
+
+def test_sampling_options():
+    model = _model()
+    ids = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(4))
+    greedy = model.generate(ids, 8)
+    assert torch.equal(model.generate(ids, 8, do_sample=True, top_k=1), greedy)
+    a = model.generate(ids, 8, do_sample=True, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(5))
+    b = model.generate(ids, 8, do_sample=True, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and torch.equal(a[:, :5], ids) and ((a >= 0) & (a < 40)).all()
+
+
+def test_a_sequence_that_ended_keeps_its_end_token():
+    model = _model()
+    ids = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(6))
+    first = model.generate(ids, 1)[:, 5]
+    out = model.generate(ids, 5, eos_token_id=int(first[0]))
+    assert (out[0, 5:] == first[0]).all()
+
+
+def test_bad_arguments():
+    model = _model()
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="exceed max_seq_len"):
+        model.generate(ids, 100)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(ids, -1)
+    with pytest.raises(ValueError, match="depth_chunk = 1"):
+        _model(dataclasses.replace(CONFIG, depth_chunk=2)).generate(ids, 2)
+    assert torch.equal(model.generate(ids, 0), ids)
