@@ -6,7 +6,8 @@ the depth stream off) gets a slightly wider MLP so that the parameter counts mat
 the same batches in the same order and the same learning-rate schedule.
 
 Writes ``lm_results.json`` (config, parameter counts, curves, tokens/s, final validation
-loss) and ``lm_loss.png`` to ``--out``.
+loss), ``lm_loss.png`` and each trained model (``moda/``, ``baseline/``: ``config.json`` and
+``model.safetensors``, for ``examples/generate.py``) to ``--out``.
 
 ``--pack``: each source file is a document; every step packs ``batch * seqlen`` bytes of
 consecutive documents into one row (``cu_seqlens``; a document longer than ``seqlen`` is
@@ -220,6 +221,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                                   val_starts if args.pack else None)
 
         results: Dict[str, Dict] = {}
+        saved: List[Path] = []  # model directories
         for name in names:
             model = build(name)
             n_params = count_parameters(model)
@@ -230,6 +232,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             results[name] = {"config": dataclasses.asdict(configs[name]), "parameters": n_params, **run}
             log(d, f"[{name}] {run['tokens_per_s']:,.0f} tokens/s, final val loss "
                 f"{run['final_val'].get('loss', float('nan')):.4f}")
+            if d.is_main:
+                model.save_pretrained(args.out / name)
+                saved.append(args.out / name)
             del model
             if d.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -263,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             for n, s in report["summary"].items():
                 print(f"{n:>9}: {s['parameters'] / 1e6:7.3f}M params  {s['tokens_per_s']:12,.0f} tokens/s  "
                       f"final val loss {s['final_val_loss']:.4f}")
-            for path in written:
+            for path in written + saved:
                 print(f"wrote {path}")
         return report
     finally:

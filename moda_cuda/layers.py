@@ -491,6 +491,36 @@ class MoDAForCausalLM(nn.Module):
         return ModelOutput(logits, loss)
 
 
+    def save_pretrained(self, directory) -> None:
+        """``config.json`` (the :class:`MoDAConfig`) and ``model.safetensors`` (the weights, a tied
+        head stored once) in ``directory``; :meth:`from_pretrained` reads them back."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_model
+
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=1) + "\n")
+        save_model(self, str(path / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None, dtype: Optional[torch.dtype] = None) -> "MoDAForCausalLM":
+        """The model :meth:`save_pretrained` wrote to ``directory`` (weights in their saved dtype
+        unless ``dtype`` is given), in eval mode."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_model
+
+        path = Path(directory)
+        config = MoDAConfig(**json.loads((path / "config.json").read_text()))
+        model = cls(config)
+        load_model(model, str(path / "model.safetensors"), device=str(device) if device is not None else "cpu")
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.to(device).eval() if device is not None else model.eval()
+
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
         """``[B, T + max_new_tokens]`` token ids: prefill with the training op, then decode steps
         against a KV cache (:func:`moda_cuda.generation.generate`: ``temperature``, ``top_k``,

@@ -43,6 +43,7 @@ have pytest || pip_install pytest
 "$PY" -c "import setuptools, sys; sys.exit(0 if int(setuptools.__version__.split('.')[0]) >= 64 else 1)" \
     2>/dev/null && have wheel || pip_install -U "setuptools>=64" wheel
 have matplotlib || pip_install matplotlib      # example loss curves (optional at run time)
+have safetensors || pip_install safetensors    # saved models (MoDAForCausalLM.save_pretrained)
 have sklearn || pip_install scikit-learn       # the ViT example's digits data (optional at run time)
 # CUTLASS/CuTe headers for the CUDA extension's build and its compile-only test; after the
 # installs above, which resolve dependencies (see pip_install).

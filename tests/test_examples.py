@@ -64,7 +64,12 @@ def test_lm_smoke(tmp_path):
         assert curve[-1] < curve[0]  # a few steps already help on real text
     assert (out / "lm_loss.png").exists() == HAS_MATPLOTLIB
     assert "tokens/s" in stdout
-    assert written(stdout) == [out / "lm_results.json"] + ([out / "lm_loss.png"] if HAS_MATPLOTLIB else [])
+    assert written(stdout) == [out / "lm_results.json"] + ([out / "lm_loss.png"] if HAS_MATPLOTLIB else []) + \
+        [out / "moda", out / "baseline"]
+    # The trained model loads and completes a prompt (examples/generate.py).
+    text = run([sys.executable, str(ROOT / "examples/generate.py"), "--model", str(out / "moda"), "--prompt", "def ",
+                "--max-new-tokens", "12", "--device", "cpu"], tmp_path)
+    assert text.startswith("def ") and "tokens/s" in text
 
 
 def test_lm_smoke_packed_documents(tmp_path):

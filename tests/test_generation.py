@@ -95,3 +95,14 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="depth_chunk = 1"):
         _model(dataclasses.replace(CONFIG, depth_chunk=2)).generate(ids, 2)
     assert torch.equal(model.generate(ids, 0), ids)
+
+
+def test_save_and_load(tmp_path):
+    model = _model()
+    model.save_pretrained(tmp_path / "lm")
+    loaded = MoDAForCausalLM.from_pretrained(tmp_path / "lm", dtype=torch.float64)
+    assert loaded.config == model.config and loaded.lm_head.weight is loaded.embed.weight
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert torch.equal(loaded.generate(ids, 5), model.generate(ids, 5))

@@ -104,7 +104,7 @@ installed = set(open(state).read().split()) if os.path.exists(state) else set()
 args = sys.argv[1:]
 with open(log, "a") as f:
     f.write(json.dumps({{"args": args, "installed": sorted(installed)}}) + "\n")
-NAMES = {{"numpy": "numpy", "torch": "torch", "triton": "triton", "pytest": "pytest", "matplotlib": "matplotlib",
+NAMES = {{"numpy": "numpy", "torch": "torch", "triton": "triton", "pytest": "pytest", "matplotlib": "matplotlib", "safetensors": "safetensors",
          "scikit-learn": "sklearn", "nvidia-cutlass": "cutlass_library", ".": "moda_cuda",
          "setuptools": "setuptools", "wheel": "wheel"}}
 if args[:3] == ["-m", "pip", "install"]:
@@ -172,6 +172,6 @@ def test_setup_again_with_cutlass_present(tmp_path):
     # A later install that pulls in one of cutlass' requirements (scikit-learn: scipy) must not
     # end in pip's conflict report about the others.
     res, calls, installs = run_setup(tmp_path,
-                                     "numpy torch triton pytest setuptools wheel matplotlib cutlass_library moda_cuda")
+                                     "numpy torch triton pytest setuptools wheel matplotlib safetensors cutlass_library moda_cuda")
     assert [c["args"][-1] for c in installs] == ["scikit-learn", "."]
     assert "--no-warn-conflicts" in installs[0]["args"]
