@@ -5,9 +5,13 @@ not) and to the depth keys that earlier layers wrote for the same position (or d
 
 Entry points:
 
-* :func:`moda_attention` -- the differentiable op (``torch.ops.moda.attention`` underneath).
+* :func:`moda_attention` -- the differentiable op (``torch.ops.moda.attention`` underneath;
+  ``cu_seqlens``: packed documents, ``torch.ops.moda.attention_varlen``).
+* :func:`moda_attention_with_kvcache` -- new tokens against a KV cache (decoding).
 * :mod:`moda_cuda.reference` -- the pure-PyTorch definition every backend is tested against.
-* :mod:`moda_cuda.compat` -- ``parallel_moda``, a drop-in for the reference MoDA Triton package.
+* :mod:`moda_cuda.compat` -- ``parallel_moda``, ``parallel_moda_chunk_visible``, ``parallel_fda``:
+  drop-ins for the reference MoDA Triton package's entry points.
+* :mod:`moda_cuda.layers`, :mod:`moda_cuda.generation` -- blocks, the LM and ViT, ``generate()``.
 * :func:`available_backends`, :func:`info` -- what can run here.
 """
 
