@@ -1,7 +1,7 @@
 """Packed documents (``cu_seqlens``) on one GPU, side by side with the baselines, in one run.
 
 For each problem (N tokens in documents of seeded log-normal lengths, bf16, causal, depth
-chunk 1): ``moda_attention`` with ``cu_seqlens`` (backend auto), the same documents one call
+chunk 1): ``moda_attention`` with ``cu_seqlens`` (each fast backend), the same documents one call
 each (what a user without packed documents does), FlexAttention MoDA with a document mask,
 and FlexAttention with the same document mask WITHOUT depth (the sequence part's speed of
 light here). Times are ``triton.testing.do_bench`` medians (ms), forward and
@@ -82,8 +82,8 @@ def bench_problem(N, docs, Hq, Hk, D, L):
     grad_out = torch.randn(1, N, Hq, D, device="cuda", dtype=torch.bfloat16)
     spans = [(a, b) for a, b in zip(cu.tolist(), cu.tolist()[1:]) if b > a]
 
-    def packed(*x):
-        return moda_cuda.moda_attention(*x, cu_seqlens=cu, max_seqlen=max(lengths))
+    def packed(*x, backend="auto"):
+        return moda_cuda.moda_attention(*x, cu_seqlens=cu, max_seqlen=max(lengths), backend=backend)
 
     def per_document(*x):
         return torch.cat([moda_cuda.moda_attention(*[t[:, a:b] for t in x]) for a, b in spans], dim=1)
@@ -97,9 +97,12 @@ def bench_problem(N, docs, Hq, Hk, D, L):
         print(f"  {name:<34} fwd {fwd:8.3f} ms  fwd+bwd {step:8.3f} ms"
               + ("" if err is None else f"  err {err:.1e}"), flush=True)
 
-    got = packed(*inputs).detach()
-    record("moda_cuda cu_seqlens", _bench(lambda: packed(*inputs)), _bench(_fwd_bwd(packed, inputs, grad_out)),
-           _rel(got, want))
+    for backend in [b for b in ("cuda", "triton") if b in moda_cuda.available_backends()]:
+        def fn(*x, _b=backend):
+            return packed(*x, backend=_b)
+
+        record(f"moda_cuda[{backend}] cu_seqlens", _bench(lambda: fn(*inputs)), _bench(_fwd_bwd(fn, inputs, grad_out)),
+               _rel(fn(*inputs).detach(), want))
     record("moda_cuda one call per document", _bench(lambda: per_document(*inputs)),
            _bench(_fwd_bwd(per_document, inputs, grad_out)))
     for label, depth in (("flex_attention MoDA, document mask", True),

@@ -29,7 +29,8 @@ void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& q, in
 moda::FwdParams make_fwd_params(const at::Tensor& q, const std::optional<at::Tensor>& k,
                                 const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& depth_k,
                                 const std::optional<at::Tensor>& depth_v, const at::Tensor& out, const at::Tensor& lse,
-                                double scale, bool causal, int64_t depth_chunk) {
+                                double scale, bool causal, int64_t depth_chunk,
+                                const std::optional<at::Tensor>& doc_start, const std::optional<at::Tensor>& doc_end) {
     check_tensor(q, "q", q, 4);
     TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
                 "the CUDA kernel takes float16 or bfloat16, got ", q.scalar_type());
@@ -87,13 +88,26 @@ moda::FwdParams make_fwd_params(const at::Tensor& q, const std::optional<at::Ten
         p.dv_slot_stride = depth_v->stride(2), p.dv_head_stride = depth_v->stride(3);
     }
     TORCH_CHECK(p.has_seq || depth_k.has_value(), "give k/v, depth_k/depth_v, or both");
+    TORCH_CHECK(doc_start.has_value() == doc_end.has_value(), "doc_start and doc_end must be given together");
+    if (doc_start.has_value()) {
+        for (const at::Tensor* t : {&*doc_start, &*doc_end}) {
+            TORCH_CHECK(t->device() == q.device() && t->scalar_type() == at::kInt && t->is_contiguous() &&
+                            t->dim() == 1 && t->size(0) == q.size(1),
+                        "doc_start and doc_end must be contiguous int32 [T] tensors on q's device");
+        }
+        TORCH_CHECK(q.size(0) == 1, "packed documents need batch 1");
+        p.doc_start = doc_start->data_ptr<int>();
+        p.doc_end = doc_end->data_ptr<int>();
+    }
     return p;
 }
 
 void fwd(const at::Tensor& q, const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
          const std::optional<at::Tensor>& depth_k, const std::optional<at::Tensor>& depth_v, at::Tensor& out,
-         at::Tensor& lse, double scale, bool causal, int64_t depth_chunk) {
-    moda::FwdParams p = make_fwd_params(q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk);
+         at::Tensor& lse, double scale, bool causal, int64_t depth_chunk, const std::optional<at::Tensor>& doc_start,
+         const std::optional<at::Tensor>& doc_end) {
+    moda::FwdParams p =
+        make_fwd_params(q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk, doc_start, doc_end);
     c10::cuda::CUDAGuard guard(q.device());
     const char* error = moda::run_fwd(p, at::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(error[0] == '\0', "moda_cuda CUDA forward: ", error);
@@ -113,9 +127,10 @@ void bwd(const at::Tensor& q, const std::optional<at::Tensor>& k, const std::opt
          const at::Tensor& lse, const at::Tensor& dout, const std::optional<at::Tensor>& grad_lse, at::Tensor& grad_q,
          std::optional<at::Tensor> grad_k, std::optional<at::Tensor> grad_v, std::optional<at::Tensor> grad_depth_k,
          std::optional<at::Tensor> grad_depth_v, double scale, bool causal, int64_t depth_chunk, bool deterministic,
-         bool accumulate_depth_grads) {
+         bool accumulate_depth_grads, const std::optional<at::Tensor>& doc_start,
+         const std::optional<at::Tensor>& doc_end) {
     moda::BwdParams p{};
-    p.fwd = make_fwd_params(q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk);
+    p.fwd = make_fwd_params(q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk, doc_start, doc_end);
     check_tensor(dout, "dout", q, 4);
     TORCH_CHECK(dout.sizes() == q.sizes(), "dout must have q's shape");
     p.dout = dout.data_ptr();
@@ -172,9 +187,13 @@ std::string cuda_version() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "moda_cuda CUDA kernels (Hopper)";
-    m.def("fwd", &fwd, "MoDA forward: writes out [B, T, Hq, D] and lse [B, Hq, T] (natural log)", py::arg("q"),
+    m.def("fwd", &fwd,
+          "MoDA forward: writes out [B, T, Hq, D] and lse [B, Hq, T] (natural log); doc_start, doc_end (int32 "
+          "[T], batch 1): packed documents, each position's document [start, end)",
+          py::arg("q"),
           py::arg("k"), py::arg("v"), py::arg("depth_k"), py::arg("depth_v"), py::arg("out"), py::arg("lse"),
-          py::arg("scale"), py::arg("causal"), py::arg("depth_chunk"));
+          py::arg("scale"), py::arg("causal"), py::arg("depth_chunk"), py::arg("doc_start") = py::none(),
+          py::arg("doc_end") = py::none());
     m.def("bwd", &bwd,
           "MoDA backward: writes grad_q [B, T, Hq, D], grad_k, grad_v [B, T, Hk, D] and grad_depth_k, "
           "grad_depth_v [B, T, L, Hk, D]; deterministic=True: bitwise repeatable (no atomics), else at D = 64 "
@@ -183,7 +202,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("depth_k"), py::arg("depth_v"), py::arg("out"),
           py::arg("lse"), py::arg("dout"), py::arg("grad_lse"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"),
           py::arg("grad_depth_k"), py::arg("grad_depth_v"), py::arg("scale"), py::arg("causal"),
-          py::arg("depth_chunk"), py::arg("deterministic"), py::arg("accumulate_depth_grads") = false);
+          py::arg("depth_chunk"), py::arg("deterministic"), py::arg("accumulate_depth_grads") = false,
+          py::arg("doc_start") = py::none(), py::arg("doc_end") = py::none());
     m.def("compiled_archs", &compiled_archs, "GPU architectures the kernels were compiled for");
     m.def("cuda_version", &cuda_version, "CUDA toolkit version the extension was built with");
 }

@@ -175,8 +175,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dq_kernel(__grid
     const int wg_t_hi = min((row0 + wg * 64 + 63) / G, p.seqlen - 1);
     const bool wg_has_rows = wg_t_lo < p.seqlen;
     const RowVisibility<kCausal, kBlockN> rows_see(p, t_row);
-    const int wg_first = DepthWindow::of<kCausal>(wg_t_lo, p.depth_chunk, p.seqlen).first;
-    const int wg_last = DepthWindow::of<kCausal>(wg_t_hi, p.depth_chunk, p.seqlen).last;
+    const int wg_first = DepthWindow::of<kCausal>(wg_t_lo, p.depth_chunk, document_of(p, wg_t_lo)).first;
+    const int wg_last = DepthWindow::of<kCausal>(wg_t_hi, p.depth_chunk, document_of(p, wg_t_hi)).last;
 
     // With Traits::kOverlapTiles a tile's dQ product is left running into the next tile: the
     // wait for the next S also sees it complete, and only then is its K / V stage released.
@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dq_kernel(__grid
             wgmma_wait<1>(tSrS);  // S ready, and the previous tile's dQ product
             warpgroup_fence_operand(tdQrdQ);
             if (pending) release(pending_stage);
-            if (!tile.is_seq || tile.n >= sched.first_masked) rows_see.mask(p, tile, tSrS, lane);
+            if (!tile.is_seq || sched.seq_tile_masked(tile.n)) rows_see.mask(p, tile, tSrS, lane);
             CUTLASS_PRAGMA_UNROLL
             for (int e = 0; e < size(tSrS); ++e) tSrS(e) = exp2f(tSrS(e) * p.scale_log2 - lse2[frag_row_half(e)]);
             wgmma_wait<0>(tdPrdP);

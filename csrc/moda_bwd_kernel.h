@@ -183,9 +183,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
         const KeyBlock kb = KeyBlock::make<kCausal>(p, j);
         const int m_begin = first_step(kb), m_end = end_step(kb);
 
-        // This thread's two keys (accumulator rows): row in the block, position, slot, and
-        // whether they exist.
-        int key_row[2], key_pos[2], key_chunk[2];
+        // This thread's two keys (accumulator rows): row in the block, position, slot, whether
+        // they exist, and the query positions [read_lo, read_hi) that read them (none if not).
+        int key_row[2], key_pos[2], read_lo[2], read_hi[2];
         bool key_ok[2];
         CUTLASS_PRAGMA_UNROLL
         for (int h = 0; h < 2; ++h) {
@@ -197,16 +197,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
                 key_pos[h] = kb.s0 + r / p.depth_box_slots;
                 key_ok[h] = key_pos[h] < p.seqlen && kb.l0 + r % p.depth_box_slots < p.depth;
             }
-            key_chunk[h] = key_pos[h] / p.depth_chunk;
+            readers_of<kCausal>(p, kb.is_seq, key_pos[h], read_lo[h], read_hi[h]);
+            if (!key_ok[h]) read_hi[h] = read_lo[h];
         }
-        // May the query at position t read this thread's key h? A depth row (s, l) is read by
-        // the queries of s's chunk (from s on when causal); with chunks of one position, by s alone.
-        auto visible = [&](int h, int t) {
-            if (!key_ok[h] || t >= p.seqlen) return false;
-            if (kb.is_seq) return !kCausal || key_pos[h] <= t;
-            if (p.depth_chunk == 1) return key_pos[h] == t;
-            return key_chunk[h] == t / p.depth_chunk && (!kCausal || key_pos[h] <= t);
-        };
+        // May the query at position t read this thread's key h?
+        auto visible = [&](int h, int t) { return t >= read_lo[h] && t < read_hi[h]; };
         // P^T = exp2(S^T scale log2(e) - lse log2(e)), zero where the step's row may not read
         // the key: in float in S^T's registers (for dS^T) and as the element type (for dV).
         auto probabilities = [&](auto masked, auto& tSrS, int m, const float* lse2) {
@@ -221,13 +216,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_bwd_dkdv_kernel(__gr
                 tPrP(e) = static_cast<Element>(prob);
             }
         };
-        // A step needs no mask when all its rows exist and read all of the block's keys: a
-        // full sequence block, and (causal) rows at or past its last key. CTA-uniform.
-        const int key_end = kb.is_seq ? (kb.n + 1) * kBlockN : 0;
-        const bool keys_full = kb.is_seq && key_end <= p.seqlen;
+        // A step needs no mask when all its rows read all of the block's keys (KeyBlock's
+        // full range: a full sequence block of one document). CTA-uniform.
         auto step_unmasked = [&](int m) {
             const int t_lo = (m * kBlockM) >> p.group_log2, t_hi = (m * kBlockM + kBlockM - 1) >> p.group_log2;
-            return keys_full && t_hi < p.seqlen && (!kCausal || t_lo >= key_end - 1);
+            return t_lo >= kb.full_lo && t_hi < kb.full_hi;
         };
 
         // With Traits::kOverlapSteps a step's dV and dK are left running while the next step's

@@ -25,6 +25,8 @@ struct BwdKernelParams {
     int64_t gdk_batch_stride, gdk_seq_stride, gdk_slot_stride, gdk_head_stride;
     int64_t gdv_batch_stride, gdv_seq_stride, gdv_slot_stride, gdv_head_stride;
     bool accumulate_depth_grads;  // add the depth gradients to grad_depth_k / _v (BwdParams)
+    const int* doc_start;         // packed documents: each position's document [start, end); null: none
+    const int* doc_end;
     int batch, seqlen, kv_heads, group, depth, depth_chunk;
     int group_log2;           // G is a power of two: row / G is a shift
     int depth_box_slots;      // Lb

@@ -62,6 +62,8 @@ std::string launch_bwd_dkdv(const BwdParams& a, cudaStream_t stream) {  // after
     p.gv_batch_stride = a.gv_batch_stride, p.gv_seq_stride = a.gv_seq_stride, p.gv_head_stride = a.gv_head_stride;
     set_depth_grad_strides(p, a);
     p.accumulate_depth_grads = a.accumulate_depth_grads;
+    p.doc_start = f.doc_start;
+    p.doc_end = f.doc_end;
     p.batch = B;
     p.seqlen = T;
     p.kv_heads = Hk;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "moda_bwd_kernel_params.h"
+#include "moda_documents.h"
 
 namespace moda {
 
@@ -29,32 +30,64 @@ struct CtaWork {
     }
 };
 
+__device__ inline Document document_of(BwdKernelParams const& p, int t) {
+    return Document::at(p.doc_start, p.doc_end, p.seqlen, t);
+}
+
+// The query positions [lo, hi) that may read key position s: a sequence key is read by its
+// document from s on (causal) or all of it; a depth row by the positions of its depth chunk
+// (from s on when causal), within its document.
+template <bool kCausal>
+__device__ inline void readers_of(BwdKernelParams const& p, bool is_seq, int s, int& lo, int& hi) {
+    const Document doc = document_of(p, s);
+    if (is_seq) {
+        lo = kCausal ? s : doc.start;
+        hi = doc.end;
+    } else {
+        const int chunk = doc.chunk_start(s, p.depth_chunk);
+        lo = kCausal ? s : chunk;
+        hi = min(chunk + p.depth_chunk, doc.end);
+    }
+}
+
 // The 128 keys of one key block: key r is sequence key n * 128 + r, or depth row (s0 + r / Lb,
-// l0 + r % Lb); and the query positions [t_first, t_last] that may read any of them.
+// l0 + r % Lb); the query positions [t_first, t_last] that may read any of them, and, for a
+// sequence block, [full_lo, full_hi) that read every one of its keys (empty if none can: a
+// block across a document boundary, or a depth box).
 struct KeyBlock {
     bool is_seq;
     int n, s0, l0;
     int t_first, t_last;
+    int full_lo, full_hi;
 
     template <bool kCausal>
     __device__ static KeyBlock make(BwdKernelParams const& p, int j) {
         KeyBlock kb{};
         const int T = p.seqlen;
         kb.is_seq = j < p.n_seq_blocks;
+        int s_first, s_last;
         if (kb.is_seq) {
             kb.n = j;
-            kb.t_first = kCausal ? j * 128 : 0;
-            kb.t_last = T - 1;
+            s_first = j * 128;
+            s_last = min(s_first + 127, T - 1);
         } else {
             const int d = j - p.n_seq_blocks;
             kb.s0 = d / p.depth_slot_blocks * p.depth_box_positions;
             kb.l0 = d % p.depth_slot_blocks * p.depth_box_slots;
-            const int C = p.depth_chunk;
-            const int s_last = min(kb.s0 + p.depth_box_positions, T) - 1;
-            // t reads s iff first(t) <= s <= last(t): t in [s (causal) or s's chunk start, s's chunk end].
-            kb.t_first = kCausal ? kb.s0 : kb.s0 / C * C;
-            kb.t_last = min((s_last / C + 1) * C, T) - 1;
+            s_first = kb.s0;
+            s_last = min(kb.s0 + p.depth_box_positions, T) - 1;
         }
+        // Readers of s move monotonically with s, so the block's are the first key's `lo` to
+        // the last key's `hi`.
+        int lo, hi, last_lo, last_hi;
+        readers_of<kCausal>(p, kb.is_seq, s_first, lo, hi);
+        readers_of<kCausal>(p, kb.is_seq, s_last, last_lo, last_hi);
+        kb.t_first = lo;
+        kb.t_last = last_hi - 1;
+        // Every key of a full sequence block of one document is read by [last key's lo, its end).
+        const bool one_document = kb.is_seq && s_last == s_first + 127 && last_hi == hi;
+        kb.full_lo = one_document ? last_lo : 0;
+        kb.full_hi = one_document ? hi : 0;
         return kb;
     }
 };

@@ -31,6 +31,8 @@ std::string check_supported(const FwdParams& a) {
     if (!a.has_seq && a.depth == 0) return "nothing to attend to (no sequence keys and L = 0)";
     if (a.seqlen < 1 || a.batch < 1) return "batch and seqlen must be >= 1";
     if (a.depth_chunk < 1) return "depth_chunk must be >= 1";
+    if ((a.doc_start == nullptr) != (a.doc_end == nullptr)) return "doc_start and doc_end go together";
+    if (a.doc_start != nullptr && a.batch != 1) return "packed documents need batch 1";
     const int64_t strides[] = {a.q_batch_stride,   a.q_seq_stride,    a.q_head_stride,   a.k_batch_stride,
                                a.k_seq_stride,     a.k_head_stride,   a.v_batch_stride,  a.v_seq_stride,
                                a.v_head_stride,    a.dk_batch_stride, a.dk_seq_stride,   a.dk_slot_stride,

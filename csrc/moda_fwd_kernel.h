@@ -131,12 +131,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) moda_fwd_kernel(__grid_co
 
     // This warpgroup's depth window (rows are in position order).
     const RowVisibility<kCausal, kBlockN> rows_see(p, t_row);
-    const int wg_first = DepthWindow::of<kCausal>(wg_t_lo, p.depth_chunk, p.seqlen).first;
-    const int wg_last = DepthWindow::of<kCausal>(wg_t_hi, p.depth_chunk, p.seqlen).last;
+    const int wg_first = DepthWindow::of<kCausal>(wg_t_lo, p.depth_chunk, document_of(p, wg_t_lo)).first;
+    const int wg_last = DepthWindow::of<kCausal>(wg_t_hi, p.depth_chunk, document_of(p, wg_t_hi)).last;
     // Scores -> -inf where a key is not visible (only the causal diagonal and ragged-end
     // sequence tiles, and the depth tiles, need it).
     auto apply_mask = [&](TileAt const& tile) {
-        if (tile.is_seq && tile.n < sched.first_masked) return;
+        if (tile.is_seq && !sched.seq_tile_masked(tile.n)) return;
         rows_see.mask(p, tile, tSrS, lane);
     };
 

@@ -23,6 +23,8 @@ struct FwdKernelParams {
     CUtensorMap tma_dv;
     void* out;
     float* lse;
+    const int* doc_start;  // packed documents: each position's document [start, end); null: none
+    const int* doc_end;
     int64_t out_batch_stride, out_seq_stride, out_head_stride;
     int seqlen, kv_heads, group, depth, depth_chunk;
     int depth_box_slots;      // Lb
@@ -46,6 +48,8 @@ inline std::string make_fwd_kernel_params(const FwdParams& a, int kBlockM, int k
     const int Lb = depth_box_slots(L, kBlockN);
     p.out = a.out;
     p.lse = a.lse;
+    p.doc_start = a.doc_start;
+    p.doc_end = a.doc_end;
     p.out_batch_stride = a.out_batch_stride;
     p.out_seq_stride = a.out_seq_stride;
     p.out_head_stride = a.out_head_stride;

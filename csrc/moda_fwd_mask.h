@@ -11,21 +11,24 @@
 namespace moda {
 
 // Which columns of a key tile one thread's two query rows (positions t[0], t[1]) see. In both
-// kinds of tile a row sees one contiguous range of columns [lo, hi): sequence tiles up to the
-// causal diagonal or the end of T; depth boxes (position-major: column c is position
+// kinds of tile a row sees one contiguous range of columns [lo, hi): sequence tiles from its
+// document's start (0 without packed documents) up to the causal diagonal or its document's
+// end; depth boxes (position-major: column c is position
 // s0 + c / Lb, slot l0 + c % Lb) the positions of the row's depth window. Masking is then two
 // compares per score against per-row bounds, plus the slot test in a box whose last slots lie
 // past L: no divisions and no branches per element.
 template <bool kCausal, int kBlockN>
 struct RowVisibility {
     int t[2];
+    Document doc[2];
     DepthWindow window[2];
 
     __device__ RowVisibility(FwdKernelParams const& p, int const (&t_row)[2]) {
         CUTLASS_PRAGMA_UNROLL
         for (int h = 0; h < 2; ++h) {
             t[h] = t_row[h];
-            window[h] = DepthWindow::of<kCausal>(t_row[h], p.depth_chunk, p.seqlen);
+            doc[h] = document_of(p, t_row[h]);
+            window[h] = DepthWindow::of<kCausal>(t_row[h], p.depth_chunk, doc[h]);
         }
     }
 
@@ -33,8 +36,8 @@ struct RowVisibility {
         CUTLASS_PRAGMA_UNROLL
         for (int h = 0; h < 2; ++h) {
             if (tile.is_seq) {
-                const int end = kCausal ? min(t[h] + 1, p.seqlen) : p.seqlen;
-                lo[h] = 0;
+                const int end = kCausal ? min(t[h] + 1, doc[h].end) : doc[h].end;
+                lo[h] = doc[h].start - tile.n * kBlockN;
                 hi[h] = end - tile.n * kBlockN;
             } else {
                 lo[h] = (window[h].first - tile.s0) * p.depth_box_slots;

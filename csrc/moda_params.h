@@ -6,6 +6,10 @@
 // Query head h reads kv head h / G (G = Hq / Hk). A query at position t sees sequence keys
 // s <= t (causal) or all s, and the depth rows (s, l) with s in t's depth chunk
 // (s / C == t / C, and s <= t when causal); C = depth_chunk, C = 1 means its own position.
+//
+// Packed documents (batch 1): doc_start[t], doc_end[t] (int32, one per position) bound the
+// document of position t; a query sees only keys of its own document, and depth chunks start
+// at its first position: s and t share a chunk when (s - a) / C == (t - a) / C, a = doc_start[t].
 #pragma once
 
 #include <cstdint>
@@ -30,6 +34,8 @@ struct FwdParams {
     const void* depth_v;
     void* out;
     float* lse;
+    const int* doc_start;  // packed documents, [T] each (batch 1); null: one sequence per batch entry
+    const int* doc_end;
 
     int64_t q_batch_stride, q_seq_stride, q_head_stride;
     int64_t k_batch_stride, k_seq_stride, k_head_stride;

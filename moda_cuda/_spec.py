@@ -26,7 +26,6 @@ class MoDAShape:
     head_dim: int
     depth: int  # L: depth slots per position (0 when there is no depth)
     has_seq: bool  # sequence keys/values present (False: depth-only attention)
-    packed: bool = False  # documents packed into the time axis of batch 1 (cu_seqlens given)
 
     @property
     def group(self) -> int:

@@ -213,8 +213,6 @@ def _cuda_refuses(q: torch.Tensor, shape: MoDAShape, tensors) -> Optional[str]:
         return f"depth L = {shape.depth} > {CUDA_MAX_DEPTH}, the CUDA kernel's maximum"
     if shape.seqlen < 1:
         return f"T = {shape.seqlen}; the CUDA kernel needs T >= 1"
-    if shape.packed:
-        return "packed documents (cu_seqlens) are not supported by the CUDA kernels yet"
     for name, t in zip(_TENSOR_NAMES, tensors):
         if t is not None:
             reason = _layout_refuses(name, t)
@@ -225,13 +223,18 @@ def _cuda_refuses(q: torch.Tensor, shape: MoDAShape, tensors) -> Optional[str]:
     return _int32_offsets_refuse(tensors)
 
 
+def _document_bounds(documents):
+    """(doc_start, doc_end) of packed documents, each position's, as the kernels read them."""
+    return documents.bounds() if documents is not None else (None, None)
+
+
 def _cuda_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, documents=None):
-    # documents is always None here: _cuda_refuses turns packed inputs away.
     ext = _cuda_ext.load()
     B, T, Hq, D = q.shape
     out = torch.empty((B, T, Hq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
-    ext.fwd(q, k, v, depth_k, depth_v, out, lse, float(scale), bool(causal), int(depth_chunk))
+    ext.fwd(q, k, v, depth_k, depth_v, out, lse, float(scale), bool(causal), int(depth_chunk),
+            *_document_bounds(documents))
     return out, lse
 
 
@@ -253,7 +256,7 @@ def cuda_backward_by() -> str:
 
 
 def _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
-                       deterministic, depth_grads_into=None):
+                       deterministic, depth_grads_into=None, documents=None):
     ext = _cuda_ext.load()
     if _layout_refuses("grad_out", grad_out):
         grad_out = grad_out.contiguous()  # dO is loaded with TMA, like q
@@ -264,7 +267,7 @@ def _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, 
         grads += depth_grads_into
     glse = None if grad_lse is None else grad_lse.float().contiguous()
     ext.bwd(q, k, v, depth_k, depth_v, out, lse, grad_out, glse, *grads, float(scale), bool(causal),
-            int(depth_chunk), bool(deterministic), depth_grads_into is not None)
+            int(depth_chunk), bool(deterministic), depth_grads_into is not None, *_document_bounds(documents))
     return tuple(grads)
 
 
@@ -272,12 +275,12 @@ def _cuda_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scal
                    deterministic, documents=None):
     if cuda_backward_by() == "cuda":
         return _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal,
-                                  depth_chunk, deterministic)
+                                  depth_chunk, deterministic, documents=documents)
     reason = _triton_unavailable()
     if reason:
         raise RuntimeError(f"the cuda backend's backward runs the Triton kernels, which are unavailable: {reason}")
     return _triton_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
-                            deterministic)
+                            deterministic, documents)
 
 
 CUDA = Backend("cuda", _cuda_unavailable, _cuda_refuses, _cuda_forward, _cuda_backward,
@@ -292,7 +295,7 @@ def backward_adding_depth_grads(backend: Backend, grad_out, q, k, v, depth_k, de
     own; the other backends compute them and they are added here."""
     if backend is CUDA and cuda_backward_by() == "cuda":
         grads = _compiled_backward(grad_out, None, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
-                                   deterministic, depth_grads_into)
+                                   deterministic, depth_grads_into, documents)
     else:
         grads = backend.backward(grad_out, None, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
                                  deterministic, documents)

@@ -20,7 +20,6 @@ The kernels are registered for CPU and CUDA; each resolves its backend at run ti
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -61,7 +60,7 @@ def _problem(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, cu_seqlens, 
     if cu_seqlens is None:
         return shape, None
     check_cu_seqlens(q, cu_seqlens, max_seqlen)
-    return dataclasses.replace(shape, packed=True), packed_documents(cu_seqlens, shape.seqlen, max_seqlen)
+    return shape, packed_documents(cu_seqlens, shape.seqlen, max_seqlen)
 
 
 def _forward(q, k, v, depth_k, depth_v, scale=None, causal=True, depth_chunk=1, deterministic=False, backend="auto",

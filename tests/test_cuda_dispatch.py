@@ -297,7 +297,8 @@ class FakeExtension:
     def __init__(self):
         self.calls = []
 
-    def fwd(self, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk):
+    def fwd(self, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk, doc_start=None, doc_end=None):
+        assert doc_start is None and doc_end is None  # dense problems only here (tests/test_varlen.py: packed)
         self.calls.append(dict(out=out, lse=lse, scale=scale, causal=causal, depth_chunk=depth_chunk,
                                k=k, depth_k=depth_k))
         assert torch.isnan(out).all() and torch.isnan(lse).all()  # allocated with (poisoned) torch.empty

@@ -112,15 +112,20 @@ def test_triton_odd_document_sets(lengths):
     _check_backend(Case(Hq=4, Hk=2, D=16, L=2, chunk=2), lengths, torch.float32, "triton")
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_one_document_is_the_dense_op(backend):
+    if backend not in moda_cuda.available_backends():
+        pytest.skip(f"{backend} backend not available here")
     case = Case(T=29, Hq=4, Hk=2, D=16, L=3, chunk=2)
-    inputs = make_inputs(case, torch.float32, DEVICE)
+    if backend == "cuda":
+        case = case.but(T=300, D=64)
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32
+    inputs = make_inputs(case, dtype, DEVICE)
     dense = moda_cuda.moda_attention(*inputs, return_lse=True, backend=backend, **_kw(case))
     packed = moda_cuda.moda_attention(*inputs, cu_seqlens=_cu([case.T], DEVICE), max_seqlen=case.T, return_lse=True,
                                       backend=backend, **_kw(case))
     for a, b in zip(packed, dense):
-        assert rel_err(a, b) < 1e-6
+        assert rel_err(a, b) < 1e-6 if backend != "cuda" else torch.equal(a, b)  # the same kernels, bit for bit
 
 
 def test_gradcheck_float64():
@@ -188,26 +193,34 @@ def test_bad_batch_and_max_seqlen_raise():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", [Case(Hq=32, Hk=8, D=128, L=8, chunk=1), Case(Hq=16, Hk=2, D=64, L=4, chunk=4),
-                                  Case(Hq=8, Hk=8, D=64, L=3, causal=False), Case(Hq=8, Hk=2, D=64, L=5, seq=False)],
+                                  Case(Hq=8, Hk=8, D=64, L=3, causal=False), Case(Hq=8, Hk=2, D=64, L=5, seq=False),
+                                  Case(Hq=16, Hk=1, D=64, L=2, chunk=3, causal=False), Case(Hq=8, Hk=4, D=128, L=0)],
                          ids=str)
-def test_gpu_matches_reference(case, dtype):
+def test_gpu_matches_reference(case, dtype, backend):
+    if backend not in moda_cuda.available_backends():
+        pytest.skip(f"{backend} backend not available here")
     # Documents of 1 .. 700 tokens: tiles of 64 / 128 rows hold several documents or part of one.
-    lengths = [300, 1, 0, 129, 64, 700, 17, 3]
-    _check_backend(case, lengths, dtype, "auto", device="cuda")
+    lengths = [300, 1, 0, 129, 64, 700, 17, 3, 128, 256]
+    _check_backend(case, lengths, dtype, backend, device="cuda")
 
 
 @pytest.mark.cuda
-def test_gpu_auto_runs_triton_for_packed_documents():
-    from moda_cuda import dispatch
-    from moda_cuda._spec import check_inputs
-    import dataclasses
-
-    case = Case(Hq=8, Hk=2, D=64, L=4)
-    inputs = _packed_inputs(case, [10, 20], torch.bfloat16, "cuda")
-    shape = dataclasses.replace(check_inputs(*inputs, None, True, 1), packed=True)
-    assert dispatch.resolve("auto", inputs[0], shape, inputs) is dispatch.TRITON
+def test_gpu_deterministic_backward_with_packed_documents():
+    if "cuda" not in moda_cuda.available_backends():
+        pytest.skip("cuda backend not available here")
+    case = Case(Hq=16, Hk=2, D=64, L=4)
+    lengths = [200, 0, 77, 500]
+    inputs = _packed_inputs(case, lengths, torch.bfloat16, "cuda")
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = moda_cuda.moda_attention(*leaves, cu_seqlens=_cu(lengths, "cuda"), backend="cuda", deterministic=True)
+        grads.append(torch.autograd.grad(out.float().square().sum(), leaves))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 def test_depth_stream_attention_with_packed_documents():
