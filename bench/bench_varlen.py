@@ -1,13 +1,15 @@
 """Packed documents (``cu_seqlens``) on one GPU, side by side with the baselines, in one run.
 
-For each problem (N tokens in documents of seeded log-normal lengths, bf16, causal, depth
-chunk 1): ``moda_attention`` with ``cu_seqlens`` (each fast backend), the same documents one call
-each (what a user without packed documents does), FlexAttention MoDA with a document mask,
-and FlexAttention with the same document mask WITHOUT depth (the sequence part's speed of
-light here). Times are ``triton.testing.do_bench`` medians (ms), forward and
-forward+backward; outputs are checked against the per-document calls first.
+Each problem packs N tokens into documents of seeded log-normal lengths (bf16, causal, depth
+chunk 1) and times ``moda_attention`` with ``cu_seqlens`` (each fast backend), the same
+documents one call each (what a user without packed documents does), FlexAttention MoDA with a
+document mask, and FlexAttention with the same document mask WITHOUT depth (the sequence
+part's speed of light here). The ``one_document`` problems time the dense op against the
+packed op over a single document, which must cost the same. Times are
+``triton.testing.do_bench`` medians (ms), forward and forward+backward; outputs are checked
+against the per-document calls (or the dense op) first.
 
-    python bench/bench_varlen.py --out DIR
+    python bench/bench_varlen.py --out DIR [--only NAME,...]
 """
 
 from __future__ import annotations
@@ -22,10 +24,20 @@ import time
 import torch
 
 import moda_cuda
-from bench_moda import _bench, _fwd_bwd, _rel
+from bench_moda import Shape, _bench, _fwd_bwd, _rel, make_inputs
 
-# (N tokens, documents, Hq, Hk, D, L)
-PROBLEMS = [(16384, 14, 32, 8, 128, 32), (16384, 8, 64, 8, 64, 64)]
+# name: (N tokens, documents, Hq, Hk, D, L); mean document length N / documents.
+PROBLEMS = {
+    "16k_mean1k_d128": (16384, 14, 32, 8, 128, 32),
+    "16k_mean2k_d64": (16384, 8, 64, 8, 64, 64),
+    "64k_mean2k_d128": (65536, 32, 32, 8, 128, 32),
+    "16k_short_d128": (16384, 256, 32, 8, 128, 32),
+}
+# name: (N, Hq, Hk, D, L): the dense op against cu_seqlens = [0, N].
+ONE_DOCUMENT = {
+    "one_document_d128": (16384, 32, 8, 128, 32),
+    "one_document_d64": (16384, 64, 8, 64, 64),
+}
 
 
 def document_lengths(total: int, docs: int, seed: int = 0) -> list:
@@ -115,30 +127,87 @@ def bench_problem(N, docs, Hq, Hk, D, L):
     return {"N": N, "documents": docs, "lengths": lengths, "Hq": Hq, "Hk": Hk, "D": D, "L": L, "results": rows}
 
 
+def bench_one_document(N, Hq, Hk, D, L):
+    """Dense op and packed op over one document: same result, and the packed form must cost the same."""
+    inputs = make_inputs(Shape(1, N, Hq, Hk, D, L))
+    grad_out = torch.randn(1, N, Hq, D, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, N], dtype=torch.int32, device="cuda")
+    rows = []
+    for backend in [b for b in ("cuda", "triton") if b in moda_cuda.available_backends()]:
+        def dense(*x, _b=backend):
+            return moda_cuda.moda_attention(*x, backend=_b)
+
+        def packed(*x, _b=backend):
+            return moda_cuda.moda_attention(*x, cu_seqlens=cu, max_seqlen=N, backend=_b)
+
+        err = _rel(packed(*inputs).detach(), dense(*inputs).detach())
+        # Alternate the two twice so drift in clocks hits both alike; keep each one's best median.
+        times = {"dense": [], "packed": []}
+        for _ in range(2):
+            for name, fn in (("dense", dense), ("packed", packed)):
+                times[name].append((_bench(lambda: fn(*inputs)), _bench(_fwd_bwd(fn, inputs, grad_out))))
+        (df, db), (pf, pb) = (tuple(map(min, zip(*times[k]))) for k in ("dense", "packed"))
+        rows.append({"backend": backend, "dense_fwd_ms": df, "dense_fwd_bwd_ms": db, "packed_fwd_ms": pf,
+                     "packed_fwd_bwd_ms": pb, "fwd_ratio": pf / df, "fwd_bwd_ratio": pb / db,
+                     "rel_err_packed_vs_dense": err})
+        print(f"  {backend:<7} dense {df:7.3f} / {db:7.3f} ms  packed {pf:7.3f} / {pb:7.3f} ms  "
+              f"ratio {pf / df:.3f} / {pb / db:.3f}  err {err:.1e}", flush=True)
+    return {"N": N, "documents": 1, "Hq": Hq, "Hk": Hk, "D": D, "L": L, "one_document": rows}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for the raw JSON")
+    parser.add_argument("--only", default=",".join([*PROBLEMS, *ONE_DOCUMENT]),
+                        help="comma-separated problem names (default: all): " + ", ".join([*PROBLEMS, *ONE_DOCUMENT]))
     args = parser.parse_args(argv)
+    names = args.only.split(",")
+    unknown = [n for n in names if n not in PROBLEMS and n not in ONE_DOCUMENT]
+    if unknown:
+        parser.error(f"unknown problem(s): {', '.join(unknown)}")
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
     results = []
-    for problem in PROBLEMS:
-        print("N={} docs={} Hq={} Hk={} D={} L={}".format(*problem), flush=True)
-        results.append(bench_problem(*problem))
+    for name in names:
+        if name in PROBLEMS:
+            print("{}: N={} docs={} Hq={} Hk={} D={} L={}".format(name, *PROBLEMS[name]), flush=True)
+            results.append({"name": name, **bench_problem(*PROBLEMS[name])})
+        else:
+            print("{}: N={} Hq={} Hk={} D={} L={}".format(name, *ONE_DOCUMENT[name]), flush=True)
+            results.append({"name": name, **bench_one_document(*ONE_DOCUMENT[name])})
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "backends": moda_cuda.available_backends()}
     path = os.path.join(args.out, "bench_varlen.json")
     with open(path, "w") as f:
         json.dump({"meta": meta, "problems": results}, f, indent=1)
     print(f"wrote {path}")
-    print("\n| problem | implementation | fwd ms | fwd+bwd ms |\n|---|---|---|---|")
-    for p in results:
-        for row in p["results"]:
-            print(f"| N={p['N']} docs={p['documents']} Hq={p['Hq']} D={p['D']} L={p['L']} | {row['impl']} | "
-                  f"{row['fwd_ms']:.3f} | {row['fwd_bwd_ms']:.3f} |")
+    print(summary_table(results))
     return 0
+
+
+def summary_table(results) -> str:
+    """Markdown: each problem's times, and ours (best backend) over FlexAttention with and without depth."""
+    lines = ["| problem | implementation | fwd ms | fwd+bwd ms |", "|---|---|---|---|"]
+    for p in results:
+        for row in p.get("results", []):
+            lines.append(f"| {p['name']} | {row['impl']} | {row['fwd_ms']:.3f} | {row['fwd_bwd_ms']:.3f} |")
+        for row in p.get("one_document", []):
+            lines.append(f"| {p['name']} | {row['backend']} packed / dense | {row['fwd_ratio']:.3f}x | "
+                         f"{row['fwd_bwd_ratio']:.3f}x |")
+    lines += ["", "| problem | ours / flex no depth (fwd, fwd+bwd) | flex MoDA / ours (fwd, fwd+bwd) |", "|---|---|---|"]
+    for p in results:
+        rows = {r["impl"]: r for r in p.get("results", [])}
+        ours = [r for name, r in rows.items() if "cu_seqlens" in name]
+        if not ours:
+            continue
+        best = (min(r["fwd_ms"] for r in ours), min(r["fwd_bwd_ms"] for r in ours))
+        bare = rows["flex_attention no depth, document mask"]
+        flex = rows["flex_attention MoDA, document mask"]
+        lines.append(f"| {p['name']} | {best[0] / bare['fwd_ms']:.2f}x, {best[1] / bare['fwd_bwd_ms']:.2f}x | "
+                     f"{flex['fwd_ms'] / best[0]:.2f}x, {flex['fwd_bwd_ms'] / best[1]:.2f}x |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
