@@ -21,6 +21,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from . import eager as _eager
 from . import ops as _ops  # registers torch.ops.moda.*
 from ._spec import check_inputs  # noqa: F401  (public: validate without running)
 from ._version import __version__
@@ -79,10 +80,14 @@ def moda_attention(
     Returns ``out [B, T, Hq, D]`` in q's dtype (and ``lse`` when ``return_lse``).
     Differentiable in q, k, v, depth_k and depth_v.
     """
-    _ops.check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend, cu_seqlens,
-                    max_seqlen)
-    out, lse = _ops.attention_op(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend,
-                                 cu_seqlens, max_seqlen)
+    if _eager.usable(q):  # the same kernels without the op dispatcher: less host time per call
+        out, lse = _eager.attention(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend,
+                                    cu_seqlens, max_seqlen)
+    else:  # torch.compile, fake tensors, modes: the registered op
+        _ops.check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend, cu_seqlens,
+                        max_seqlen)
+        out, lse = _ops.attention_op(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend,
+                                     cu_seqlens, max_seqlen)
     return (out, lse) if return_lse else out
 
 

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from . import dispatch
-from ._spec import check_cu_seqlens, check_inputs, default_scale, packed_documents
+from ._spec import MoDAShape, check_cu_seqlens, check_inputs, default_scale, packed_documents
 from .kvcache import attention_with_kvcache_ref, check_kvcache_inputs, write_new_keys
 
 _ARGS = "Tensor q, Tensor? k, Tensor? v, Tensor? depth_k, Tensor? depth_v, float? scale=None, " \
@@ -69,8 +69,18 @@ def _forward(q, k, v, depth_k, depth_v, scale=None, causal=True, depth_chunk=1, 
     impl = dispatch.resolve(backend, q, shape, (q, k, v, depth_k, depth_v))
     out, lse = impl.forward(q, k, v, depth_k, depth_v, default_scale(shape.head_dim, scale), causal, depth_chunk,
                             docs)
-    # Outputs are contiguous whatever the backend: the fake implementation promises it.
+    return finish_forward(q, out, lse)
+
+
+def finish_forward(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
+    """Outputs contiguous whatever the backend (the fake implementation promises it), lse in
+    float32 (float64 for float64 inputs)."""
     return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
+
+
+def finish_backward(grads):
+    """Gradients contiguous; an absent input's gradient stays None."""
+    return tuple(None if g is None else g.contiguous() for g in grads)
 
 
 def _fake_forward(q, k, v, depth_k, depth_v, scale=None, causal=True, depth_chunk=1, deterministic=False,
@@ -99,7 +109,7 @@ def _backward_impl(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scal
     grads = impl.backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, sc, causal, depth_chunk,
                           deterministic, docs)
     # The schema returns Tensors only: an absent input gets an empty placeholder.
-    return tuple(q.new_empty(0) if g is None else g.contiguous() for g in grads)
+    return tuple(q.new_empty(0) if g is None else g for g in finish_backward(grads))
 
 
 def _varlen_backward_impl(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, cu_seqlens, max_seqlen, scale,
@@ -190,10 +200,11 @@ for _name, _impl in (("attention_backward", _backward_impl), ("attention_varlen_
 
 
 def check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend, cu_seqlens=None,
-               max_seqlen=None) -> None:
+               max_seqlen=None) -> MoDAShape:
     """Raise on an invalid call before any kernel runs (the public entry points' checks; the
-    values of cu_seqlens are read where the op runs, so that a traced call needs none)."""
-    check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
+    values of cu_seqlens are read where the op runs, so that a traced call needs none).
+    Returns the call's sizes."""
+    shape = check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
     if cu_seqlens is not None:
         check_cu_seqlens(q, cu_seqlens, max_seqlen)
     if not isinstance(backend, str):
@@ -201,6 +212,7 @@ def check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, determinis
     dispatch.check_backend_name(backend)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    return shape
 
 
 def attention_op(q, k, v, depth_k, depth_v, scale: Optional[float], causal: bool, depth_chunk: int,

@@ -1,0 +1,135 @@
+"""Eager calls of ``moda_attention`` without the op dispatcher: the same kernels, less host time.
+
+Why this exists: ``torch.ops.moda.attention`` is a Python custom op. Every call through it
+pays the dispatcher, the op's Python kernel and, with autograd, torch.library's autograd
+wrapper and ``setup_context``; on top of that the call validates its inputs and picks a
+backend twice (once at the public entry, once in the op). For the kernels of a small layer
+that host time is most of the step (docs/performance.md, "Host time per call").
+
+Outside ``torch.compile``, fake tensors, dispatch or torch-function modes and functorch
+transforms, nobody needs the op object: :func:`attention` runs the backend directly through
+one ``torch.autograd.Function``. Why the result is the op's result, bit for bit:
+
+* the backend is chosen by the same ``dispatch.resolve`` with the same arguments, and runs
+  the same ``forward`` / ``backward`` callables with the same scale;
+* the outputs get the same dtype and contiguity treatment as in ``ops`` (``finish_forward``,
+  ``finish_backward`` are shared), and the same checks run (``check_call``) before a key is
+  cached;
+* what is cached is only what is a pure function of the cache key: the validated sizes,
+  the scale, and each direction's backend. The key holds every input of ``check_inputs`` and
+  ``resolve`` that can vary between calls: each tensor's shape, strides, dtype, device and
+  whether its data pointer is 16-byte aligned (the CUDA kernels' TMA condition), the
+  options, the backend asked for, the two environment switches, and the auto order. A
+  call that fails validation raises before anything is cached. Calls on CPU tensors are
+  not cached (they run the reference, whose host time is irrelevant, and tests patch the
+  machine's capabilities there).
+
+``cu_seqlens`` is checked on every call (its values are read once per tensor version by
+``packed_documents``, as in the op).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import dispatch
+from ._spec import MoDAShape, check_cu_seqlens, default_scale, packed_documents
+from .ops import check_call, finish_backward, finish_forward
+
+_TMA_ALIGN = 16
+
+
+class Plan:
+    """What a call's key determines: its sizes, scale, forward backend and (resolved at the
+    first backward, as the op does it) backward backend. Holds no tensors."""
+
+    __slots__ = ("shape", "scale", "backend", "forward", "_backward")
+
+    def __init__(self, shape: MoDAShape, scale: float, backend: str, forward: "dispatch.Backend"):
+        self.shape, self.scale, self.backend, self.forward = shape, scale, backend, forward
+        self._backward = None
+
+    def backward(self, tensors) -> "dispatch.Backend":
+        """The backward's backend, resolved on this call's tensors (any call of the key gives the same)."""
+        if self._backward is None:
+            self._backward = dispatch.resolve(self.backend, tensors[0], self.shape, tensors, direction="backward")
+        return self._backward
+
+
+_plans: dict = {}
+
+
+def usable(q: torch.Tensor) -> bool:
+    """True where the op object is not needed: plain eager tensors, no tracing or modes."""
+    return (type(q) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
+            and torch._C._functorch.peek_interpreter_stack() is None)
+
+
+def _key(tensors, options):
+    """The cache key of a call on CUDA tensors (None: not cached). Flat, built inline: it is
+    most of the host time of a cached call."""
+    q = tensors[0]
+    if not q.is_cuda:
+        return None
+    key = [options, os.environ.get(dispatch.ENV_VAR), os.environ.get(dispatch.CUDA_BACKWARD_ENV),
+           dispatch._AUTO_ORDER, q.device]
+    for t in tensors:
+        if t is None:
+            key.append(None)
+        elif type(t) is not torch.Tensor:  # a subclass: never cached (its layout may mean anything)
+            return None
+        else:  # the device of each tensor is checked against q's: it is part of the key too
+            key += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % _TMA_ALIGN == 0)
+    return tuple(key)
+
+
+def _plan(tensors, scale, causal, depth_chunk, deterministic, backend, cu_seqlens, max_seqlen) -> Plan:
+    key = _key(tensors, (scale, causal, depth_chunk, deterministic, backend, cu_seqlens is None))
+    plan = _plans.get(key) if key is not None else None
+    if plan is not None:
+        return plan
+    shape = check_call(*tensors, scale, causal, depth_chunk, deterministic, backend, cu_seqlens, max_seqlen)
+    plan = Plan(shape, default_scale(shape.head_dim, scale), backend,
+                dispatch.resolve(backend, tensors[0], shape, tensors))
+    if key is not None:
+        _plans[key] = plan
+    return plan
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, depth_k, depth_v, plan, causal, depth_chunk, deterministic, documents):
+        out, lse = plan.forward.forward(q, k, v, depth_k, depth_v, plan.scale, causal, depth_chunk, documents)
+        out, lse = finish_forward(q, out, lse)
+        ctx.save_for_backward(q, k, v, depth_k, depth_v, out, lse)
+        ctx.options = (plan, causal, depth_chunk, deterministic, documents)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, depth_k, depth_v, out, lse = ctx.saved_tensors
+        plan, causal, depth_chunk, deterministic, documents = ctx.options
+        if grad_out is None:  # only lse was used
+            grad_out = torch.zeros_like(out)
+        grads = plan.backward((q, k, v, depth_k, depth_v)).backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, plan.scale, causal,
+                                       depth_chunk, deterministic, documents)
+        return finish_backward(grads) + (None,) * 5
+
+
+def attention(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend, cu_seqlens=None,
+              max_seqlen=None):
+    """``(out, lse)`` of the op, run directly (the caller checked :func:`usable`)."""
+    tensors = (q, k, v, depth_k, depth_v)
+    plan = _plan(tensors, scale, causal, depth_chunk, deterministic, backend, cu_seqlens, max_seqlen)
+    documents = None
+    if cu_seqlens is not None:
+        check_cu_seqlens(q, cu_seqlens, max_seqlen)
+        documents = packed_documents(cu_seqlens, plan.shape.seqlen, max_seqlen)
+    return _Attention.apply(q, k, v, depth_k, depth_v, plan, causal, depth_chunk, deterministic, documents)

@@ -1,0 +1,116 @@
+"""The eager path of ``moda_attention`` (``moda_cuda.eager``): the registered op's results and
+gradients bit for bit, its plan cache keyed on everything that decides a plan, and the op
+itself wherever tracing or modes need it."""
+
+import pytest
+import torch
+
+import moda_cuda
+from helpers import Case, make_inputs
+from moda_cuda import dispatch, eager
+
+CASES = [Case(T=19, L=3), Case(T=1, L=0), Case(T=8, seq=False), Case(B=2, T=13, chunk=4, causal=False)]
+
+
+def _grads(fn, inputs, return_lse=False):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    out, lse = fn(*leaves)
+    g = torch.Generator().manual_seed(1)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+    if return_lse:
+        loss = loss + (lse * torch.randn(lse.shape, generator=g, dtype=lse.dtype)).sum()
+    loss.backward()
+    return [out, lse] + [t.grad for t in leaves if t is not None]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_eager_equals_the_op(case, return_lse):
+    inputs = make_inputs(case, torch.float64)
+    kw = dict(causal=case.causal, depth_chunk=case.chunk)
+
+    def through_eager(*x):
+        assert eager.usable(x[0])
+        return moda_cuda.moda_attention(*x, return_lse=True, **kw)
+
+    def through_op(*x):
+        return torch.ops.moda.attention(*x, None, case.causal, case.chunk)
+
+    for a, b in zip(_grads(through_eager, inputs, return_lse), _grads(through_op, inputs, return_lse)):
+        assert torch.equal(a, b)
+
+
+def test_only_lse_used():
+    """The gradient through lse alone (the output's gradient is absent, not zeros materialised)."""
+    inputs = [t.requires_grad_() for t in make_inputs(Case(T=9), torch.float64)]
+    _, lse = moda_cuda.moda_attention(*inputs, return_lse=True)
+    grads_eager = torch.autograd.grad(lse.sum(), inputs)
+    _, lse = torch.ops.moda.attention(*inputs)
+    for a, b in zip(grads_eager, torch.autograd.grad(lse.sum(), inputs)):
+        assert torch.equal(a, b)
+
+
+def test_not_usable_where_the_op_is_needed():
+    q = torch.zeros(1, 2, 2, 4)
+    assert eager.usable(q)
+    assert not eager.usable(torch.nn.Parameter(q))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        assert not eager.usable(mode.from_tensor(q))
+    with torch.overrides.TorchFunctionMode():
+        assert not eager.usable(q)
+    assert torch.func.vmap(lambda x: torch.tensor(eager.usable(x)))(q[None]).item() is False
+
+
+@pytest.fixture
+def pretend_cuda(monkeypatch):
+    """CPU tensors stand in for CUDA ones, so that calls are planned and cached."""
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(eager, "_plans", {})
+    resolved = []
+    real = dispatch.resolve
+
+    def counting(*args, **kwargs):
+        resolved.append(kwargs.get("direction", "forward"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "resolve", counting)
+    return resolved
+
+
+@pytest.mark.filterwarnings("ignore:moda_cuda. triton backend skipped")
+def test_plans_are_cached_per_key(pretend_cuda, monkeypatch):
+    inputs = make_inputs(Case(T=11), torch.float64)
+    first = moda_cuda.moda_attention(*inputs)
+    assert pretend_cuda == ["forward"] and len(eager._plans) == 1
+    assert torch.equal(moda_cuda.moda_attention(*inputs), first)
+    assert pretend_cuda == ["forward"]  # the second call resolved nothing
+    # Everything that decides a plan is in its key: each of these plans anew.
+    moda_cuda.moda_attention(*inputs, causal=False)
+    moda_cuda.moda_attention(*inputs, scale=0.5)
+    moda_cuda.moda_attention(*[t.transpose(1, 2).contiguous().transpose(1, 2) for t in inputs[:3]], *inputs[3:])
+    moda_cuda.moda_attention(*make_inputs(Case(T=12), torch.float64))
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    moda_cuda.moda_attention(*inputs)
+    assert len(eager._plans) == 6 and pretend_cuda.count("forward") == 6
+    # The backward's backend is resolved at the first backward of a key, then cached.
+    leaves = [t.requires_grad_() for t in inputs]
+    for _ in range(2):
+        moda_cuda.moda_attention(*leaves).sum().backward()
+    assert pretend_cuda.count("backward") == 1
+
+
+def test_invalid_calls_raise_and_are_not_cached(pretend_cuda):
+    q, k, v, dk, dv = make_inputs(Case(T=7), torch.float64)
+    with pytest.raises(ValueError, match="depth_chunk must be >= 1"):
+        moda_cuda.moda_attention(q, k, v, dk, dv, depth_chunk=0)
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        moda_cuda.moda_attention(q, k, v, dk, dv, deterministic=1)
+    with pytest.raises(TypeError, match="k has dtype torch.float32"):
+        moda_cuda.moda_attention(q, k.float(), v.float(), dk, dv)
+    assert eager._plans == {}
+    moda_cuda.moda_attention(q, k, v, dk, dv)
+    # A valid call cached; a call differing only in a tensor's dtype is planned (and refused) anew.
+    with pytest.raises(TypeError, match="depth_k has dtype torch.float32"):
+        moda_cuda.moda_attention(q, k, v, dk.float(), dv.float())
