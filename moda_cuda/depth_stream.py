@@ -59,6 +59,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import eager
+
 __all__ = ["DepthStream"]
 
 
@@ -138,28 +140,43 @@ class _DepthRead(torch.autograd.Function):
 
 class _StreamAttention(torch.autograd.Function):
     """MoDA over ``(q, k, v)`` and a read's depth views whose depth gradients are added in
-    place into the stream's gradient sums; autograd sees no gradient for the depth views."""
+    place into the stream's gradient sums; autograd sees no gradient for the depth views.
+    ``plan``/``documents`` come from ``eager.plan_call`` where the eager path is usable (the
+    backends run directly), else None (the registered op runs)."""
 
     @staticmethod
     def forward(ctx, sums: _DepthGradSums, q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic,
-                backend, cu_seqlens, max_seqlen):
-        from .ops import attention_op
+                backend, cu_seqlens, max_seqlen, plan, documents):
+        if plan is not None:
+            out, lse = eager.forward(plan, q, k, v, depth_k, depth_v, causal, depth_chunk, documents)
+        else:
+            from .ops import attention_op
 
-        out, lse = attention_op(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend,
-                                cu_seqlens, max_seqlen)
+            out, lse = attention_op(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend,
+                                    cu_seqlens, max_seqlen)
         ctx.save_for_backward(q, k, v, depth_k, depth_v, out, lse)
         ctx.sums, ctx.options = sums, (scale, causal, depth_chunk, deterministic, backend, cu_seqlens, max_seqlen)
+        ctx.plan, ctx.documents = plan, documents
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
+        from . import dispatch
         from .ops import backward_adding_depth_grads
 
         q, k, v, depth_k, depth_v, out, lse = ctx.saved_tensors
-        grad_q, grad_k, grad_v = backward_adding_depth_grads(
-            grad_out, q, k, v, depth_k, depth_v, out, lse, *ctx.options, depth_grads_into=ctx.sums.first(depth_k.shape[2]))
-        return (None, grad_q, grad_k, grad_v) + (None,) * 9
+        into = ctx.sums.first(depth_k.shape[2])
+        plan = ctx.plan
+        if plan is not None:
+            _, causal, depth_chunk, deterministic = ctx.options[:4]
+            grads = dispatch.backward_adding_depth_grads(
+                plan.backward((q, k, v, depth_k, depth_v)), grad_out, q, k, v, depth_k, depth_v, out, lse, plan.scale,
+                causal, depth_chunk, deterministic, into, ctx.documents)
+        else:
+            grads = backward_adding_depth_grads(grad_out, q, k, v, depth_k, depth_v, out, lse, *ctx.options,
+                                                depth_grads_into=into)
+        return (None, *grads) + (None,) * 11
 
 
 class DepthStream:
@@ -395,7 +412,12 @@ class DepthStream:
             return moda_attention(q, k, v, depth_k, depth_v, scale=scale, causal=causal, depth_chunk=depth_chunk,
                                   deterministic=deterministic, backend=backend, cu_seqlens=cu_seqlens,
                                   max_seqlen=max_seqlen)
-        check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend, cu_seqlens,
-                   max_seqlen)
+        plan = documents = None
+        if eager.usable(q):
+            plan, documents = eager.plan_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic,
+                                              backend, cu_seqlens, max_seqlen)
+        else:
+            check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend, cu_seqlens,
+                       max_seqlen)
         return _StreamAttention.apply(self._grad_sums, q, k, v, depth_k, depth_v, scale, causal, depth_chunk,
-                                      deterministic, backend, cu_seqlens, max_seqlen)
+                                      deterministic, backend, cu_seqlens, max_seqlen, plan, documents)

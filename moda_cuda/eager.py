@@ -101,11 +101,29 @@ def _plan(tensors, scale, causal, depth_chunk, deterministic, backend, cu_seqlen
     return plan
 
 
+def plan_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend, cu_seqlens=None,
+              max_seqlen=None):
+    """The call's :class:`Plan` and packed documents (None without ``cu_seqlens``); raises on an
+    invalid call as the op's checks do."""
+    tensors = (q, k, v, depth_k, depth_v)
+    plan = _plan(tensors, scale, causal, depth_chunk, deterministic, backend, cu_seqlens, max_seqlen)
+    documents = None
+    if cu_seqlens is not None:
+        check_cu_seqlens(q, cu_seqlens, max_seqlen)
+        documents = packed_documents(cu_seqlens, plan.shape.seqlen, max_seqlen)
+    return plan, documents
+
+
+def forward(plan: Plan, q, k, v, depth_k, depth_v, causal, depth_chunk, documents):
+    """``(out, lse)`` by the plan's forward backend, as the op returns them."""
+    out, lse = plan.forward.forward(q, k, v, depth_k, depth_v, plan.scale, causal, depth_chunk, documents)
+    return finish_forward(q, out, lse)
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, depth_k, depth_v, plan, causal, depth_chunk, deterministic, documents):
-        out, lse = plan.forward.forward(q, k, v, depth_k, depth_v, plan.scale, causal, depth_chunk, documents)
-        out, lse = finish_forward(q, out, lse)
+        out, lse = forward(plan, q, k, v, depth_k, depth_v, causal, depth_chunk, documents)
         ctx.save_for_backward(q, k, v, depth_k, depth_v, out, lse)
         ctx.options = (plan, causal, depth_chunk, deterministic, documents)
         ctx.set_materialize_grads(False)
@@ -118,18 +136,15 @@ class _Attention(torch.autograd.Function):
         plan, causal, depth_chunk, deterministic, documents = ctx.options
         if grad_out is None:  # only lse was used
             grad_out = torch.zeros_like(out)
-        grads = plan.backward((q, k, v, depth_k, depth_v)).backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, plan.scale, causal,
-                                       depth_chunk, deterministic, documents)
+        grads = plan.backward((q, k, v, depth_k, depth_v)).backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out,
+                                                                   lse, plan.scale, causal, depth_chunk, deterministic,
+                                                                   documents)
         return finish_backward(grads) + (None,) * 5
 
 
 def attention(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend, cu_seqlens=None,
               max_seqlen=None):
     """``(out, lse)`` of the op, run directly (the caller checked :func:`usable`)."""
-    tensors = (q, k, v, depth_k, depth_v)
-    plan = _plan(tensors, scale, causal, depth_chunk, deterministic, backend, cu_seqlens, max_seqlen)
-    documents = None
-    if cu_seqlens is not None:
-        check_cu_seqlens(q, cu_seqlens, max_seqlen)
-        documents = packed_documents(cu_seqlens, plan.shape.seqlen, max_seqlen)
+    plan, documents = plan_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend,
+                                cu_seqlens, max_seqlen)
     return _Attention.apply(q, k, v, depth_k, depth_v, plan, causal, depth_chunk, deterministic, documents)
