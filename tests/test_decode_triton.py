@@ -153,6 +153,15 @@ def test_the_op_runs_the_kernel():
         decode_backend("triton", q, kc, vc.transpose(1, 2).contiguous().transpose(1, 2))
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_opcheck(backend):
+    """Schema (the caches declared mutated, nothing else), fake implementation, tracing."""
+    p = _problem(2, 2, 4, 2, 16, 2, 20, [3, 11])
+    args = tuple(p[n] for n in ("q", "k_cache", "v_cache", "depth_k", "depth_v", "k", "v", "cache_seqlens"))
+    torch.library.opcheck(torch.ops.moda.attention_with_kvcache.default, args,
+                          dict(scale=None, depth_chunk=1, backend=backend))
+
+
 def test_backend_from_the_environment(monkeypatch):
     p = _problem(1, 1, 2, 2, 16, 0, 8, [3])
     q, kc, vc = p["q"], p["k_cache"], p["v_cache"]
