@@ -89,7 +89,7 @@ def test_decode_kernel_matches_reference(S, L, G, D):
     Hk = 2 if G == 1 else 1
     Tmax = 37
     p = _problem(3, S, G * Hk, Hk, D, L, Tmax, [0, 13, Tmax - S], seed=S * 100 + L)
-    plan = decode_plan(3, S, G, Hk, D, Tmax, p["q"].device, 3)
+    plan = decode_plan(3, S, G, Hk, D, Tmax, p["q"].device, 4, 3)
     assert plan.splits == 3 and plan.split_len < Tmax
     _check(p, num_splits=3)
 
@@ -99,7 +99,7 @@ def test_split_counts_agree(num_splits):
     p = _problem(2, 1, 8, 1, 64, 3, 70, [5, 69])
     _check(p, num_splits)
     if num_splits is not None:
-        assert decode_plan(2, 1, 8, 1, 64, 70, p["q"].device, num_splits).splits == num_splits
+        assert decode_plan(2, 1, 8, 1, 64, 70, p["q"].device, 4, num_splits).splits == num_splits
 
 
 @pytest.mark.parametrize("G, D", [(8, 64), (1, 128), (4, 24)], ids=["G8-D64", "G1-D128", "G4-D24"])
@@ -190,6 +190,58 @@ def test_plan_depends_on_shapes_only(monkeypatch):
         decode_plan.cache_clear()
     assert many.splits == 1 and many.grid == (1, 256, 1)
     assert 8 < one.splits <= 64 and one.split_len % one.block_n == 0 and one.splits * one.split_len >= 32768
+
+
+# Compiled for sm_90 (H100/H200) on any machine: Triton's compiler and ptxas need no GPU. The
+# interpreter runs the kernels' Python; this catches what only the compiler sees (types,
+# layouts, shared memory). In a subprocess: the kernels of this one are interpreted.
+_HOPPER_COMPILE = """
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource
+from moda_cuda.triton_ref import decode as d
+
+def compile(kernel, pointers, constexprs, **options):
+    sig = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "fp32" if p.name == "sm_scale" else "i32")
+           for p in kernel.params}
+    return triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
+
+# (dtype, elem bytes, G, D, S, partial outputs): a decode step in bf16, a speculative block
+# in fp16 with float32 partials, float32 with an odd head dim
+for dt, size, G, D, S, partial in (("bf16", 2, 4, 128, 1, False), ("fp16", 2, 8, 128, 17, True),
+                                   ("fp32", 4, 4, 80, 2, False)):
+    p = d.decode_plan(2, S, G, 2, D, 4096, torch.device("cuda"), size, 4)
+    ptr = {n: "*" + dt for n in ("Q", "KC", "VC", "KN", "VN", "DK", "DV")}
+    ptr.update(SEQLENS="*i32", O="*fp32" if partial else "*" + dt, LSE="*fp32")
+    k = compile(d._decode_split_kernel, ptr, dict(G=G, HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_M=p.block_m,
+                BLOCK_N=p.block_n, HAS_NEW=True, HAS_DEPTH=True, PRECISION=d._dot_precision(
+                {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt])),
+                num_warps=p.num_warps, num_stages=p.num_stages)
+    print(dt, G, D, S, "shared", k.metadata.shared)
+    assert k.metadata.shared <= 227 * 1024, k.metadata.shared
+k = compile(d._decode_combine_kernel, dict(PART="*fp32", O="*bf16", LSE="*fp32"),
+            dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_SPLITS=64), num_warps=4)
+print("combine shared", k.metadata.shared)
+"""
+
+
+def test_kernels_compile_for_hopper(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    ptxas = getattr(getattr(getattr(triton, "knobs", None), "nvidia", None), "ptxas", None)
+    if ptxas is None or not Path(str(ptxas.path)).is_file():
+        pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # this moda_cuda
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    assert res.stdout.count("shared") == 4
 
 
 # ----------------------------------------------------------------------------- GPU, bf16

@@ -42,9 +42,9 @@ MAX_BLOCK_M = 128  # folded rows per program (64 above D = 128)
 @triton.jit
 def _cache_tiles(acc, l_i, m_i, q, t_row, lo, hi, cs, write, KC, VC, KN, VN, stride_ct, stride_nt, offs_d, d_ok,
                  qk_scale, MASK: tl.constexpr, HAS_NEW: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, STAGES: tl.constexpr):
     """Cache positions [lo, hi) into the softmax state; MASK: causal mask, new rows from k/v."""
-    for start in range(lo, hi, BLOCK_N):
+    for start in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         s = start + tl.arange(0, BLOCK_N)
         c_off = s[:, None] * stride_ct + offs_d[None, :]
         if MASK:
@@ -133,9 +133,10 @@ def _decode_split_kernel(
     VNb = VN + b.to(tl.int64) * stride_nb + hk * stride_nh
     write = pid_m == tl.num_programs(2) - 1  # the row block of the last token sees every new position
     acc, l_i, m_i = _cache_tiles(acc, l_i, m_i, q, t_row, lo, full_hi, cs, write, KCb, VCb, KNb, VNb, stride_ct,
-                                 stride_nt, offs_d, d_ok, qk_scale, False, HAS_NEW, BLOCK_N, PRECISION)
+                                 stride_nt, offs_d, d_ok, qk_scale, False, HAS_NEW, BLOCK_N, PRECISION, None)
+    # The masked tail is a tile or two: not pipelined (its four loads would double the buffers).
     acc, l_i, m_i = _cache_tiles(acc, l_i, m_i, q, t_row, full_hi, hi, cs, write, KCb, VCb, KNb, VNb, stride_ct,
-                                 stride_nt, offs_d, d_ok, qk_scale, True, HAS_NEW, BLOCK_N, PRECISION)
+                                 stride_nt, offs_d, d_ok, qk_scale, True, HAS_NEW, BLOCK_N, PRECISION, 1)
     if HAS_DEPTH:
         # Only in the slice that holds the last visible key (an empty range elsewhere).
         depth_hi = tl.where((kv_hi - 1) // SPLIT_LEN == split, (t_hi + 1) * L, t_lo * L)
@@ -157,9 +158,10 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_combine_kernel(PART, O, LSE, N_ROWS, S, HQ, SPLITS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_SPLITS: tl.constexpr):
-    """One row (b, h, t) of out and lse from the SPLITS partial results in PART."""
+def _decode_combine_kernel(PART, O, LSE, N_ROWS, S, HQ, SPLITS, LSE_BASE, HEAD_DIM: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+    """One row (b, h, t) of out and lse from the SPLITS partial results in PART (outputs, then
+    lse from LSE_BASE on)."""
     row = tl.program_id(0)  # lse order: (b * HQ + h) * S + t
     b = row // (HQ * S)
     h = row // S % HQ
@@ -167,8 +169,7 @@ def _decode_combine_kernel(PART, O, LSE, N_ROWS, S, HQ, SPLITS, HEAD_DIM: tl.con
     o_row = (b * S + t) * HQ + h  # out order
     sp = tl.arange(0, BLOCK_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
-    lse_part = tl.load(PART + SPLITS * N_ROWS.to(tl.int64) * HEAD_DIM + sp * N_ROWS + row, mask=sp < SPLITS,
-                       other=float("-inf"))
+    lse_part = tl.load(PART + LSE_BASE + sp * N_ROWS + row, mask=sp < SPLITS, other=float("-inf"))
     m = tl.max(lse_part, 0)
     w = tl.exp(lse_part - m)
     seen = (sp < SPLITS) & (lse_part > float("-inf"))  # a skipped slice wrote no output
@@ -199,7 +200,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def decode_plan(B: int, S: int, G: int, Hk: int, D: int, Tmax: int, device: torch.device,
+def decode_plan(B: int, S: int, G: int, Hk: int, D: int, Tmax: int, device: torch.device, elem_bytes: int = 2,
                 num_splits=None) -> DecodePlan:
     """Tiles and splits of a call, from its shapes alone (cached per shape).
 
@@ -209,19 +210,20 @@ def decode_plan(B: int, S: int, G: int, Hk: int, D: int, Tmax: int, device: torc
     """
     block_d = max(16, triton.next_power_of_2(D))
     block_m = min(max(16, triton.next_power_of_2(S * G)), MAX_BLOCK_M if D <= 128 else MAX_BLOCK_M // 2)
-    block_n = 16 if INTERPRET else (128 if D <= 64 else 64)
+    block_n = 16 if INTERPRET else (128 if D <= 64 else 64 if D <= 128 or elem_bytes <= 2 else 32)
     m_blocks = triton.cdiv(S * G, block_m)
     programs = B * Hk * m_blocks
-    sms = _sm_count(device)
     if num_splits is None:
+        sms = _sm_count(device)
         if programs >= 0.8 * sms:
             num_splits = 1
         else:
             num_splits = min(triton.cdiv(2 * sms, programs), triton.cdiv(Tmax, 4 * block_n), 64)
     split_len = triton.cdiv(triton.cdiv(Tmax, max(1, num_splits)), block_n) * block_n
     splits = triton.cdiv(Tmax, split_len)
+    stages = 3 if D <= 128 and elem_bytes <= 2 else 2  # float32 tiles: 2 buffers fit shared memory
     return DecodePlan((splits, B * Hk, m_blocks), splits, split_len, block_m, block_n, block_d,
-                      4 if block_m * block_d <= 128 * 64 else 8, 3 if D <= 128 else 2)
+                      4 if block_m * block_d <= 128 * 64 else 8, stages)
 
 
 def _same_strides(a: torch.Tensor, b: torch.Tensor):
@@ -241,7 +243,7 @@ def moda_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, sm_s
     """
     B, S, Hq, D = q.shape
     Tmax, Hk = k_cache.shape[1], k_cache.shape[2]
-    p = decode_plan(B, S, Hq // Hk, Hk, D, Tmax, q.device, num_splits)
+    p = decode_plan(B, S, Hq // Hk, Hk, D, Tmax, q.device, q.element_size(), num_splits)
     if q.stride(-1) != 1:
         q = q.contiguous()
     has_new = k is not None
@@ -272,6 +274,7 @@ def moda_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, sm_s
         HAS_DEPTH=L > 0, PRECISION=_dot_precision(q.dtype), num_warps=p.num_warps, num_stages=p.num_stages,
     )
     if p.splits > 1:
-        _decode_combine_kernel[(n_rows,)](o_t, out, lse, n_rows, S, Hq, p.splits, HEAD_DIM=D, BLOCK_D=p.block_d,
-                                          BLOCK_SPLITS=max(2, triton.next_power_of_2(p.splits)), num_warps=4)
+        _decode_combine_kernel[(n_rows,)](o_t, out, lse, n_rows, S, Hq, p.splits, lse_base, HEAD_DIM=D,
+                                          BLOCK_D=p.block_d, BLOCK_SPLITS=max(2, triton.next_power_of_2(p.splits)),
+                                          num_warps=4)
     return out, lse
