@@ -6,6 +6,7 @@
 #   bench   bench_moda.py on the issue shapes (auto and each backend), with the per-kernel breakdown
 #   varlen  bench_varlen.py: packed documents against one call per document and FlexAttention
 #   host    host_overhead.py: host time per call against SDPA
+#   decode  bench_decode.py: decode attention against SDPA without depth and the memory roofline
 #   stream  bench_depth_stream.py (32-layer stack, depth stream vs stack-per-layer)
 #   lm      the byte-level LM example, MoDA vs baseline (--lm-minutes each), padded windows
 #           and packed documents (--pack)
@@ -13,7 +14,7 @@
 # Usage: bench/run_gpu_suite.sh --out DIR [--only tests,bench,...] [--lm-minutes M]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="" only="validate,tests,bench,varlen,host,stream,lm,ncu" lm_minutes=1.5
+out="" only="validate,tests,bench,varlen,host,decode,stream,lm,ncu" lm_minutes=1.5
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
@@ -45,6 +46,7 @@ want bench && step bench python3 bench/bench_moda.py --backends auto,cuda,cuda+d
     --out "$out"
 want varlen && step varlen python3 bench/bench_varlen.py --out "$out"
 want host && step host python3 bench/host_overhead.py --out "$out"
+want decode && step decode python3 bench/bench_decode.py --out "$out"
 want stream && step stream env MODA_TRITON_TUNING=off python3 bench/bench_depth_stream.py --profile --out "$out"
 want lm && step lm torchrun --standalone --nproc_per_node=1 examples/train_lm.py --minutes "$lm_minutes" \
     --out "$out/lm"

@@ -119,20 +119,23 @@ def moda_attention_with_kvcache(
             different lengths in one batch); ``cache_seqlens[b] + S <= Tmax``. Not read on the
             host (no synchronization), so not checked.
         depth_chunk: 1 (a new token's depth rows are its own).
-        backend: ``"auto"`` or ``"reference"`` (the only implementation so far).
+        backend: ``"auto"`` (the Triton split-KV kernel on CUDA tensors it serves, else the
+            reference; ``MODA_BACKEND`` overrides), ``"triton"`` (raises where it cannot
+            serve) or ``"reference"``. The compiled ``"cuda"`` backend has no decode kernel.
 
     New token ``i`` of sequence ``b`` at position ``p = cache_seqlens[b] + i`` sees the cache
     at positions ``<= p`` and its depth rows: the training op's output at position ``p``.
-    Returns ``out [B, S, Hq, D]`` (and ``lse [B, Hq, S]``). Not differentiable.
+    Returns ``out [B, S, Hq, D]`` (and ``lse [B, Hq, S]``, float32, natural log). Not
+    differentiable. The inputs are validated by the op (no tensor values are read).
     """
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"backend {backend!r} has no KV-cache attention yet; use 'auto' or 'reference'")
-    from .kvcache import check_kvcache_inputs
-
-    check_kvcache_inputs(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale, depth_chunk)
+    if backend not in _KVCACHE_BACKENDS:
+        raise ValueError(f"backend {backend!r} has no KV-cache attention; use 'auto', 'triton' or 'reference'")
     out, lse = torch.ops.moda.attention_with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens,
-                                                     scale, depth_chunk)
+                                                     scale, depth_chunk, backend)
     return (out, lse) if return_lse else out
+
+
+_KVCACHE_BACKENDS = ("auto", "triton", "reference")
 
 
 def __getattr__(name: str):

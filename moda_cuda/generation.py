@@ -10,6 +10,11 @@ positions ``[0, T)``); each following step runs the new token through the layers
 attends to the cache. Prompts of different lengths are right-padded (``attention_mask``):
 causal attention keeps a prompt's positions blind to the padding after it, and its first
 generated token overwrites the padding's cache rows.
+
+On CUDA the decode step of the whole model is captured once in a CUDA graph and replayed per
+token (:class:`DecodeStep`): a step's host work, dozens of kernel launches, becomes one
+replay. Nothing of a step is read on the host (``seqlens`` is a device tensor the step
+advances itself), which is what makes it capturable.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
-__all__ = ["MoDAKVCache", "LayerCache", "generate"]
+__all__ = ["MoDAKVCache", "LayerCache", "DecodeStep", "generate"]
 
 
 class LayerCache(NamedTuple):
@@ -55,6 +60,51 @@ class MoDAKVCache:
         return self.shape[1]
 
 
+class DecodeStep:
+    """``step(token [B]) -> logits [B, vocab]`` of the next token: one new token per sequence
+    through the model against ``cache``, which it advances (k/v written, ``seqlens += 1``).
+
+    With ``cuda_graph`` (CUDA only) the first ``WARMUP`` steps run eagerly on a side stream
+    (they compile the kernels and set up the libraries' per-stream state, as capture needs).
+    The next step is captured: the capture records the kernels, ``seqlens += 1`` included,
+    and runs none of them; every step from then on copies its token into the captured input
+    buffer and replays the graph, whose output buffer then holds the logits (valid until the
+    next replay). The caches, ``seqlens``, the weights and those two buffers stay where the
+    graph recorded them.
+    """
+
+    WARMUP = 2
+
+    def __init__(self, model, cache: MoDAKVCache, cuda_graph: bool = False) -> None:
+        self.model, self.cache, self.cuda_graph = model, cache, cuda_graph
+        self.warmed = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.side = torch.cuda.Stream() if cuda_graph else None
+
+    def _step(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, cache=self.cache).logits[:, -1]
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        if not self.cuda_graph:
+            return self._step(token[:, None])
+        if self.warmed < self.WARMUP:
+            self.warmed += 1
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                logits = self._step(token[:, None])
+            torch.cuda.current_stream().wait_stream(self.side)
+            return logits
+        if self.graph is None:
+            self.ids = token[:, None].clone()  # the captured input buffer
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records only: the replay below runs this step
+                self.logits = self._step(self.ids)  # the captured output buffer
+        else:
+            self.ids.copy_(token[:, None])
+        self.graph.replay()
+        return self.logits
+
+
 def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: Optional[int],
                  top_p: Optional[float], generator: Optional[torch.Generator]) -> torch.Tensor:
     """[B, vocab] logits -> [B] tokens: argmax, or a sample after temperature, top-k, top-p."""
@@ -77,13 +127,15 @@ def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, do_sample: bool = False,
              eos_token_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, cuda_graph: bool = True) -> torch.Tensor:
     """``[B, T + max_new_tokens]`` ids: each prompt's tokens, then its generated ones (then
     ``eos_token_id``, or 0, where a shorter prompt or an early end leaves room).
 
     ``attention_mask`` ``[B, T]`` (1 for prompt tokens, right-padded) gives prompts of
     different lengths; without it every prompt is ``T`` long. A sequence that produced
-    ``eos_token_id`` keeps producing it.
+    ``eos_token_id`` keeps producing it. ``cuda_graph``: on CUDA, replay one captured decode
+    step per token (:class:`DecodeStep`; the same tokens as eager steps); other devices
+    ignore it.
     """
     cfg = model.config
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
@@ -114,6 +166,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     next_logits = logits[torch.arange(B, device=device), lengths.long() - 1]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     rows = torch.arange(B, device=device)
+    decode = DecodeStep(model, cache, cuda_graph=bool(cuda_graph) and device.type == "cuda")
     for step in range(max_new_tokens):
         token = _next_tokens(next_logits, do_sample, temperature, top_k, top_p, generator)
         if eos_token_id is not None:
@@ -121,5 +174,5 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
             done |= token == eos_token_id
         out[rows, lengths.long() + step] = token
         if step + 1 < max_new_tokens:
-            next_logits = model(token[:, None], cache=cache).logits[:, -1]  # advances cache.seqlens
+            next_logits = decode(token)  # advances cache.seqlens
     return out

@@ -10,11 +10,16 @@ produced for it, which the caller passes with the new tokens (``depth_k``, ``dep
 rows per new token, never ``T x L``. The result equals :func:`moda_cuda.moda_attention`'s
 output at those positions.
 
-Only the reference computes it so far (every device; a one-time warning on CUDA tensors).
+On CUDA tensors the Triton split-KV kernel computes it (``moda_cuda.triton_ref.decode``,
+which also writes the new keys); what it does not serve (float64, D > 256, caches of two
+layouts) runs the reference, with a one-time warning. The reference serves every device.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 import warnings
 from typing import Optional, Tuple
 
@@ -22,9 +27,12 @@ import torch
 
 from ._spec import FLOAT_DTYPES, default_scale
 
-__all__ = ["check_kvcache_inputs", "attention_with_kvcache_ref"]
+__all__ = ["check_kvcache_inputs", "attention_with_kvcache_ref", "decode_backend", "triton_refuses"]
 
-_warned = False
+BACKENDS = ("auto", "triton", "reference")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_INT32 = 2**31 - 1
+_warned: set = set()
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -98,11 +106,6 @@ def attention_with_kvcache_ref(q, k_cache, v_cache, depth_k, depth_v, cache_seql
                                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out [B, S, Hq, D] in q's dtype, lse [B, Hq, S]) of new tokens against a written cache,
     in float32 (float64 for float64 inputs), all sequences at once."""
-    global _warned
-    if q.is_cuda and not _warned:
-        _warned = True
-        warnings.warn("moda_cuda: attention with a KV cache runs the reference implementation (no decode "
-                      "kernel yet)", RuntimeWarning, stacklevel=3)
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, S, Hq, D = q.shape
     Tmax, Hk = k_cache.shape[1], k_cache.shape[2]
@@ -125,3 +128,56 @@ def attention_with_kvcache_ref(q, k_cache, v_cache, depth_k, depth_v, cache_seql
         out = out + torch.einsum("bhgil,bilhd->bihgd", torch.exp(logits[1] - lse[..., None]), depth_v.to(cd))
     lse = lse.reshape(B, Hq, S)
     return out.reshape(B, S, Hq, D).to(q.dtype), (lse if q.dtype == torch.float64 else lse.float())
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_missing() -> Optional[str]:
+    return None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+
+
+def triton_refuses(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Optional[str]:
+    """Why the Triton decode kernel cannot serve a validated call, or None."""
+    if not q.is_cuda and not (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        return f"inputs are on {q.device.type}; the Triton decode kernel needs CUDA tensors"
+    missing = _triton_missing()
+    if missing:
+        return missing
+    if q.dtype not in _TRITON_DTYPES:
+        return f"dtype {q.dtype} is not supported (float16, bfloat16, float32 are)"
+    D = q.shape[-1]
+    if D > 256:
+        return f"head_dim {D} > 256"
+    st = k_cache.stride()
+    if st != v_cache.stride() or st[-1] != 1:
+        return "k_cache and v_cache must share one layout with contiguous rows (they are written in place)"
+    if st[1] * (k_cache.shape[1] - 1) + st[2] * (k_cache.shape[2] - 1) + D > _MAX_INT32:
+        return "one batch entry of the cache spans more than 2**31 elements (int32 offsets)"
+    return None
+
+
+def decode_backend(backend: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str:
+    """``"triton"`` or ``"reference"``: what runs a validated call.
+
+    "auto" (``MODA_BACKEND`` honoured; "cuda", which has no decode kernel, means auto): the
+    Triton kernel on CUDA tensors it serves, else the reference (a warning once per reason on
+    CUDA tensors). "triton" named explicitly raises where the kernel cannot serve.
+    """
+    if backend == "auto":
+        backend = os.environ.get("MODA_BACKEND", "").strip() or "auto"
+        if backend == "cuda":
+            backend = "auto"
+    if backend == "reference" or (backend == "auto" and not q.is_cuda):
+        return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown MoDA backend {backend!r} for attention with a KV cache; allowed: "
+                         f"{', '.join(BACKENDS)}")
+    reason = triton_refuses(q, k_cache, v_cache)
+    if reason is None:
+        return "triton"
+    if backend == "triton":
+        raise ValueError(f"MoDA backend 'triton' cannot run this KV-cache call: {reason}")
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"moda_cuda: attention with a KV cache runs the reference implementation ({reason})",
+                      RuntimeWarning, stacklevel=3)
+    return "reference"

@@ -8,7 +8,8 @@
 * ``moda::attention_varlen`` / ``moda::attention_varlen_backward`` -- the same for documents
   packed into batch 1 (``cu_seqlens``, ``max_seqlen`` as in flash-attn's varlen API).
 * ``moda::attention_with_kvcache`` -- new tokens against a KV cache (decoding; writes the new
-  keys into the cache in place; ``moda_cuda.kvcache``). Not differentiable.
+  keys into the cache in place; ``moda_cuda.kvcache``; the Triton split-KV kernel on CUDA).
+  Not differentiable.
 
 ``deterministic=True`` asks for bitwise-repeatable gradients: the compiled backward then
 computes dQ without atomics; the Triton and reference backwards are deterministic by
@@ -26,7 +27,7 @@ import torch
 
 from . import dispatch
 from ._spec import MoDAShape, check_cu_seqlens, check_inputs, default_scale, packed_documents
-from .kvcache import attention_with_kvcache_ref, check_kvcache_inputs, write_new_keys
+from .kvcache import attention_with_kvcache_ref, check_kvcache_inputs, decode_backend, write_new_keys
 
 _ARGS = "Tensor q, Tensor? k, Tensor? v, Tensor? depth_k, Tensor? depth_v, float? scale=None, " \
         "bool causal=True, int depth_chunk=1, bool deterministic=False"
@@ -175,18 +176,38 @@ for _name, _impl, _fake, _varlen in (("attention", _forward, _fake_forward, Fals
     torch.library.register_autograd(f"moda::{_name}", _backward, setup_context=_context_setup(_varlen))
 torch.library.define("moda::attention_with_kvcache",
                      "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? depth_k, Tensor? depth_v, Tensor? k, "
-                     f"Tensor? v, Tensor cache_seqlens, float? scale=None, int depth_chunk=1) -> {_FWD_OUT}")
+                     f"Tensor? v, Tensor cache_seqlens, float? scale=None, int depth_chunk=1, str backend='auto') "
+                     f"-> {_FWD_OUT}")
+_moda_decode = None
 
 
-def _with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale=None, depth_chunk=1):
+def _decode_kernel():
+    """The Triton decode launcher, imported at its first use (kept: no import per call)."""
+    global _moda_decode
+    if _moda_decode is None:
+        from .triton_ref.decode import moda_decode
+
+        _moda_decode = moda_decode
+    return _moda_decode
+
+
+def _with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale=None, depth_chunk=1,
+                  backend="auto"):
+    # The one validation of an eager call (the public function leaves it to the op, and the
+    # fake implementation runs it when traced): a decode step's host time is the budget.
     check_kvcache_inputs(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale, depth_chunk)
+    if decode_backend(backend, q, k_cache, v_cache) == "triton":
+        return _decode_kernel()(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens,
+                                default_scale(q.shape[-1], scale))
     if k is not None:
         write_new_keys(k_cache, v_cache, k, v, cache_seqlens)
     out, lse = attention_with_kvcache_ref(q, k_cache, v_cache, depth_k, depth_v, cache_seqlens, scale)
     return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
 
 
-def _fake_with_kvcache(q, *args, **kwargs):
+def _fake_with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale=None, depth_chunk=1,
+                       backend="auto"):
+    check_kvcache_inputs(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale, depth_chunk)
     B, S, Hq, D = q.shape
     return q.new_empty((B, S, Hq, D)), q.new_empty((B, Hq, S), dtype=_lse_dtype(q.dtype))
 

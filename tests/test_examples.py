@@ -134,3 +134,8 @@ def test_bench_smoke(tmp_path):
     assert report["correctness"]["max_rel_grad_diff_stream_read"] < 1e-5
     assert report["summary"]["depth_state_memory_ratio_analytic"] == pytest.approx((4 * 3 / 2) / 3)
     assert "speedup_step" in stdout
+
+
+def test_bench_decode_help(tmp_path):
+    stdout = " ".join(run([sys.executable, str(ROOT / "bench/bench_decode.py"), "--help"], tmp_path).split())
+    assert "--out OUT" in stdout and "memory roofline" in stdout and "--cache-lens" in stdout

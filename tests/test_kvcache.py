@@ -88,7 +88,8 @@ def test_decode_step_under_torch_compile():
     (dict(q=torch.zeros(2, 17, 4, 8, dtype=torch.float64)), "do not fit a cache"),
     (dict(k=torch.zeros(2, 3, 2, 8, dtype=torch.float64), v=torch.zeros(2, 3, 2, 8, dtype=torch.float64)),
      r"k and v must be \[B=2, S=2"),
-    (dict(backend="triton"), "no KV-cache attention yet"),
+    (dict(backend="cuda"), "has no KV-cache attention"),
+    (dict(backend="triton"), "cannot run this KV-cache call: dtype torch.float64"),
 ])
 def test_bad_inputs_raise(change, message):
     q, k, v, dk, dv = _problem(2, 8, 4, 2, 8, 2)

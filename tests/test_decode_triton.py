@@ -1,0 +1,295 @@
+"""The Triton decode kernel (split-KV) against the float64 reference of attention with a KV cache.
+
+On a CPU-only machine it runs in Triton's interpreter (conftest.py), with 16-key tiles, so
+that the small odd caches below span several tiles and several splits; the ``cuda`` tests
+run it compiled in bf16. Every cache row a sequence does not hold yet is NaN (a cache is
+never cleared), and every output buffer is NaN-poisoned: an unmasked read or an unwritten
+element shows up.
+"""
+
+import pytest
+import torch
+
+import moda_cuda
+from helpers import rel_err
+from kernel_checks import poisoned_allocations
+from moda_cuda.kvcache import decode_backend
+from moda_cuda.triton_ref.decode import decode_plan, moda_decode
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+
+def _problem(B, S, Hq, Hk, D, L, Tmax, lens, dtype=torch.float32, device=DEVICE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    k_cache, v_cache = r(B, Tmax, Hk, D), r(B, Tmax, Hk, D)
+    for b, n in enumerate(lens):  # rows not cached yet hold anything: NaN here
+        k_cache[b, n:] = float("nan")
+        v_cache[b, n:] = float("nan")
+    depth = (r(B, S, L, Hk, D), r(B, S, L, Hk, D)) if L else (None, None)
+    return dict(q=r(B, S, Hq, D), k_cache=k_cache, v_cache=v_cache, depth_k=depth[0], depth_v=depth[1],
+                k=r(B, S, Hk, D), v=r(B, S, Hk, D), cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device))
+
+
+def _reference(p):
+    """(out, lse, k_cache, v_cache) in float64 through the reference, caches written."""
+    d = {name: (t.double() if t is not None and t.is_floating_point() else t) for name, t in p.items()}
+    d["k_cache"], d["v_cache"] = d["k_cache"].clone(), d["v_cache"].clone()
+    out, lse = moda_cuda.moda_attention_with_kvcache(d.pop("q"), d.pop("k_cache"), d.pop("v_cache"),
+                                                     d.pop("depth_k"), d.pop("depth_v"), return_lse=True,
+                                                     backend="reference", **d)
+    return out, lse
+
+
+def _expected_caches(p):
+    k_cache, v_cache = p["k_cache"].clone(), p["v_cache"].clone()
+    S = p["q"].shape[1]
+    for b, n in enumerate(p["cache_seqlens"].tolist()):
+        k_cache[b, n:n + S] = p["k"][b]
+        v_cache[b, n:n + S] = p["v"][b]
+    return k_cache, v_cache
+
+
+def _same(a, b):
+    """Equal, NaN where the other is NaN."""
+    return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+def _run(p, num_splits, with_new=True):
+    """moda_decode on the problem (caches written in place); out, lse."""
+    scale = p["q"].shape[-1] ** -0.5
+    new = (p["k"], p["v"]) if with_new else (None, None)
+    with poisoned_allocations():
+        return moda_decode(p["q"], p["k_cache"], p["v_cache"], *new, p["depth_k"], p["depth_v"],
+                           p["cache_seqlens"], scale, num_splits=num_splits)
+
+
+def _check(p, num_splits, dtype=torch.float32):
+    want_out, want_lse = _reference(p)
+    want_k, want_v = _expected_caches(p)
+    out, lse = _run(p, num_splits)
+    assert out.dtype == p["q"].dtype and lse.dtype == torch.float32
+    assert rel_err(out, want_out) < TOL[dtype], rel_err(out, want_out)
+    assert rel_err(lse, want_lse) < TOL[torch.float32], rel_err(lse, want_lse)
+    # The new keys are in the caches at cache_seqlens[b] .. + S, and nothing else changed.
+    assert _same(p["k_cache"], want_k) and _same(p["v_cache"], want_v)
+
+
+# (S, L, G, D): every S with every L, the two head dims and group sizes alternating; the
+# caches are 37 long, with lengths 0 (the new tokens only), odd, and filling the cache.
+CASES = [(S, L, G, D) for S in (1, 4, 17) for L in (0, 1, 64) for G, D in ((1, 64), (8, 128))]
+
+
+@pytest.mark.parametrize("S, L, G, D", CASES, ids=lambda x: str(x))
+def test_decode_kernel_matches_reference(S, L, G, D):
+    Hk = 2 if G == 1 else 1
+    Tmax = 37
+    p = _problem(3, S, G * Hk, Hk, D, L, Tmax, [0, 13, Tmax - S], seed=S * 100 + L)
+    plan = decode_plan(3, S, G, Hk, D, Tmax, p["q"].device, 4, 3)
+    assert plan.splits == 3 and plan.split_len < Tmax
+    _check(p, num_splits=3)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5, None])
+def test_split_counts_agree(num_splits):
+    p = _problem(2, 1, 8, 1, 64, 3, 70, [5, 69])
+    _check(p, num_splits)
+    if num_splits is not None:
+        assert decode_plan(2, 1, 8, 1, 64, 70, p["q"].device, 4, num_splits).splits == num_splits
+
+
+@pytest.mark.parametrize("G, D", [(8, 64), (1, 128), (4, 24)], ids=["G8-D64", "G1-D128", "G4-D24"])
+def test_other_groups_and_head_dims(G, D):
+    p = _problem(2, 2, G * 2, 2, D, 3, 29, [7, 27])
+    _check(p, num_splits=2)
+
+
+def test_keys_already_in_the_cache():
+    p = _problem(2, 3, 4, 2, 32, 2, 40, [4, 31])
+    written = _expected_caches(p)
+    p["k_cache"], p["v_cache"] = written
+    want_out, want_lse = _reference(dict(p, k=None, v=None))
+    out, lse = _run(p, num_splits=3, with_new=False)
+    assert rel_err(out, want_out) < 1e-5 and rel_err(lse, want_lse) < 1e-5
+    assert _same(p["k_cache"], written[0]) and _same(p["v_cache"], written[1])
+
+
+def test_strided_inputs():
+    """q, k, v as head-major views, depth as the first slots of larger buffers (a depth stream's
+    read), k and v of different layouts."""
+    p = _problem(2, 2, 4, 2, 32, 3, 33, [9, 30])
+    p["q"] = p["q"].transpose(1, 2).contiguous().transpose(1, 2)
+    p["k"] = p["k"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert p["k"].stride() != p["v"].stride()
+    for name in ("depth_k", "depth_v"):
+        buf = torch.full((2, 2, 6, 2, 32), float("nan"), device=DEVICE)
+        buf[:, :, :3] = p[name]
+        p[name] = buf[:, :, :3]
+    _check(p, num_splits=2)
+
+
+def test_half_precision():
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    p = _problem(2, 4, 8, 2, 64, 5, 41, [0, 37], dtype=dtype)
+    _check(p, num_splits=3, dtype=dtype)
+
+
+def test_the_op_runs_the_kernel():
+    """backend="triton" through moda_attention_with_kvcache; "auto" picks it on CUDA only."""
+    p = _problem(2, 1, 4, 2, 32, 2, 25, [3, 24])
+    want_out, want_lse = _reference(p)
+    q, kc, vc, dk, dv = (p.pop(n) for n in ("q", "k_cache", "v_cache", "depth_k", "depth_v"))
+    out, lse = moda_cuda.moda_attention_with_kvcache(q, kc, vc, dk, dv, return_lse=True, backend="triton", **p)
+    assert rel_err(out, want_out) < 1e-5 and rel_err(lse, want_lse) < 1e-5
+    assert decode_backend("auto", q, kc, vc) == ("triton" if DEVICE == "cuda" else "reference")
+    assert decode_backend("reference", q, kc, vc) == "reference"
+    with pytest.raises(ValueError, match="'triton' cannot run this KV-cache call: dtype torch.float64"):
+        decode_backend("triton", q.double(), kc.double(), vc.double())
+    with pytest.raises(ValueError, match="must share one layout"):
+        decode_backend("triton", q, kc, vc.transpose(1, 2).contiguous().transpose(1, 2))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_opcheck(backend):
+    """Schema (the caches declared mutated, nothing else), fake implementation, tracing."""
+    p = _problem(2, 2, 4, 2, 16, 2, 20, [3, 11])
+    args = tuple(p[n] for n in ("q", "k_cache", "v_cache", "depth_k", "depth_v", "k", "v", "cache_seqlens"))
+    torch.library.opcheck(torch.ops.moda.attention_with_kvcache.default, args,
+                          dict(scale=None, depth_chunk=1, backend=backend))
+
+
+def test_backend_from_the_environment(monkeypatch):
+    p = _problem(1, 1, 2, 2, 16, 0, 8, [3])
+    q, kc, vc = p["q"], p["k_cache"], p["v_cache"]
+    monkeypatch.setenv("MODA_BACKEND", "reference")
+    assert decode_backend("auto", q, kc, vc) == "reference"
+    monkeypatch.setenv("MODA_BACKEND", "triton")
+    assert decode_backend("auto", q, kc, vc) == "triton"
+    monkeypatch.setenv("MODA_BACKEND", "cuda")  # no compiled decode kernel: auto's choice
+    assert decode_backend("auto", q, kc, vc) == ("triton" if DEVICE == "cuda" else "reference")
+    monkeypatch.setenv("MODA_BACKEND", "fast")
+    with pytest.raises(ValueError, match="unknown MoDA backend 'fast'"):
+        decode_backend("auto", q, kc, vc)
+
+
+def test_plan_depends_on_shapes_only(monkeypatch):
+    """One split where the programs fill the GPU, several for one long sequence; slices are
+    whole tiles and cover the cache."""
+    from moda_cuda.triton_ref import decode
+
+    monkeypatch.setattr(decode, "_sm_count", lambda device: 132)
+    decode_plan.cache_clear()
+    try:
+        many = decode_plan(32, 1, 4, 8, 128, 4096, torch.device("cpu"))
+        one = decode_plan(1, 1, 4, 8, 128, 32768, torch.device("cpu"))
+    finally:
+        decode_plan.cache_clear()
+    assert many.splits == 1 and many.grid == (1, 256, 1)
+    assert 8 < one.splits <= 64 and one.split_len % one.block_n == 0 and one.splits * one.split_len >= 32768
+
+
+# Compiled for sm_90 (H100/H200) on any machine: Triton's compiler and ptxas need no GPU. The
+# interpreter runs the kernels' Python; this catches what only the compiler sees (types,
+# layouts, shared memory). In a subprocess: the kernels of this one are interpreted.
+_HOPPER_COMPILE = """
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource
+from moda_cuda.triton_ref import decode as d
+
+def compile(kernel, pointers, constexprs, **options):
+    sig = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "fp32" if p.name == "sm_scale" else "i32")
+           for p in kernel.params}
+    return triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
+
+# (dtype, elem bytes, G, D, S, partial outputs): a decode step in bf16, a speculative block
+# in fp16 with float32 partials, float32 with an odd head dim
+for dt, size, G, D, S, partial in (("bf16", 2, 4, 128, 1, False), ("fp16", 2, 8, 128, 17, True),
+                                   ("fp32", 4, 4, 80, 2, False)):
+    p = d.decode_plan(2, S, G, 2, D, 4096, torch.device("cuda"), size, 4)
+    ptr = {n: "*" + dt for n in ("Q", "KC", "VC", "KN", "VN", "DK", "DV")}
+    ptr.update(SEQLENS="*i32", O="*fp32" if partial else "*" + dt, LSE="*fp32")
+    k = compile(d._decode_split_kernel, ptr, dict(G=G, HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_M=p.block_m,
+                BLOCK_N=p.block_n, HAS_NEW=True, HAS_DEPTH=True, PRECISION=d._dot_precision(
+                {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt])),
+                num_warps=p.num_warps, num_stages=p.num_stages)
+    print(dt, G, D, S, "shared", k.metadata.shared)
+    assert k.metadata.shared <= 227 * 1024, k.metadata.shared
+k = compile(d._decode_combine_kernel, dict(PART="*fp32", O="*bf16", LSE="*fp32"),
+            dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_SPLITS=64), num_warps=4)
+print("combine shared", k.metadata.shared)
+"""
+
+
+def test_kernels_compile_for_hopper(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    ptxas = getattr(getattr(getattr(triton, "knobs", None), "nvidia", None), "ptxas", None)
+    if ptxas is None or not Path(str(ptxas.path)).is_file():
+        pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # this moda_cuda
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    assert res.stdout.count("shared") == 4
+
+
+# ----------------------------------------------------------------------------- GPU, bf16
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("S, L, G, D", [(1, 32, 4, 128), (1, 0, 8, 64), (4, 32, 8, 128), (1, 32, 1, 128)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("num_splits", [None, 1, 7])
+def test_bf16_on_gpu(S, L, G, D, num_splits):
+    Tmax, Hk = 3000, 2
+    p = _problem(4, S, G * Hk, Hk, D, L, Tmax, [0, 1, 1777, Tmax - S], dtype=torch.bfloat16, device="cuda")
+    _check(p, num_splits, dtype=torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_auto_runs_the_kernel_on_gpu():
+    p = _problem(2, 1, 8, 2, 128, 8, 512, [100, 511], dtype=torch.bfloat16, device="cuda")
+    want_out, _ = _reference(p)
+    q, kc, vc, dk, dv = (p.pop(n) for n in ("q", "k_cache", "v_cache", "depth_k", "depth_v"))
+    assert decode_backend("auto", q, kc, vc) == "triton"
+    out = moda_cuda.moda_attention_with_kvcache(q, kc, vc, dk, dv, **p)
+    assert rel_err(out, want_out) < 1e-2
+
+
+@pytest.mark.cuda
+def test_decode_step_in_a_cuda_graph():
+    """Captured once, replayed with cache_seqlens advanced in place: each replay attends to the
+    keys the earlier replays wrote."""
+    B, Hq, Hk, D, L, Tmax = 2, 8, 2, 64, 4, 300
+    p = _problem(B, 1, Hq, Hk, D, L, Tmax, [10, 200], dtype=torch.bfloat16, device="cuda")
+    static = dict(p)
+    seqlens = p["cache_seqlens"]
+
+    def step():
+        return moda_cuda.moda_attention_with_kvcache(static["q"], static["k_cache"], static["v_cache"],
+                                                     static["depth_k"], static["depth_v"], k=static["k"],
+                                                     v=static["v"], cache_seqlens=seqlens)
+
+    step()  # compiles (writes the keys at 10 and 200; the first replay writes them again)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # records, runs nothing: cache_seqlens stays [10, 200]
+        out = step()
+        seqlens.add_(1)
+    for _ in range(3):
+        for name in ("q", "k", "v", "depth_k", "depth_v"):
+            static[name].normal_()  # this step's inputs, in the captured buffers
+        want_out, _ = _reference({name: t.clone() for name, t in static.items()})
+        graph.replay()
+        assert rel_err(out, want_out) < 1e-2
+    assert seqlens.tolist() == [13, 203]

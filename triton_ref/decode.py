@@ -1,0 +1,280 @@
+"""MoDA decoding: new tokens against a KV cache, split over the cache (flash-decoding).
+
+``_decode_split_kernel``, grid (splits, B * Hk, row blocks). A program takes the G-folded
+query rows of one (batch, kv head): row ``R = i * G + g`` is new token ``i``, query head
+``hk * G + g``, so all G heads and all S tokens share each K/V tile (one row block holds up
+to 128 rows: every decode step, S = 1). Its keys are one slice of cache positions,
+``[j * SPLIT_LEN, (j + 1) * SPLIT_LEN)``, cut at the last position its rows see
+(token i sees ``p <= cache_seqlens[b] + i``):
+
+1. positions below ``cache_seqlens[b]``, which every new token sees: tiles without a mask;
+2. the rest, masked. With new ``k``/``v`` given, their positions are read from ``k``/``v``
+   rather than the cache, and the program of the last row block writes them into the cache:
+   no program reads a cache row that another one writes, so writing and attending are one
+   launch;
+3. the program whose slice holds the last visible key also takes the new tokens' own depth
+   rows (token i: its L rows of ``depth_k/v [B, S, L, Hk, D]``), so they count exactly once.
+
+It writes the normalised output and lse of its slice (float32); a slice that starts past the
+last visible key writes lse = -inf only. ``_decode_combine_kernel`` merges the slices of each
+row with weights ``exp(lse_j - max lse)``. With one split the first kernel writes ``out``
+and ``lse`` itself and the second does not run.
+
+The number of splits depends on shapes only (B * Hk against the SM count, Tmax), never on
+the lengths, so the host reads nothing from the GPU and a decode step can be captured in a
+CUDA graph.
+"""
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import LOG2E, MASKED, row_tile_ptrs
+from ._configs import INTERPRET
+from ._fwd import _dot_precision, _softmax_step
+
+MAX_BLOCK_M = 128  # folded rows per program (64 above D = 128)
+
+
+@triton.jit
+def _cache_tiles(acc, l_i, m_i, q, t_row, lo, hi, cs, write, KC, VC, KN, VN, stride_ct, stride_nt, offs_d, d_ok,
+                 qk_scale, MASK: tl.constexpr, HAS_NEW: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PRECISION: tl.constexpr, STAGES: tl.constexpr):
+    """Cache positions [lo, hi) into the softmax state; MASK: causal mask, new rows from k/v."""
+    for start in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
+        s = start + tl.arange(0, BLOCK_N)
+        c_off = s[:, None] * stride_ct + offs_d[None, :]
+        if MASK:
+            ld = (s < hi)[:, None] & d_ok[None, :]
+            if HAS_NEW:
+                new = (s >= cs)[:, None]
+                n_off = (s - cs)[:, None] * stride_nt + offs_d[None, :]
+                k = tl.where(new, tl.load(KN + n_off, mask=ld & new, other=0.0),
+                             tl.load(KC + c_off, mask=ld & ~new, other=0.0))
+                v = tl.where(new, tl.load(VN + n_off, mask=ld & new, other=0.0),
+                             tl.load(VC + c_off, mask=ld & ~new, other=0.0))
+                tl.store(KC + c_off, k, mask=ld & new & write)
+                tl.store(VC + c_off, v, mask=ld & new & write)
+            else:
+                k = tl.load(KC + c_off, mask=ld, other=0.0)
+                v = tl.load(VC + c_off, mask=ld, other=0.0)
+        else:
+            k = tl.load(KC + c_off, mask=d_ok[None, :], other=0.0)
+            v = tl.load(VC + c_off, mask=d_ok[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASK:
+            qk = tl.where((s[None, :] < hi) & (s[None, :] <= cs + t_row[:, None]), qk, MASKED)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _depth_tiles(acc, l_i, m_i, q, t_row, lo, hi, L, DK, DV, stride_dt, stride_dl, offs_d, d_ok, qk_scale,
+                 BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Depth rows [lo, hi), flattened as j = i * L + l: row of token i sees only its own."""
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        t = j // L
+        off = t[:, None] * stride_dt + (j - t * L)[:, None] * stride_dl + offs_d[None, :]
+        ld = (j < hi)[:, None] & d_ok[None, :]
+        k = tl.load(DK + off, mask=ld, other=0.0)
+        v = tl.load(DV + off, mask=ld, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk = tl.where((j[None, :] < hi) & (t[None, :] == t_row[:, None]), qk, MASKED)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, KC, VC, KN, VN, DK, DV, SEQLENS, O, LSE,
+    sm_scale,
+    stride_qb, stride_qt, stride_qh,
+    stride_cb, stride_ct, stride_ch,
+    stride_nb, stride_nt, stride_nh,
+    stride_db, stride_dt, stride_dl, stride_dh,
+    S, HK, L, TMAX, SPLIT_LEN, PART_ROWS, LSE_BASE,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_NEW: tl.constexpr, HAS_DEPTH: tl.constexpr, PRECISION: tl.constexpr,
+):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = bh // HK
+    hk = bh % HK
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < S * G
+    t_row = rows // G
+    g_row = rows % G
+    t_lo = pid_m * BLOCK_M // G
+    t_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, S - 1)  # inclusive
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    cs = tl.maximum(tl.load(SEQLENS + b), 0)
+    kv_hi = tl.minimum(cs + t_hi + 1, TMAX)  # keys [0, kv_hi) are visible to some row
+    lo = split * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, kv_hi)
+    full_hi = lo + tl.maximum(tl.minimum(hi, cs) - lo, 0) // BLOCK_N * BLOCK_N  # unmasked tiles end
+
+    q = tl.load(row_tile_ptrs(Q + b.to(tl.int64) * stride_qb, rows, t_row, g_row, hk, stride_qt, stride_qh, offs_d,
+                              G), mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    qk_scale = sm_scale * LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    KCb = KC + b.to(tl.int64) * stride_cb + hk * stride_ch
+    VCb = VC + b.to(tl.int64) * stride_cb + hk * stride_ch
+    KNb = KN + b.to(tl.int64) * stride_nb + hk * stride_nh
+    VNb = VN + b.to(tl.int64) * stride_nb + hk * stride_nh
+    write = pid_m == tl.num_programs(2) - 1  # the row block of the last token sees every new position
+    acc, l_i, m_i = _cache_tiles(acc, l_i, m_i, q, t_row, lo, full_hi, cs, write, KCb, VCb, KNb, VNb, stride_ct,
+                                 stride_nt, offs_d, d_ok, qk_scale, False, HAS_NEW, BLOCK_N, PRECISION, None)
+    # The masked tail is a tile or two: not pipelined (its four loads would double the buffers).
+    acc, l_i, m_i = _cache_tiles(acc, l_i, m_i, q, t_row, full_hi, hi, cs, write, KCb, VCb, KNb, VNb, stride_ct,
+                                 stride_nt, offs_d, d_ok, qk_scale, True, HAS_NEW, BLOCK_N, PRECISION, 1)
+    if HAS_DEPTH:
+        # Only in the slice that holds the last visible key (an empty range elsewhere).
+        depth_hi = tl.where((kv_hi - 1) // SPLIT_LEN == split, (t_hi + 1) * L, t_lo * L)
+        DKb = DK + b.to(tl.int64) * stride_db + hk * stride_dh
+        DVb = DV + b.to(tl.int64) * stride_db + hk * stride_dh
+        acc, l_i, m_i = _depth_tiles(acc, l_i, m_i, q, t_row, t_lo * L, depth_hi, L, DKb, DVb, stride_dt, stride_dl,
+                                     offs_d, d_ok, qk_scale, BLOCK_N, PRECISION)
+
+    # O and LSE are laid out as out [B, S, Hq, D] and lse [B, Hq, S], PART_ROWS apart per split.
+    heads = hk * G + g_row
+    part = split.to(tl.int64) * PART_ROWS
+    o_rows = part + (b * S + t_row) * (HK * G) + heads
+    seen = l_i > 0  # False only in a slice past the last visible key: it writes lse = -inf
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(O + o_rows[:, None] * HEAD_DIM + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=(row_ok & seen)[:, None] & d_ok[None, :])
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / LOG2E, float("-inf"))
+    tl.store(LSE + LSE_BASE + part + (b * HK * G + heads) * S + t_row, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_combine_kernel(PART, O, LSE, N_ROWS, S, HQ, SPLITS, LSE_BASE, HEAD_DIM: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+    """One row (b, h, t) of out and lse from the SPLITS partial results in PART (outputs, then
+    lse from LSE_BASE on)."""
+    row = tl.program_id(0)  # lse order: (b * HQ + h) * S + t
+    b = row // (HQ * S)
+    h = row // S % HQ
+    t = row % S
+    o_row = (b * S + t) * HQ + h  # out order
+    sp = tl.arange(0, BLOCK_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse_part = tl.load(PART + LSE_BASE + sp * N_ROWS + row, mask=sp < SPLITS, other=float("-inf"))
+    m = tl.max(lse_part, 0)
+    w = tl.exp(lse_part - m)
+    seen = (sp < SPLITS) & (lse_part > float("-inf"))  # a skipped slice wrote no output
+    o = tl.load(PART + (sp[:, None].to(tl.int64) * N_ROWS + o_row) * HEAD_DIM + offs_d[None, :],
+                mask=seen[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / total
+    tl.store(O + o_row.to(tl.int64) * HEAD_DIM + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(LSE + row, m + tl.log(total))
+
+
+class DecodePlan(NamedTuple):
+    grid: tuple
+    splits: int
+    split_len: int
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits, as on a small GPU
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=1024)
+def decode_plan(B: int, S: int, G: int, Hk: int, D: int, Tmax: int, device: torch.device, elem_bytes: int = 2,
+                num_splits=None) -> DecodePlan:
+    """Tiles and splits of a call, from its shapes alone (cached per shape).
+
+    One split when the (batch, kv head, row block) programs already fill most SMs; else about
+    two programs per SM, each slice at least 4 key tiles long (and at most 64 slices).
+    ``num_splits`` forces a count (tests); slices are whole tiles, so fewer may result.
+    """
+    block_d = max(16, triton.next_power_of_2(D))
+    block_m = min(max(16, triton.next_power_of_2(S * G)), MAX_BLOCK_M if D <= 128 else MAX_BLOCK_M // 2)
+    block_n = 16 if INTERPRET else (128 if D <= 64 else 64 if D <= 128 or elem_bytes <= 2 else 32)
+    m_blocks = triton.cdiv(S * G, block_m)
+    programs = B * Hk * m_blocks
+    if num_splits is None:
+        sms = _sm_count(device)
+        if programs >= 0.8 * sms:
+            num_splits = 1
+        else:
+            num_splits = min(triton.cdiv(2 * sms, programs), triton.cdiv(Tmax, 4 * block_n), 64)
+    split_len = triton.cdiv(triton.cdiv(Tmax, max(1, num_splits)), block_n) * block_n
+    splits = triton.cdiv(Tmax, split_len)
+    stages = 3 if D <= 128 and elem_bytes <= 2 else 2  # float32 tiles: 2 buffers fit shared memory
+    return DecodePlan((splits, B * Hk, m_blocks), splits, split_len, block_m, block_n, block_d,
+                      4 if block_m * block_d <= 128 * 64 else 8, stages)
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor):
+    """a and b with one layout (both made contiguous where they differ) and unit last stride."""
+    if a.stride() != b.stride() or a.stride(-1) != 1:
+        return a.contiguous(), b.contiguous()
+    return a, b
+
+
+def moda_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, sm_scale: float, num_splits=None):
+    """Attention of ``q [B, S, Hq, D]`` against the caches (``k``, ``v`` written into them at
+    ``cache_seqlens[b] + i`` first, by the kernel), with the depth rows ``[B, S, L, Hk, D]``.
+
+    The caller validates the inputs; the caches must share one layout with unit last stride
+    (they are written in place). Returns (out [B, S, Hq, D] in q's dtype, lse [B, Hq, S]
+    float32, natural log).
+    """
+    B, S, Hq, D = q.shape
+    Tmax, Hk = k_cache.shape[1], k_cache.shape[2]
+    p = decode_plan(B, S, Hq // Hk, Hk, D, Tmax, q.device, q.element_size(), num_splits)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    has_new = k is not None
+    if has_new:
+        k, v = _same_strides(k, v)
+    else:
+        k, v = k_cache, v_cache  # never read
+    L = depth_k.shape[2] if depth_k is not None else 0
+    if L:
+        depth_k, depth_v = _same_strides(depth_k, depth_v)
+    else:
+        depth_k = depth_v = q.unsqueeze(2)  # never read
+    out = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
+    n_rows = B * Hq * S
+    if p.splits == 1:
+        o_t, lse_t, part_rows, lse_base = out, lse, 0, 0
+    else:  # partial outputs [splits, B, S, Hq, D], then partial lse [splits, B, Hq, S], in one buffer
+        o_t = lse_t = torch.empty(p.splits * n_rows * (D + 1), dtype=torch.float32, device=q.device)
+        part_rows, lse_base = n_rows, p.splits * n_rows * D
+    sq, sc, sn, sd = q.stride(), k_cache.stride(), k.stride(), depth_k.stride()
+    _decode_split_kernel[p.grid](
+        q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, o_t, lse_t,
+        sm_scale,
+        sq[0], sq[1], sq[2], sc[0], sc[1], sc[2], sn[0], sn[1], sn[2], sd[0], sd[1], sd[2], sd[3],
+        S, Hk, L, Tmax, p.split_len, part_rows, lse_base,
+        G=Hq // Hk, HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_M=p.block_m, BLOCK_N=p.block_n, HAS_NEW=has_new,
+        HAS_DEPTH=L > 0, PRECISION=_dot_precision(q.dtype), num_warps=p.num_warps, num_stages=p.num_stages,
+    )
+    if p.splits > 1:
+        _decode_combine_kernel[(n_rows,)](o_t, out, lse, n_rows, S, Hq, p.splits, lse_base, HEAD_DIM=D,
+                                          BLOCK_D=p.block_d, BLOCK_SPLITS=max(2, triton.next_power_of_2(p.splits)),
+                                          num_warps=4)
+    return out, lse
