@@ -162,8 +162,13 @@ class ModelOutput(NamedTuple):
 # ----------------------------------------------------------------------------- pieces
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half precision upcast to float32 for stable arithmetic; float64 kept (exact checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in float32 for stability under bf16."""
+    """Root-mean-square layer norm, computed in float32 (at least) for stability under bf16."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -171,9 +176,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = _at_least_float32(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * _at_least_float32(self.weight)).to(x.dtype)
 
 
 def rotary_tables(head_dim: int, seqlen: int, theta: float = 10000.0, device=None) -> Rope:
@@ -217,10 +222,11 @@ def _packed_rope(rope: Optional[Rope], cu_seqlens: Optional[torch.Tensor], total
 
 
 def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate ``x [B, T, H, D]`` by position (float32 math, result in x's dtype). The tables are
-    ``[T, D / 2]``, or ``[B, T, D / 2]`` where sequences sit at different positions (decoding)."""
+    """Rotate ``x [B, T, H, D]`` by position (float32 math or wider, result in x's dtype). The
+    tables are ``[T, D / 2]``, or ``[B, T, D / 2]`` where sequences sit at different positions
+    (decoding)."""
     cos, sin = (t[None, :, None, :] if t.dim() == 2 else t[:, :, None, :] for t in rope)
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = _at_least_float32(x).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
@@ -487,7 +493,7 @@ class MoDAForCausalLM(nn.Module):
         logits = self.lm_head(h)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(_at_least_float32(logits).flatten(0, 1), targets.flatten(), ignore_index=-100)
         return ModelOutput(logits, loss)
 
 
@@ -561,5 +567,5 @@ class MoDAViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + self.pos_embed.to(x.dtype)
         rope = self.rotary(x.shape[1]) if self.rotary is not None else None
         logits = self.head(self.trunk(x, rope)[:, 0])
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        loss = F.cross_entropy(_at_least_float32(logits), labels) if labels is not None else None
         return ModelOutput(logits, loss)
