@@ -9,6 +9,7 @@ read those records, one test per case. Process start-up dominates the run time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -244,3 +245,86 @@ def test_sequence_layouts():
         x = torch.arange(24)[None]
         for r in range(4):
             assert torch.equal(shard_sequence(x, r, 4, layout)[0], sequence_positions(6, r, 4, layout))
+
+
+# ----------------------------------------------------------------------------- the LM example
+
+
+def _checkpointed_grad_error(cfg, ids) -> float:
+    """Largest gradient difference of a context-parallel LM with activation checkpointing (the
+    recomputation runs the ring again inside the backward) against one process."""
+    from moda_cuda.layers import MoDAForCausalLM
+
+    cfg = dataclasses.replace(cfg, gradient_checkpointing=True)
+    torch.manual_seed(0)
+    one = MoDAForCausalLM(cfg).double().train()
+    torch.manual_seed(0)
+    sharded = MoDAForCausalLM(cfg).double().train()
+    cp = sharded.enable_context_parallel(layout="contiguous")
+    one(ids[:, :-1], ids[:, 1:]).loss.backward()
+    sharded(cp.shard(ids[:, :-1]), cp.shard(ids[:, 1:])).loss.backward()
+    error = 0.0
+    for a, b in zip(one.parameters(), sharded.parameters()):
+        dist.all_reduce(b.grad)  # the sum of the shards' mean-loss gradients: W times the mean's
+        error = max(error, (b.grad / cp.world_size - a.grad).abs().max().item())
+    return error
+
+
+def _lm_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Two steps of examples/train_lm.py's loop: FSDP2 + context parallelism against one process."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import _common as C
+    from _parallel import parallelize, setup_parallelism, unwrap
+    from moda_cuda.layers import MoDAConfig, MoDAForCausalLM
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    d = C.Dist(rank, world, rank, torch.device("cpu"), True)
+    cfg = MoDAConfig(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, depth_chunk=2, vocab_size=64, max_seq_len=16)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (2, 17), generator=g) for _ in range(2)]
+    spec = C.TrainSpec(steps=2, lr=1e-2, eval_every=10, log_every=10, timing_warmup=0)
+
+    def train(dist_info, model):
+        feed = iter(batches)
+
+        def next_batch():
+            window = next(feed)
+            return window[:, :-1], window[:, 1:]
+
+        run = C.train(dist_info, "lm", model, spec, next_batch, lambda m: {}, torch.float32, 1)
+        return [loss for _, loss in run["train_curve"]]
+
+    def build():
+        torch.manual_seed(0)
+        return MoDAForCausalLM(cfg).double()
+
+    one_losses = train(C.Dist(), one := build())
+    par = setup_parallelism(d, fsdp=True, context_parallel=world, layout="zigzag")
+    sharded = parallelize(build(), d, par)
+    losses = train(d, sharded)
+    checkpointed_error = _checkpointed_grad_error(cfg, batches[0])
+    params = dict(unwrap(sharded).named_parameters())
+    with torch.no_grad():  # each rank computed its shard of the positions only
+        local_len = sharded(batches[0][:, :-1], batches[0][:, 1:]).logits.shape[1]
+    diffs = {name: (params[name].full_tensor() - p).abs().max().item() for name, p in one.named_parameters()}
+    dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
+        "losses": losses, "one_process_losses": one_losses, "param_diffs": diffs,
+        "sharded_types": sorted({type(p).__name__ for p in params.values()}), "local_len": local_len,
+        "checkpointed_grad_error": checkpointed_error,
+    }))
+
+
+def test_lm_training_steps_fsdp_and_context_parallel_match_one_process(tmp_path):
+    mp.spawn(_lm_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["sharded_types"] == ["DTensor"]  # FSDP2 really sharded every parameter
+        assert record["local_len"] == 16 // 2  # and the sequence was sharded
+        assert record["losses"] == pytest.approx(record["one_process_losses"], rel=1e-6)  # float32 in the log
+        assert max(record["param_diffs"].values()) < 1e-10, record["param_diffs"]
+        assert record["checkpointed_grad_error"] < 1e-12
