@@ -2,7 +2,8 @@
 
 The examples run as ``python examples/x.py`` or ``torchrun --nproc_per_node=N examples/x.py``.
 Under torchrun every rank trains on its own random batches (seeded by rank) and DDP averages
-the gradients; evaluation is sharded over the ranks and all-reduced; rank 0 writes the files.
+the gradients (a model already sharded with FSDP2 averages them itself); evaluation is sharded
+over the ranks and all-reduced; rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -146,6 +147,15 @@ class TrainSpec:
     timing_warmup: int = 5  # first steps (kernel compilation, autotuning) left out of throughput
 
 
+def is_fully_sharded(model: nn.Module) -> bool:
+    """Holds FSDP2 modules (``fully_shard``), which reduce-scatter the gradients themselves."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def lr_at(step: int, spec: TrainSpec) -> float:
     """Linear warmup, then cosine decay to ``min_lr_ratio * lr`` at the last step."""
     if step < spec.warmup:
@@ -184,7 +194,7 @@ def train(
     """
     device = d.device
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if d.initialized else model
+        if d.initialized and not is_fully_sharded(model) else model
     opt = make_optimizer(model, spec, device)
     train_curve: List[Tuple[int, float]] = []
     val_curve: List[Dict[str, float]] = []

@@ -14,8 +14,15 @@ consecutive documents into one row (``cu_seqlens``; a document longer than ``seq
 cut into pieces of at most ``seqlen``), trained with document masking: no byte attends to, or
 is predicted from, another document. Validation is packed the same way.
 
+Several GPUs (torchrun): ``--fsdp`` shards the parameters, gradients and optimizer state over
+all ranks (FSDP2, each MoDA block on its own) instead of DDP's replicas; ``--context-parallel
+N`` shards every sequence over groups of N ranks (``--cp-layout``; each rank computes its
+positions, the attention is ``moda_cuda.distributed.context_parallel_moda_attention``), so
+``--seqlen`` can grow with N. ``--batch`` counts sequences per group of N (see ``_parallel.py``).
+
     python examples/train_lm.py --smoke --out /tmp/lm                # CPU, seconds
     torchrun --nproc_per_node=1 examples/train_lm.py --minutes 4 --out out/lm
+    torchrun --nproc_per_node=8 examples/train_lm.py --fsdp --context-parallel 4 --seqlen 16384 --batch 1 --models moda
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Callable, Dict, List, Optional
 
 import _common as C
 import torch
+from _parallel import LAYOUTS, Parallelism, model_to_save, parallelize, setup_parallelism
 
 from moda_cuda.layers import MoDAConfig, MoDAForCausalLM, count_parameters
 
@@ -106,9 +114,11 @@ def packed_sampler(data: torch.Tensor, starts: torch.Tensor, batch: int, seqlen:
 
 
 def make_evaluator(d: C.Dist, val: torch.Tensor, batch: int, seqlen: int, n_batches: int,
-                   starts: Optional[torch.Tensor] = None) -> Callable:
-    """Mean next-byte loss over fixed validation windows (sharded over ranks); with the
-    documents' ``starts``, over packed windows of ``batch * seqlen`` bytes."""
+                   starts: Optional[torch.Tensor] = None, p: Optional[Parallelism] = None) -> Callable:
+    """Mean next-byte loss over fixed validation windows (sharded over the data-parallel
+    groups of ``p``, by default one per rank); with the documents' ``starts``, over packed
+    windows of ``batch * seqlen`` bytes."""
+    p = p if p is not None else Parallelism(data_rank=d.rank, data_ranks=d.world_size)
     gen = torch.Generator().manual_seed(1234)
     n = batch * seqlen if starts is not None else seqlen
     window_starts = torch.randint(0, len(val) - n - 1, (n_batches, batch), generator=gen)
@@ -116,7 +126,7 @@ def make_evaluator(d: C.Dist, val: torch.Tensor, batch: int, seqlen: int, n_batc
 
     def evaluate(model) -> Dict[str, float]:
         total, count = 0.0, 0
-        for i in range(d.rank, n_batches, d.world_size):
+        for i in range(p.data_rank, n_batches, p.data_ranks):
             if starts is not None:
                 ids, targets, options = packed_window(val, starts, int(window_starts[i, 0]), n, seqlen, d.device)
                 total += model(ids, targets, **options).loss.item()
@@ -124,6 +134,7 @@ def make_evaluator(d: C.Dist, val: torch.Tensor, batch: int, seqlen: int, n_batc
                 window = val[window_starts[i][:, None] + offsets].to(d.device)
                 total += model(window[:, :-1], window[:, 1:]).loss.item()
             count += 1
+        # The ranks of a context-parallel group add the same window's loss: the mean is unchanged.
         total, count = C.all_reduce_sum(d, [total, count])
         loss = total / max(count, 1)
         return {"loss": loss, "bits_per_byte": loss / math.log(2)}
@@ -142,7 +153,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="train the MoDA model for about this long and the baseline for as many steps "
                         "(instead of --steps)")
     p.add_argument("--models", default="moda,baseline", help="comma list of moda, baseline")
-    p.add_argument("--batch", type=int, default=16, help="sequences per rank and step")
+    p.add_argument("--batch", type=int, default=16,
+                   help="sequences per step and rank (with --context-parallel N: per group of N ranks)")
     p.add_argument("--seqlen", type=int, default=1024, help="tokens (bytes) per sequence")
     p.add_argument("--d-model", type=int, help="model width", default=512)
     p.add_argument("--layers", type=int, help="transformer blocks", default=8)
@@ -161,6 +173,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--data-mb", type=float, default=24.0, help="bytes of stdlib source to use (MB)")
     p.add_argument("--pack", action="store_true",
                    help="each source file a document, packed into one row per step, trained with document masking")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state (FSDP2)")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="shard every sequence over N ranks (torchrun; N divides the world size)")
+    p.add_argument("--cp-layout", choices=LAYOUTS, default="zigzag",
+                   help="which positions each rank of a context-parallel group holds")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches")
     args = p.parse_args(argv)
     if args.smoke:
@@ -169,6 +186,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.minutes = None
         args.batch, args.seqlen, args.d_model, args.layers = 4, 32, 32, 2
         args.heads, args.kv_heads, args.eval_batches, args.data_mb = 4, 2, 2, 0.25
+    if args.context_parallel > 1:
+        pieces = args.context_parallel * (2 if args.cp_layout == "zigzag" else 1)
+        if args.pack:
+            p.error("--context-parallel shards whole sequences: it does not take --pack")
+        if args.seqlen % pieces:
+            p.error(f"--seqlen must be a multiple of {pieces} "
+                    f"({args.cp_layout} layout over {args.context_parallel} ranks)")
     return args
 
 
@@ -178,6 +202,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     amp = C.resolve_dtype(args.dtype, d.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
+        par = setup_parallelism(d, args.fsdp, args.context_parallel, args.cp_layout)
         files = load_stdlib_files(int(args.data_mb * 2**20))
         data = torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8).long()
         n_val = max(len(data) // 20, args.seqlen * 4, args.batch * args.seqlen * 2 if args.pack else 0)
@@ -186,8 +211,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         # Document starts within each split (the split point starts a document of its own).
         train_starts = starts[starts < len(train_data)]
         val_starts = torch.cat([torch.tensor([0]), starts[starts > len(train_data)] - len(train_data)])
+        sharding = (", FSDP2" if par.fsdp else "") + \
+            (f", context parallel over {par.context_parallel} ranks ({par.layout})" if par.context_parallel > 1 else "")
         log(d, f"data: {len(train_data) / 2**20:.2f} MB train, {len(val_data) / 2**20:.2f} MB validation "
-            f"(stdlib .py sources); world size {d.world_size}, device {C.device_name(d.device)}, autocast {amp}")
+            f"(stdlib .py sources); world size {d.world_size}, device {C.device_name(d.device)}, autocast {amp}"
+            + sharding)
 
         moda_cfg = MoDAConfig(
             d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
@@ -199,12 +227,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if not names or any(n not in configs for n in names):
             raise SystemExit(f"--models must list moda and/or baseline, got {args.models!r}")
 
-        def build(name: str) -> MoDAForCausalLM:
+        def build(name: str) -> torch.nn.Module:
             torch.manual_seed(args.seed)  # same initialisation stream for both models
-            return MoDAForCausalLM(configs[name]).to(d.device)
+            return parallelize(MoDAForCausalLM(configs[name]).to(d.device), d, par)
 
         def sampler():
-            seed = args.seed * 1000 + d.rank
+            seed = args.seed * 1000 + par.data_rank  # the ranks of a context-parallel group share batches
             if args.pack:
                 return packed_sampler(train_data, train_starts, args.batch, args.seqlen, seed, d.device)
             return batch_sampler(train_data, args.batch, args.seqlen, seed, d.device)
@@ -218,7 +246,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         spec.eval_every = args.eval_every or max(1, spec.steps // 10)
         spec.log_every = max(1, spec.eval_every // 2)
         evaluate = make_evaluator(d, val_data, args.batch, args.seqlen, args.eval_batches,
-                                  val_starts if args.pack else None)
+                                  val_starts if args.pack else None, par)
+        tokens_per_rank = args.batch * args.seqlen // par.context_parallel
+        per = "GPU" if d.device.type == "cuda" else "process"
 
         results: Dict[str, Dict] = {}
         saved: List[Path] = []  # model directories
@@ -226,14 +256,16 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             model = build(name)
             n_params = count_parameters(model)
             log(d, f"[{name}] {n_params / 1e6:.3f}M parameters, {spec.steps} steps of "
-                f"{args.batch * d.world_size} x {args.seqlen} tokens")
-            run = C.train(d, name, model, spec, sampler(), evaluate, amp, args.batch * args.seqlen)
+                f"{args.batch * par.data_ranks} x {args.seqlen} tokens")
+            run = C.train(d, name, model, spec, sampler(), evaluate, amp, tokens_per_rank)
             run["tokens_per_s"] = run.pop("items_per_s")
+            run["tokens_per_s_per_rank"] = run["tokens_per_s"] / d.world_size
             results[name] = {"config": dataclasses.asdict(configs[name]), "parameters": n_params, **run}
-            log(d, f"[{name}] {run['tokens_per_s']:,.0f} tokens/s, final val loss "
-                f"{run['final_val'].get('loss', float('nan')):.4f}")
+            log(d, f"[{name}] {run['tokens_per_s']:,.0f} tokens/s ({run['tokens_per_s_per_rank']:,.0f} per {per}), "
+                f"final val loss {run['final_val'].get('loss', float('nan')):.4f}")
+            plain = model_to_save(model, d)  # every rank takes part under FSDP
             if d.is_main:
-                model.save_pretrained(args.out / name)
+                plain.save_pretrained(args.out / name)
                 saved.append(args.out / name)
             del model
             if d.device.type == "cuda":
@@ -246,10 +278,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             "autocast_dtype": str(amp),
             "torch": torch.__version__,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "tokens_per_step": args.batch * args.seqlen * d.world_size,
+            "fsdp": par.fsdp,
+            "context_parallel": par.context_parallel,
+            "cp_layout": par.layout if par.context_parallel > 1 else None,
+            "tokens_per_step": args.batch * args.seqlen * par.data_ranks,
             "steps": spec.steps,
             "models": results,
             "summary": {n: {"parameters": r["parameters"], "tokens_per_s": r["tokens_per_s"],
+                            "tokens_per_s_per_rank": r["tokens_per_s_per_rank"],
                             "final_val_loss": r["final_val"].get("loss")} for n, r in results.items()},
         }
         if d.is_main:
@@ -267,6 +303,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                 written.append(args.out / "lm_loss.png")
             for n, s in report["summary"].items():
                 print(f"{n:>9}: {s['parameters'] / 1e6:7.3f}M params  {s['tokens_per_s']:12,.0f} tokens/s  "
+                      f"{s['tokens_per_s_per_rank']:10,.0f} tokens/s per {per}  "
                       f"final val loss {s['final_val_loss']:.4f}")
             for path in written + saved:
                 print(f"wrote {path}")

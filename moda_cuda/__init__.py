@@ -11,6 +11,8 @@ Entry points:
 * :mod:`moda_cuda.reference` -- the pure-PyTorch definition every backend is tested against.
 * :mod:`moda_cuda.compat` -- ``parallel_moda``, ``parallel_moda_chunk_visible``, ``parallel_fda``:
   drop-ins for the reference MoDA Triton package's entry points.
+* :func:`context_parallel_moda_attention` (:mod:`moda_cuda.distributed`) -- the op over a
+  sequence sharded across the ranks of a process group (a ring of point-to-point sends).
 * :mod:`moda_cuda.layers`, :mod:`moda_cuda.generation` -- blocks, the LM and ViT, ``generate()``.
 * :func:`available_backends`, :func:`info` -- what can run here.
 """
@@ -29,7 +31,7 @@ from .dispatch import available_backends
 from .info import info
 
 __all__ = ["moda_attention", "moda_attention_with_kvcache", "available_backends", "info", "__version__",
-           "DepthStream"]
+           "DepthStream", "context_parallel_moda_attention"]
 
 
 def moda_attention(
@@ -144,6 +146,10 @@ def __getattr__(name: str):
         from .depth_stream import DepthStream
 
         return DepthStream
+    if name == "context_parallel_moda_attention":
+        from .distributed import context_parallel_moda_attention
+
+        return context_parallel_moda_attention
     if name == "layers":
         import importlib
 

@@ -16,6 +16,12 @@ for inputs of batch 1 holding several documents back to back, as
 :func:`moda_cuda.moda_attention` does; rotary positions restart at each document
 (:func:`document_positions`), so a packed document is computed exactly as it would be alone.
 
+Context parallelism: :meth:`MoDAForCausalLM.enable_context_parallel` shards the sequence
+over the ranks of a process group. Each rank then runs the model on its shard of the
+positions: rotary tables of those positions, a depth stream of those positions only (depth
+never leaves its position's rank) and attention through
+:func:`moda_cuda.distributed.context_parallel_moda_attention`.
+
 ``MoDAConfig(use_depth=False)`` is the plain-attention baseline: the same modules and the
 same kernel call, with no depth stream and no FFN k/v projection.
 :meth:`MoDAConfig.matched_baseline` widens the baseline's MLP so that both models have
@@ -162,8 +168,13 @@ class ModelOutput(NamedTuple):
 # ----------------------------------------------------------------------------- pieces
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half precision upcast to float32 for stable arithmetic; float64 kept (exact checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in float32 for stability under bf16."""
+    """Root-mean-square layer norm, computed in float32 (at least) for stability under bf16."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -171,9 +182,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = _at_least_float32(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * _at_least_float32(self.weight)).to(x.dtype)
 
 
 def rotary_tables(head_dim: int, seqlen: int, theta: float = 10000.0, device=None) -> Rope:
@@ -217,10 +228,11 @@ def _packed_rope(rope: Optional[Rope], cu_seqlens: Optional[torch.Tensor], total
 
 
 def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate ``x [B, T, H, D]`` by position (float32 math, result in x's dtype). The tables are
-    ``[T, D / 2]``, or ``[B, T, D / 2]`` where sequences sit at different positions (decoding)."""
+    """Rotate ``x [B, T, H, D]`` by position (float32 math or wider, result in x's dtype). The
+    tables are ``[T, D / 2]``, or ``[B, T, D / 2]`` where sequences sit at different positions
+    (decoding)."""
     cos, sin = (t[None, :, None, :] if t.dim() == 2 else t[:, :, None, :] for t in rope)
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = _at_least_float32(x).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
@@ -266,6 +278,8 @@ class MoDAAttention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, hk * hd, bias=False)
         self.o_proj = nn.Linear(hq * hd, config.d_model, bias=False)
         self.layer_idx = 0  # its slot in a KV cache (MoDABlock sets it)
+        # A moda_cuda.distributed.ContextParallel: x holds this rank's shard of the sequence.
+        self.context_parallel = None
 
     def forward(
         self,
@@ -296,12 +310,15 @@ class MoDAAttention(nn.Module):
         from . import moda_attention, moda_attention_with_kvcache  # looked up per call: the public ops
 
         cfg = self.config
+        cp = self.context_parallel
+        if cp is not None and (cu_seqlens is not None or cache is not None):
+            raise ValueError("context parallelism takes neither packed documents (cu_seqlens) nor a KV cache")
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim)
         k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.rope:
-            rope = rope if rope is not None else _rope_tables(cfg, T, x.device, cu_seqlens)
+            rope = rope if rope is not None else _rope_tables(cfg, T, x.device, cu_seqlens, cp)
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         options = dict(causal=self.causal, depth_chunk=cfg.depth_chunk, backend=cfg.backend, cu_seqlens=cu_seqlens,
                        max_seqlen=max_seqlen)
@@ -314,6 +331,9 @@ class MoDAAttention(nn.Module):
             depth = stream.read(slot) if stream is not None and slot > 0 else (None, None)
             out = moda_attention_with_kvcache(q, layer_cache.k, layer_cache.v, *depth, k=k, v=v,
                                               cache_seqlens=layer_cache.seqlens)
+        elif cp is not None:
+            depth = stream.read(slot) if stream is not None and slot > 0 else (None, None)
+            out = cp.attention(q, k, v, *depth, causal=self.causal, depth_chunk=cfg.depth_chunk, backend=cfg.backend)
         elif stream is not None and slot > 0:
             # Reads the earlier slots; their gradients are summed in the stream, in place.
             out = stream.attention(q, k, v, slot, **options)
@@ -328,8 +348,13 @@ class MoDAAttention(nn.Module):
 
 
 def _rope_tables(cfg: MoDAConfig, seqlen: int, device: torch.device,
-                 cu_seqlens: Optional[torch.Tensor] = None) -> Rope:
-    """Rotary tables for a module used on its own (models share one cached table)."""
+                 cu_seqlens: Optional[torch.Tensor] = None, context_parallel=None) -> Rope:
+    """Rotary tables for a module used on its own (models share one cached table); with
+    ``context_parallel``, the rows of this rank's positions in the whole sequence."""
+    if context_parallel is not None:
+        positions = context_parallel.positions(seqlen, device)
+        cos, sin = rotary_tables(cfg.head_dim, seqlen * context_parallel.world_size, cfg.rope_theta, device)
+        return cos[positions], sin[positions]
     return _packed_rope(rotary_tables(cfg.head_dim, seqlen, cfg.rope_theta, device), cu_seqlens, seqlen)
 
 
@@ -363,7 +388,9 @@ class MoDABlock(nn.Module):
         if cfg.rope:
             # Depth keys sit at their own position s: rotating them like sequence keys keeps
             # q_t . k_s a function of t - s (exactly position-free for depth_chunk = 1).
-            k = apply_rotary(k, rope if rope is not None else _rope_tables(cfg, T, h.device, cu_seqlens))
+            if rope is None:
+                rope = _rope_tables(cfg, T, h.device, cu_seqlens, self.attn.context_parallel)
+            k = apply_rotary(k, rope)
         stream.append(k.to(stream.dtype), v.to(stream.dtype), slot=self.layer_idx * cfg.slots_per_layer + 1)
 
     def forward(self, x: torch.Tensor, stream: Optional[DepthStream] = None, rope: Optional[Rope] = None,
@@ -444,9 +471,34 @@ class MoDAForCausalLM(nn.Module):
         self.trunk = _Trunk(config, causal=True)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta) if config.rope else None
+        self.context_parallel = None
         _init_weights(self, config.init_std)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def enable_context_parallel(self, group=None, layout: str = "contiguous"):
+        """Shard the sequence over the ranks of ``group`` (None: the default process group).
+
+        Afterwards every rank calls ``forward`` with its shard of each sequence
+        (``ContextParallel.shard``: ``layout`` ``"contiguous"`` or ``"zigzag"``, see
+        :func:`moda_cuda.distributed.context_parallel_moda_attention`), all ranks together;
+        ``logits`` and ``loss`` are those of the rank's positions (the loss is their mean).
+        Returns the :class:`moda_cuda.distributed.ContextParallel`.
+        """
+        from .distributed import ContextParallel
+
+        cp = ContextParallel(group, layout)
+        self._set_context_parallel(cp)
+        return cp
+
+    def disable_context_parallel(self) -> None:
+        """Back to whole sequences on every rank."""
+        self._set_context_parallel(None)
+
+    def _set_context_parallel(self, cp) -> None:
+        self.context_parallel = cp
+        for block in self.trunk.blocks:
+            block.attn.context_parallel = cp
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
@@ -467,6 +519,11 @@ class MoDAForCausalLM(nn.Module):
             raise ValueError(f"input_ids must be [B, T], got shape {list(input_ids.shape)}")
         T = input_ids.shape[1]
         longest = T
+        cp = self.context_parallel
+        if cp is not None:
+            if cu_seqlens is not None or cache is not None:
+                raise ValueError("context parallelism takes neither packed documents (cu_seqlens) nor a KV cache")
+            longest = T * cp.world_size  # the whole sequence, of which input_ids is this rank's shard
         if cu_seqlens is not None:
             from ._spec import check_cu_seqlens
 
@@ -479,6 +536,9 @@ class MoDAForCausalLM(nn.Module):
         if self.rotary is not None and decoding:
             positions = cache.seqlens.long()[:, None] + torch.arange(T, device=input_ids.device)
             rope = (self.rotary.cos[positions], self.rotary.sin[positions])
+        elif self.rotary is not None and cp is not None:
+            positions = cp.positions(T, input_ids.device)
+            rope = (self.rotary.cos[positions], self.rotary.sin[positions])
         elif self.rotary is not None:
             rope = _packed_rope(self.rotary(longest if cu_seqlens is not None else T), cu_seqlens, T)
         h = self.trunk(self.embed(input_ids), rope, cu_seqlens, max_seqlen, cache)
@@ -487,7 +547,7 @@ class MoDAForCausalLM(nn.Module):
         logits = self.lm_head(h)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(_at_least_float32(logits).flatten(0, 1), targets.flatten(), ignore_index=-100)
         return ModelOutput(logits, loss)
 
 
@@ -561,5 +621,5 @@ class MoDAViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1) + self.pos_embed.to(x.dtype)
         rope = self.rotary(x.shape[1]) if self.rotary is not None else None
         logits = self.head(self.trunk(x, rope)[:, 0])
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        loss = F.cross_entropy(_at_least_float32(logits), labels) if labels is not None else None
         return ModelOutput(logits, loss)
