@@ -169,6 +169,9 @@ def main(argv=None) -> int:
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "backends": moda_cuda.available_backends()}
+    path = os.path.join(args.out, "bench_varlen.json")
     results = []
     for name in names:
         if name in PROBLEMS:
@@ -177,11 +180,8 @@ def main(argv=None) -> int:
         else:
             print("{}: N={} Hq={} Hk={} D={} L={}".format(name, *ONE_DOCUMENT[name]), flush=True)
             results.append({"name": name, **bench_one_document(*ONE_DOCUMENT[name])})
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "backends": moda_cuda.available_backends()}
-    path = os.path.join(args.out, "bench_varlen.json")
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "problems": results}, f, indent=1)
+        with open(path, "w") as f:  # after every problem: a run cut short keeps what it measured
+            json.dump({"meta": meta, "problems": results}, f, indent=1)
     print(f"wrote {path}")
     print(summary_table(results))
     return 0
