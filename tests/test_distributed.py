@@ -311,6 +311,7 @@ def _lm_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     with torch.no_grad():  # each rank computed its shard of the positions only
         local_len = sharded(batches[0][:, :-1], batches[0][:, 1:]).logits.shape[1]
     diffs = {name: (params[name].full_tensor() - p).abs().max().item() for name, p in one.named_parameters()}
+    dist.barrier()  # no rank tears the group down while another still talks to it
     dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
         "losses": losses, "one_process_losses": one_losses, "param_diffs": diffs,
