@@ -191,7 +191,7 @@ def _decode_kernel():
     return _moda_decode
 
 
-def _with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale=None, depth_chunk=1,
+def with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale=None, depth_chunk=1,
                   backend="auto"):
     # The one validation of an eager call (the public function leaves it to the op, and the
     # fake implementation runs it when traced): a decode step's host time is the budget.
@@ -212,7 +212,7 @@ def _fake_with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlen
     return q.new_empty((B, S, Hq, D)), q.new_empty((B, Hq, S), dtype=_lse_dtype(q.dtype))
 
 
-torch.library.register_kernel("moda::attention_with_kvcache", ("cpu", "cuda"), _with_kvcache)
+torch.library.register_kernel("moda::attention_with_kvcache", ("cpu", "cuda"), with_kvcache)
 torch.library.register_fake("moda::attention_with_kvcache")(_fake_with_kvcache)
 
 for _name, _impl in (("attention_backward", _backward_impl), ("attention_varlen_backward", _varlen_backward_impl)):
