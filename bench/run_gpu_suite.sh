@@ -11,19 +11,22 @@
 #   lm      the byte-level LM example, MoDA vs baseline (--lm-minutes each), padded windows
 #           and packed documents (--pack)
 #   ncu     profile_ncu.py on the paper geometry
-# Usage: bench/run_gpu_suite.sh --out DIR [--only tests,bench,...] [--lm-minutes M]
+#   sweep   bench_sweep.py, one slice (--sweep-slice i/n, default 1/4): not in the default list,
+#           a whole sweep takes several calls (merge the slices with bench_sweep.py --merge)
+# Usage: bench/run_gpu_suite.sh --out DIR [--only tests,bench,...] [--lm-minutes M] [--sweep-slice i/n]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="" only="validate,tests,bench,varlen,host,decode,stream,lm,ncu" lm_minutes=1.5
+out="" only="validate,tests,bench,varlen,host,decode,stream,lm,ncu" lm_minutes=1.5 sweep_slice=1/4
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
         --only) only=$2; shift 2 ;;
         --lm-minutes) lm_minutes=$2; shift 2 ;;
+        --sweep-slice) sweep_slice=$2; shift 2 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
-[ -n "$out" ] || { echo "usage: $0 --out DIR [--only LIST] [--lm-minutes M]" >&2; exit 2; }
+[ -n "$out" ] || { echo "usage: $0 --out DIR [--only LIST] [--lm-minutes M] [--sweep-slice i/n]" >&2; exit 2; }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/install.log" 2>&1 || { tail "$out/install.log"; exit 1; }
@@ -52,5 +55,6 @@ want lm && step lm torchrun --standalone --nproc_per_node=1 examples/train_lm.py
     --out "$out/lm"
 want lm && step lm_pack torchrun --standalone --nproc_per_node=1 examples/train_lm.py --pack \
     --minutes "$lm_minutes" --out "$out/lm_pack"
+want sweep && step sweep python3 bench/bench_sweep.py --slice "$sweep_slice" --out "$out"
 want ncu && step ncu python3 bench/profile_ncu.py --stalls --backend triton --shape 1,16384,64,8,64,64 --out "$out"
 exit $status
