@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import moda_cuda
-from bench_moda import _rel
+from bench_moda import _rel, run_metadata
 from host_overhead import per_call_us
 
 HEADS = dict(Hq=32, Hk=8, D=128, L=32)
@@ -266,13 +265,7 @@ def main(argv=None) -> int:
     bw = copy_bandwidth_GBps()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {bw:.0f} GB/s, L2 {l2_bytes >> 20} MiB", flush=True)
     report = {
-        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "python": platform.python_version(),
-        "moda_cuda": moda_cuda.__version__,
-        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
+        **run_metadata(__file__, argv),
         "heads": HEADS,
         "dtype": str(DTYPE),
         "copy_bandwidth_GBps": bw,

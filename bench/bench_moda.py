@@ -77,6 +77,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def run_metadata(script: str, argv=None) -> dict:
+    """When, where and with what a benchmark ran, and the command that reproduces it."""
+    return {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "python": platform.python_version(),
+        "moda_cuda": moda_cuda.__version__,
+        "command": "python " + " ".join([os.path.relpath(script)] + (argv or sys.argv[1:])),
+    }
+
+
 def make_inputs(s: Shape, seed: int = 0):
     g = torch.Generator(device="cuda").manual_seed(seed)
 
@@ -233,16 +246,7 @@ def main(argv=None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     backends = [b for b in args.backends.split(",") if b]
-    report = {
-        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "python": platform.python_version(),
-        "moda_cuda": moda_cuda.__version__,
-        "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
-        "shapes": [],
-    }
+    report = {**run_metadata(__file__, argv), "shapes": []}
     for s in SHAPES[args.shapes]:
         print(s.label(), flush=True)
         report["shapes"].append(bench_shape(s, backends, check=not args.no_check, breakdown=args.breakdown,
