@@ -31,7 +31,7 @@ one ``torch.autograd.Function``. Why the result is the op's result, bit for bit:
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -77,7 +77,7 @@ def _key(tensors, options):
     if not q.is_cuda:
         return None
     key = [options, os.environ.get(dispatch.ENV_VAR), os.environ.get(dispatch.CUDA_BACKWARD_ENV),
-           dispatch._AUTO_ORDER, q.device]
+           dispatch._AUTO_ORDER]
     for t in tensors:
         if t is None:
             key.append(None)
@@ -89,7 +89,11 @@ def _key(tensors, options):
 
 
 def _plan(tensors, scale, causal, depth_chunk, deterministic, backend, cu_seqlens, max_seqlen) -> Plan:
-    key = _key(tensors, (scale, causal, depth_chunk, deterministic, backend, cu_seqlens is None))
+    key = None
+    # Options of a wrong type are never cached: True == 1 == 1.0 in a key, and the checks
+    # must still refuse causal=1 or depth_chunk=True after a valid call cached its plan.
+    if type(causal) is bool and type(deterministic) is bool and type(depth_chunk) is int:
+        key = _key(tensors, (type(scale), scale, causal, depth_chunk, deterministic, backend, cu_seqlens is None))
     plan = _plans.get(key) if key is not None else None
     if plan is not None:
         return plan

@@ -114,3 +114,11 @@ def test_invalid_calls_raise_and_are_not_cached(pretend_cuda):
     # A valid call cached; a call differing only in a tensor's dtype is planned (and refused) anew.
     with pytest.raises(TypeError, match="depth_k has dtype torch.float32"):
         moda_cuda.moda_attention(q, k, v, dk.float(), dv.float())
+    # Options equal to cached ones but of the wrong type (True == 1) are still refused.
+    moda_cuda.moda_attention(q, k, v, dk, dv, scale=1.0)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        moda_cuda.moda_attention(q, k, v, dk, dv, causal=1)
+    with pytest.raises(TypeError, match="depth_chunk must be an int"):
+        moda_cuda.moda_attention(q, k, v, dk, dv, depth_chunk=True)
+    with pytest.raises(TypeError, match="scale must be a float or None"):
+        moda_cuda.moda_attention(q, k, v, dk, dv, scale=True)
