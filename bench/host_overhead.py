@@ -41,6 +41,34 @@ def per_call_us(fn, calls: int, rounds: int, sync) -> float:
     return statistics.median(times)
 
 
+def cuda_parts(q, k, v, dk, dv, grad, calls: int, rounds: int, sync) -> list:
+    """Where the cuda backend's host time goes: the cached plan lookup, and the compiled
+    kernels' bindings called with preallocated outputs (their C++ checks, TMA descriptors and
+    launches). Empty where the compiled kernels are not available."""
+    from moda_cuda import _cuda_ext, dispatch, eager
+
+    if dispatch.CUDA.unavailable() is not None:
+        return []
+    ext = _cuda_ext.load()
+    scale = q.shape[-1] ** -0.5
+    with torch.no_grad():
+        out, lse = dispatch.CUDA.forward(q, k, v, dk, dv, scale, True, 1)
+        grads = [torch.empty_like(t) for t in (q, k, v, dk, dv)]
+
+        def plan():
+            eager.plan_call(q, k, v, dk, dv, None, True, 1, False, "cuda")
+
+        def fwd():
+            ext.fwd(q, k, v, dk, dv, out, lse, scale, True, 1)
+
+        def bwd():
+            ext.bwd(q, k, v, dk, dv, out, lse, grad, None, *grads, scale, True, 1, False)
+
+        return [{"part": name, "us": per_call_us(fn, calls, rounds, sync)}
+                for name, fn in (("plan lookup (cached)", plan), ("compiled forward binding", fwd),
+                                 ("compiled backward binding", bwd))]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for the raw JSON")
@@ -86,13 +114,18 @@ def main(argv=None) -> int:
         rows.append({"impl": label, "forward_us": fwd, "forward_backward_us": both})
         print(f"  {label:<28} forward {fwd:8.1f} us   forward+backward {both:8.1f} us", flush=True)
 
+    parts = cuda_parts(q, k, v, dk, dv, grad, args.calls, args.rounds, sync) if "cuda" in args.backends.split(",") \
+        else []
+    for row in parts:
+        print(f"  part of cuda: {row['part']:<40} {row['us']:8.1f} us", flush=True)
+
     os.makedirs(args.out, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "python": platform.python_version(), "shape": SHAPE,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "calls": args.calls, "rounds": args.rounds}
     path = os.path.join(args.out, "host_overhead.json")
     with open(path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "cuda_parts": parts}, f, indent=1)
     print(f"wrote {path}")
     print("\n| implementation | forward us/call | forward+backward us/call |\n|---|---|---|")
     for row in rows:

@@ -336,10 +336,26 @@ def cuda_depth_share(shape: MoDAShape) -> float:
 DIRECTIONS = ("forward", "backward")
 
 
+# Below this many forward FLOPs the GPU runs a call in a few microseconds and the host time
+# per call decides: measured on the H100 at B=1 T=64 Hq=8 D=64 L=4 (depth share 2, where the
+# share rule picks Triton), the compiled forward costs 36 us of host time per call, Triton's
+# 122 us (bench/host_overhead.py). 2 GFLOP is about 10 us of GPU time at a small kernel's
+# 200 TFLOP/s, so a faster Triton kernel cannot win back its 85 us there.
+_HOST_BOUND_FLOPS = 2e9
+
+
+def forward_flops(shape: MoDAShape) -> float:
+    """Useful forward FLOPs of a causal call: 4 * B * Hq * D * T * (T / 2 + L)."""
+    pairs = shape.seqlen * ((shape.seqlen / 2 if shape.has_seq else 0) + shape.depth)
+    return 4.0 * shape.batch * shape.q_heads * shape.head_dim * pairs
+
+
 def _auto_order(shape: MoDAShape, direction: str = "forward") -> Tuple["Backend", ...]:
     """``_AUTO_ORDER``; for the forward, with the compiled forward moved last where its depth
-    share is large (the compiled backward is the faster one at every measured share)."""
-    if direction == "backward" or cuda_depth_share(shape) <= _CUDA_DEPTH_SHARE_LIMIT:
+    share is large (the compiled backward is the faster one at every measured share), unless
+    the call is so small that host time decides."""
+    if (direction == "backward" or cuda_depth_share(shape) <= _CUDA_DEPTH_SHARE_LIMIT
+            or forward_flops(shape) < _HOST_BOUND_FLOPS):
         return _AUTO_ORDER
     return tuple(b for b in _AUTO_ORDER if b is not CUDA) + tuple(b for b in _AUTO_ORDER if b is CUDA)
 

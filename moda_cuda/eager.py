@@ -70,21 +70,33 @@ def usable(q: torch.Tensor) -> bool:
             and torch._C._functorch.peek_interpreter_stack() is None)
 
 
+# The two environment switches, read raw: os.environ.get encodes the name and decodes the
+# value on every call, which is a sixth of a cached call's key (POSIX keeps bytes in _data).
+_RAW_ENV = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_ENV_NAMES = (dispatch.ENV_VAR, dispatch.CUDA_BACKWARD_ENV)
+_RAW_ENV_NAMES = tuple(os.fsencode(name) for name in _ENV_NAMES)
+
+
+def _env_switches():
+    if _RAW_ENV is not None:
+        return _RAW_ENV.get(_RAW_ENV_NAMES[0]), _RAW_ENV.get(_RAW_ENV_NAMES[1])
+    return os.environ.get(_ENV_NAMES[0]), os.environ.get(_ENV_NAMES[1])
+
+
 def _key(tensors, options):
     """The cache key of a call on CUDA tensors (None: not cached). Flat, built inline: it is
     most of the host time of a cached call."""
     q = tensors[0]
     if not q.is_cuda:
         return None
-    key = [options, os.environ.get(dispatch.ENV_VAR), os.environ.get(dispatch.CUDA_BACKWARD_ENV),
-           dispatch._AUTO_ORDER]
+    key = [options, _env_switches(), dispatch._AUTO_ORDER]
     for t in tensors:
         if t is None:
             key.append(None)
         elif type(t) is not torch.Tensor:  # a subclass: never cached (its layout may mean anything)
             return None
         else:  # the device of each tensor is checked against q's: it is part of the key too
-            key += (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % _TMA_ALIGN == 0)
+            key.append((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % _TMA_ALIGN == 0))
     return tuple(key)
 
 
@@ -121,7 +133,13 @@ def plan_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, determinist
 def forward(plan: Plan, q, k, v, depth_k, depth_v, causal, depth_chunk, documents):
     """``(out, lse)`` by the plan's forward backend, as the op returns them."""
     out, lse = plan.forward.forward(q, k, v, depth_k, depth_v, plan.scale, causal, depth_chunk, documents)
+    if plan.forward is dispatch.CUDA:  # already contiguous, lse float32: skip two no-op calls
+        return out, lse
     return finish_forward(q, out, lse)
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class _Attention(torch.autograd.Function):
@@ -151,4 +169,6 @@ def attention(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, determinist
     """``(out, lse)`` of the op, run directly (the caller checked :func:`usable`)."""
     plan, documents = plan_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend,
                                 cu_seqlens, max_seqlen)
+    if not _needs_grad((q, k, v, depth_k, depth_v)):  # inference: no autograd node to build
+        return forward(plan, q, k, v, depth_k, depth_v, causal, depth_chunk, documents)
     return _Attention.apply(q, k, v, depth_k, depth_v, plan, causal, depth_chunk, deterministic, documents)
