@@ -134,7 +134,7 @@ def moda_attention_with_kvcache(
         raise ValueError(f"backend {backend!r} has no KV-cache attention; use 'auto', 'triton' or 'reference'")
     args = (q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale, depth_chunk, backend)
     # Eager: the op's kernel without the dispatcher (host time per decode step); else the op.
-    out, lse = _ops.with_kvcache(*args) if _eager.usable(q) else torch.ops.moda.attention_with_kvcache(*args)
+    out, lse = _eager.with_kvcache(*args) if _eager.usable(q) else torch.ops.moda.attention_with_kvcache(*args)
     return (out, lse) if return_lse else out
 
 

@@ -38,7 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from . import dispatch
 from ._spec import MoDAShape, check_cu_seqlens, default_scale, packed_documents
-from .ops import check_call, finish_backward, finish_forward
+from .ops import check_call, finish_backward, finish_forward, kvcache_backend, run_with_kvcache
 
 _TMA_ALIGN = 16
 
@@ -172,3 +172,24 @@ def attention(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, determinist
     if not _needs_grad((q, k, v, depth_k, depth_v)):  # inference: no autograd node to build
         return forward(plan, q, k, v, depth_k, depth_v, causal, depth_chunk, documents)
     return _Attention.apply(q, k, v, depth_k, depth_v, plan, causal, depth_chunk, deterministic, documents)
+
+
+_decode_impls: dict = {}
+
+
+def with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale, depth_chunk, backend):
+    """``(out, lse)`` of ``torch.ops.moda.attention_with_kvcache``, run directly (the caller
+    checked :func:`usable`). A decode step repeats one layout for every token and layer, so
+    its validation and backend choice (a pure function of the key, as for :func:`attention`)
+    are cached; the cache is written by the kernel in place either way."""
+    tensors = (q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens)
+    key = None
+    if type(depth_chunk) is int and (scale is None or type(scale) is float) and type(backend) is str:
+        key = _key(tensors, ("kvcache", scale, depth_chunk, backend))
+    impl = _decode_impls.get(key) if key is not None else None
+    if impl is None:
+        impl = kvcache_backend(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale, depth_chunk,
+                               backend)
+        if key is not None:
+            _decode_impls[key] = impl
+    return run_with_kvcache(impl, q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale)

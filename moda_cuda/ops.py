@@ -191,18 +191,32 @@ def _decode_kernel():
     return _moda_decode
 
 
-def with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale=None, depth_chunk=1,
-                  backend="auto"):
-    # The one validation of an eager call (the public function leaves it to the op, and the
-    # fake implementation runs it when traced): a decode step's host time is the budget.
+def kvcache_backend(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale=None, depth_chunk=1,
+                    backend="auto") -> str:
+    """Validate a decode call (raises before any kernel) and name what runs it: "triton" or
+    "reference". A pure function of the inputs' shapes, strides, dtypes and devices, the
+    options and ``MODA_BACKEND``: the eager path caches it per layout."""
     check_kvcache_inputs(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale, depth_chunk)
-    if decode_backend(backend, q, k_cache, v_cache) == "triton":
+    return decode_backend(backend, q, k_cache, v_cache)
+
+
+def run_with_kvcache(impl, q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale=None):
+    """A validated decode call by ``impl`` (:func:`kvcache_backend`'s answer)."""
+    if impl == "triton":
         return _decode_kernel()(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens,
                                 default_scale(q.shape[-1], scale))
     if k is not None:
         write_new_keys(k_cache, v_cache, k, v, cache_seqlens)
     out, lse = attention_with_kvcache_ref(q, k_cache, v_cache, depth_k, depth_v, cache_seqlens, scale)
     return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
+
+
+def with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale=None, depth_chunk=1,
+                  backend="auto"):
+    # The one validation of a call through the op (the public function leaves it to the op,
+    # and the fake implementation runs it when traced).
+    impl = kvcache_backend(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale, depth_chunk, backend)
+    return run_with_kvcache(impl, q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale)
 
 
 def _fake_with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale=None, depth_chunk=1,

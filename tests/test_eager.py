@@ -122,3 +122,41 @@ def test_invalid_calls_raise_and_are_not_cached(pretend_cuda):
         moda_cuda.moda_attention(q, k, v, dk, dv, depth_chunk=True)
     with pytest.raises(TypeError, match="scale must be a float or None"):
         moda_cuda.moda_attention(q, k, v, dk, dv, scale=True)
+
+
+def test_without_gradients_no_autograd_node_is_built():
+    """Under no_grad (or with no input needing a gradient) the backend runs without a node:
+    the same numbers, no grad_fn."""
+    inputs = make_inputs(Case(T=10, L=2), torch.float64)
+    expected, expected_lse = torch.ops.moda.attention(*inputs)
+    out, lse = moda_cuda.moda_attention(*inputs, return_lse=True)
+    assert out.grad_fn is None and torch.equal(out, expected) and torch.equal(lse, expected_lse)
+    with torch.no_grad():
+        out = moda_cuda.moda_attention(*[t.requires_grad_() for t in inputs])
+    assert out.grad_fn is None and not out.requires_grad and torch.equal(out, expected)
+    assert moda_cuda.moda_attention(*inputs).grad_fn is not None  # the leaves now need gradients
+
+
+def test_decode_calls_are_validated_once_per_layout(pretend_cuda, monkeypatch):
+    monkeypatch.setattr(eager, "_decode_impls", {})
+    checked = []
+    real = eager.kvcache_backend
+    monkeypatch.setattr(eager, "kvcache_backend", lambda *a: checked.append(1) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 1, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    dk, dv = (torch.randn(2, 1, 3, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    k_cache, v_cache = torch.zeros(2, 6, 2, 8, dtype=torch.float64), torch.zeros(2, 6, 2, 8, dtype=torch.float64)
+    lens = torch.tensor([0, 4], dtype=torch.int32)
+
+    def step(**kw):
+        return moda_cuda.moda_attention_with_kvcache(q, k_cache, v_cache, dk, dv, k=k, v=v, cache_seqlens=lens,
+                                                     backend="reference", **kw)
+
+    first = step()
+    assert torch.equal(step(), first) and len(checked) == 1  # the second call validated nothing
+    step(scale=0.5)
+    assert len(checked) == 2 and len(eager._decode_impls) == 2
+    for _ in range(2):  # an invalid call raises every time and is never cached
+        with pytest.raises(ValueError, match="depth_chunk must be 1"):
+            step(depth_chunk=2)
+    assert len(eager._decode_impls) == 2
