@@ -231,7 +231,7 @@ def _document_bounds(documents):
 def _cuda_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, documents=None):
     ext = _cuda_ext.load()
     B, T, Hq, D = q.shape
-    out = torch.empty((B, T, Hq, D), device=q.device, dtype=q.dtype)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # (cheaper on the host than torch.empty)
     lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
     ext.fwd(q, k, v, depth_k, depth_v, out, lse, float(scale), bool(causal), int(depth_chunk),
             *_document_bounds(documents))
@@ -262,7 +262,7 @@ def _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, 
         grad_out = grad_out.contiguous()  # dO is loaded with TMA, like q
     # With depth_grads_into the kernel adds the depth gradients into those (any even strides).
     outputs = (q, k, v) if depth_grads_into is not None else (q, k, v, depth_k, depth_v)
-    grads = [torch.empty(t.shape, device=t.device, dtype=t.dtype) if t is not None else None for t in outputs]
+    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else None for t in outputs]
     if depth_grads_into is not None:
         grads += depth_grads_into
     glse = None if grad_lse is None else grad_lse.float().contiguous()
