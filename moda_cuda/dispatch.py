@@ -311,19 +311,24 @@ BACKENDS = {b.name: b for b in (TRITON, CUDA, REFERENCE)}
 _AUTO_ORDER = (CUDA, TRITON)
 
 # The compiled forward's sequence loop is faster than Triton's; its depth tiles are dense, as
-# Triton's are, but cost it relatively more: a consumer warpgroup multiplies its 64 rows
-# (64 / G positions) by every depth row of those positions. So auto takes it where the depth
-# columns are a small share of the sequence keys a row reads (T / 2 on average, causal).
-# Measured on the H200 (bf16, causal forward; docs/performance.md):
-#   share 1/16 (T=16384, G=8, L=64, D=64)  cuda faster
-#   share 1/8  (T=8192,  G=4, L=32, D=128) cuda faster
-#   shares 0.13-0.24 (T=4096, G=4, L=17..31, D=64: the depth-stream benchmark's layers)
-#                                          cuda faster: 10.28 against 12.03 ms for the
-#                                          32-layer stack's forward (depth_stream/, at 5fe62d2)
-#   share 1/4  (T=4096,  G=8, L=64, D=64)  cuda faster: 0.465 against 0.664 ms
-#                                          (bench/results/bench_moda_issue.json)
-# So cuda up to 1/4; above (where nothing says cuda is faster) triton.
-_CUDA_DEPTH_SHARE_LIMIT = 1 / 4
+# Triton's are: a consumer warpgroup multiplies its 64 rows (64 / G positions) by every depth
+# row of those positions. The depth share below is those dense depth columns over the
+# sequence keys a row reads (T / 2 on average, causal). Where it is large, the forward is
+# mostly depth tiles, which nothing measured so far shows Triton doing faster:
+#   H200, bf16, causal forward (docs/performance.md):
+#     share 1/16 (T=16384, G=8, L=64, D=64)  cuda faster
+#     share 1/8  (T=8192,  G=4, L=32, D=128) cuda faster
+#     shares 0.13-0.24 (T=4096, G=4, L=17..31, D=64: the depth-stream benchmark's layers)
+#                                            cuda faster: 10.28 against 12.03 ms for the
+#                                            32-layer stack's forward (depth_stream/, at 5fe62d2)
+#     share 1/4  (T=4096,  G=8, L=64, D=64)  cuda 0.465 against triton 0.664 ms
+#   H100, bench/bench_sweep.py (Triton with its first config, MODA_TRITON_TUNING=off):
+#     share 1/2  (B=4 T=4096 G=2 L=32 D=128)  cuda 0.976 against triton 1.346 ms
+#     share 1/2  (B=4 T=4096 G=4 L=64 D=128)  cuda 2.079 against triton 2.651 ms
+#     share 1    (B=4 T=4096 G=1 L=32 D=128)  cuda 0.810 against triton 1.172 ms
+# cuda's lead does not shrink as the share grows (30% at 1/4, 27-45% at 1/2 and 1). So
+# cuda up to share 1, the largest measured; above it triton, pending a measurement.
+_CUDA_DEPTH_SHARE_LIMIT = 1.0
 
 
 def cuda_depth_share(shape: MoDAShape) -> float:
