@@ -182,6 +182,7 @@ def test_plan_depends_on_shapes_only(monkeypatch):
     from moda_cuda.triton_ref import decode
 
     monkeypatch.setattr(decode, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(decode, "INTERPRET", False)  # the GPU's tiles: two programs per SM
     decode_plan.cache_clear()
     try:
         many = decode_plan(32, 1, 4, 8, 128, 4096, torch.device("cpu"))
@@ -189,7 +190,23 @@ def test_plan_depends_on_shapes_only(monkeypatch):
     finally:
         decode_plan.cache_clear()
     assert many.splits == 1 and many.grid == (1, 256, 1)
-    assert 8 < one.splits <= 64 and one.split_len % one.block_n == 0 and one.splits * one.split_len >= 32768
+    assert one.splits == 32 and one.split_len % one.block_n == 0 and one.splits * one.split_len >= 32768
+
+
+@pytest.mark.parametrize("programs, slots, max_splits, splits", [
+    (64, 264, 64, 4),  # B=8 Hk=8 on 132 SMs x 2: 256 programs, not 5 splits' 320 (1.2 waves)
+    (32, 264, 64, 8),
+    (8, 264, 64, 32),  # B=1: 256 of 264 slots (33 would fill them all: within 5%, fewer splits)
+    (8, 264, 16, 16),  # a short cache: as many splits as its tiles allow
+    (128, 264, 64, 2),
+    (256, 264, 64, 1),
+    (300, 264, 64, 1),  # more than a wave already
+    (5, 264, 1, 1),
+])
+def test_splits_fill_whole_waves(programs, slots, max_splits, splits):
+    from moda_cuda.triton_ref.decode import _num_splits
+
+    assert _num_splits(programs, slots, max_splits) == splits
 
 
 # Compiled for sm_90 (H100/H200) on any machine: Triton's compiler and ptxas need no GPU. The

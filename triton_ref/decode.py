@@ -199,29 +199,57 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+_SMEM_PER_SM = 228 * 1024  # Hopper; each resident program also costs 1 KB of reserved shared memory
+_MAX_SPLITS = 64
+
+
+def _programs_per_sm(block_m: int, block_n: int, block_d: int, stages: int, elem_bytes: int) -> int:
+    """Split programs one SM holds at once: its shared memory over a program's tiles (the
+    q rows and ``stages`` buffers of one K and one V tile), at most 4."""
+    tiles = elem_bytes * block_d * (block_m + 2 * stages * block_n)
+    return max(1, min(4, _SMEM_PER_SM // (tiles + 1024)))
+
+
+def _num_splits(programs: int, slots: int, max_splits: int) -> int:
+    """The fewest splits whose programs fill the GPU's ``slots`` (programs resident at once)
+    in whole waves, as nearly as any count up to ``max_splits`` does (at least 95% of the
+    best wave efficiency; efficiency = waves / waves rounded up).
+
+    Why whole waves: the step is memory-bound and each program streams a slice of equal
+    length, so a last wave that is partly full costs a whole slice's time. B = 8, Hk = 8
+    (64 programs) on 132 SMs x 2: 5 splits are 320 programs, 1.2 waves; 4 are 0.97.
+    """
+    if programs >= slots:
+        return 1
+
+    def efficiency(splits: int) -> float:
+        waves = programs * splits / slots
+        return waves / -(-waves // 1)
+
+    best = max(efficiency(s) for s in range(1, max_splits + 1))
+    return next(s for s in range(1, max_splits + 1) if efficiency(s) >= 0.95 * best)
+
+
 @functools.lru_cache(maxsize=1024)
 def decode_plan(B: int, S: int, G: int, Hk: int, D: int, Tmax: int, device: torch.device, elem_bytes: int = 2,
                 num_splits=None) -> DecodePlan:
     """Tiles and splits of a call, from its shapes alone (cached per shape).
 
-    One split when the (batch, kv head, row block) programs already fill most SMs; else about
-    two programs per SM, each slice at least 4 key tiles long (and at most 64 slices).
-    ``num_splits`` forces a count (tests); slices are whole tiles, so fewer may result.
+    Splits by :func:`_num_splits`: whole waves of the (batch, kv head, row block) programs,
+    each slice at least 4 key tiles long, at most 64 slices. ``num_splits`` forces a count
+    (tests); slices are whole tiles, so fewer may result.
     """
     block_d = max(16, triton.next_power_of_2(D))
     block_m = min(max(16, triton.next_power_of_2(S * G)), MAX_BLOCK_M if D <= 128 else MAX_BLOCK_M // 2)
     block_n = 16 if INTERPRET else (128 if D <= 64 else 64 if D <= 128 or elem_bytes <= 2 else 32)
+    stages = 3 if D <= 128 and elem_bytes <= 2 else 2  # float32 tiles: 2 buffers fit shared memory
     m_blocks = triton.cdiv(S * G, block_m)
     programs = B * Hk * m_blocks
     if num_splits is None:
-        sms = _sm_count(device)
-        if programs >= 0.8 * sms:
-            num_splits = 1
-        else:
-            num_splits = min(triton.cdiv(2 * sms, programs), triton.cdiv(Tmax, 4 * block_n), 64)
+        slots = _sm_count(device) * _programs_per_sm(block_m, block_n, block_d, stages, elem_bytes)
+        num_splits = _num_splits(programs, slots, max(1, min(triton.cdiv(Tmax, 4 * block_n), _MAX_SPLITS)))
     split_len = triton.cdiv(triton.cdiv(Tmax, max(1, num_splits)), block_n) * block_n
     splits = triton.cdiv(Tmax, split_len)
-    stages = 3 if D <= 128 and elem_bytes <= 2 else 2  # float32 tiles: 2 buffers fit shared memory
     return DecodePlan((splits, B * Hk, m_blocks), splits, split_len, block_m, block_n, block_d,
                       4 if block_m * block_d <= 128 * 64 else 8, stages)
 
