@@ -275,6 +275,20 @@ def test_bf16_on_gpu(S, L, G, D, num_splits):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("num_splits", [1, 7])
+def test_repeated_calls_take_the_compiled_launch_and_stay_right(num_splits):
+    """The first call of a layout binds through Triton; the next ones go straight to the
+    compiled kernels (triton_ref._launch). Fresh values each call, same shapes and strides."""
+    from moda_cuda.triton_ref import _launch
+
+    _launch._compiled.clear()
+    for seed in range(3):
+        p = _problem(3, 1, 8, 2, 128, 5, 600, [0, 311, 599], seed=seed, dtype=torch.bfloat16, device="cuda")
+        _check(p, num_splits, dtype=torch.bfloat16)
+        assert len(_launch._compiled) == (1 if num_splits == 1 else 2)
+
+
+@pytest.mark.cuda
 def test_auto_runs_the_kernel_on_gpu():
     p = _problem(2, 1, 8, 2, 128, 8, 512, [100, 511], dtype=torch.bfloat16, device="cuda")
     want_out, _ = _reference(p)

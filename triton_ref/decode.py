@@ -35,6 +35,7 @@ import triton.language as tl
 from ._common import LOG2E, MASKED, row_tile_ptrs
 from ._configs import INTERPRET
 from ._fwd import _dot_precision, _softmax_step
+from ._launch import launch
 
 MAX_BLOCK_M = 128  # folded rows per program (64 above D = 128)
 
@@ -284,7 +285,7 @@ def moda_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, sm_s
         depth_k, depth_v = _same_strides(depth_k, depth_v)
     else:
         depth_k = depth_v = q.unsqueeze(2)  # never read
-    out = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
     n_rows = B * Hq * S
     if p.splits == 1:
@@ -293,16 +294,15 @@ def moda_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, sm_s
         o_t = lse_t = torch.empty(p.splits * n_rows * (D + 1), dtype=torch.float32, device=q.device)
         part_rows, lse_base = n_rows, p.splits * n_rows * D
     sq, sc, sn, sd = q.stride(), k_cache.stride(), k.stride(), depth_k.stride()
-    _decode_split_kernel[p.grid](
-        q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, o_t, lse_t,
-        sm_scale,
-        sq[0], sq[1], sq[2], sc[0], sc[1], sc[2], sn[0], sn[1], sn[2], sd[0], sd[1], sd[2], sd[3],
-        S, Hk, L, Tmax, p.split_len, part_rows, lse_base,
-        G=Hq // Hk, HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_M=p.block_m, BLOCK_N=p.block_n, HAS_NEW=has_new,
-        HAS_DEPTH=L > 0, PRECISION=_dot_precision(q.dtype), num_warps=p.num_warps, num_stages=p.num_stages,
-    )
+    launch(_decode_split_kernel, p.grid,
+           (q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, o_t, lse_t, sm_scale,
+            sq[0], sq[1], sq[2], sc[0], sc[1], sc[2], sn[0], sn[1], sn[2], sd[0], sd[1], sd[2], sd[3],
+            S, Hk, L, Tmax, p.split_len, part_rows, lse_base),
+           dict(G=Hq // Hk, HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_M=p.block_m, BLOCK_N=p.block_n, HAS_NEW=has_new,
+                HAS_DEPTH=L > 0, PRECISION=_dot_precision(q.dtype)),
+           num_warps=p.num_warps, num_stages=p.num_stages)
     if p.splits > 1:
-        _decode_combine_kernel[(n_rows,)](o_t, out, lse, n_rows, S, Hq, p.splits, lse_base, HEAD_DIM=D,
-                                          BLOCK_D=p.block_d, BLOCK_SPLITS=max(2, triton.next_power_of_2(p.splits)),
-                                          num_warps=4)
+        launch(_decode_combine_kernel, (n_rows,), (o_t, out, lse, n_rows, S, Hq, p.splits, lse_base),
+               dict(HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_SPLITS=max(2, triton.next_power_of_2(p.splits))),
+               num_warps=4)
     return out, lse

@@ -1,0 +1,51 @@
+"""Launching a Triton kernel again without binding its arguments again.
+
+``kernel[grid](*args)`` binds and specialises every argument on every call before it reaches
+the compiled kernel's launcher: it classifies each integer (equal to 1, divisible by 16) and
+each pointer (16-byte aligned), builds the specialisation key and looks the kernel up. For
+the decode kernel's 37 arguments that is most of a decode call's host time (59 us per eager
+call on the H100 against SDPA's 16 us, ``docs/performance.md``, "Decoding").
+
+:func:`launch` keeps the compiled kernel of each *launch key*: the grid, the launch options,
+the constexprs, every non-tensor argument's value and every tensor argument's dtype, device
+and 16-byte alignment. Everything Triton specialises on is a function of that key, so the
+kernel compiled for the first call of a key is the kernel Triton would pick for every later
+call of it, and those go straight to its launcher (``CompiledKernel[grid](*args)``, which
+takes every parameter in signature order, constexprs included, and still calls the launch
+hooks profilers install). Under the interpreter, or where a Triton version returns no
+compiled kernel, every call takes the plain path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._configs import INTERPRET
+
+_MAX_KEYS = 1024  # distinct shapes seen; beyond that the table starts over
+_compiled: dict = {}
+
+
+def _key(kernel, grid, args, constexprs, options):
+    return (kernel, grid, options, tuple(constexprs.values()),
+            tuple((a.dtype, a.device, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (type(a), a)
+                  for a in args))
+
+
+def launch(kernel, grid, args, constexprs: dict, **options) -> None:
+    """``kernel[grid](*args, **constexprs, **options)``. ``args`` are the kernel's leading
+    parameters, positional; ``constexprs`` the rest, in signature order."""
+    if INTERPRET:
+        kernel[grid](*args, **constexprs, **options)
+        return
+    key = _key(kernel, grid, args, constexprs, tuple(options.items()))
+    compiled = _compiled.get(key)
+    if compiled is not None:
+        compiled[grid](*args, *constexprs.values())
+        return
+    compiled = kernel[grid](*args, **constexprs, **options)
+    if hasattr(compiled, "__getitem__") and list(kernel.arg_names) == list(kernel.arg_names[:len(args)]) + list(
+            constexprs):
+        if len(_compiled) >= _MAX_KEYS:
+            _compiled.clear()
+        _compiled[key] = compiled
