@@ -227,10 +227,29 @@ def _packed_rope(rope: Optional[Rope], cu_seqlens: Optional[torch.Tensor], total
     return rope[0][positions], rope[1][positions]
 
 
+def _fused_rotary_serves(x: torch.Tensor, rope: Rope) -> bool:
+    """Where the one-launch kernel (``triton_ref.rotary``, PyTorch's result bit for bit) runs
+    instead of nine PyTorch kernels: CUDA tensors that need no gradient, outside tracing."""
+    if not x.is_cuda or x.requires_grad or torch.compiler.is_compiling():
+        return False
+    try:
+        from .triton_ref.rotary import ROTARY_DTYPES  # imports Triton: only where it can run
+    except ImportError:  # no Triton on this machine
+        return False
+    cos, sin = rope
+    B, T, _, D = x.shape
+    return (tuple(cos.shape) in ((T, D // 2), (B, T, D // 2)) and x.dtype in ROTARY_DTYPES and x.stride(-1) == 1 and cos.dtype == sin.dtype and cos.dtype in ROTARY_DTYPES
+            and cos.stride() == sin.stride() and cos.stride(-1) == 1 and cos.device == x.device)
+
+
 def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Rotate ``x [B, T, H, D]`` by position (float32 math or wider, result in x's dtype). The
     tables are ``[T, D / 2]``, or ``[B, T, D / 2]`` where sequences sit at different positions
     (decoding)."""
+    if _fused_rotary_serves(x, rope):
+        from .triton_ref.rotary import rotary
+
+        return rotary(x, *rope)
     cos, sin = (t[None, :, None, :] if t.dim() == 2 else t[:, :, None, :] for t in rope)
     x1, x2 = _at_least_float32(x).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

@@ -1,0 +1,74 @@
+"""The one-launch rotary kernel (``triton_ref.rotary``) against ``apply_rotary``'s PyTorch ops:
+bit for bit, for every dtype, both table forms, odd head counts and strided inputs. Runs in
+the Triton interpreter on the CPU; the ``cuda`` test checks the compiled kernel and that
+``apply_rotary`` takes it on the GPU."""
+
+import pytest
+import torch
+
+from moda_cuda import layers
+from moda_cuda.layers import apply_rotary, rotary_tables
+from moda_cuda.triton_ref.rotary import rotary
+
+
+def _pytorch(x, cos, sin):
+    """apply_rotary's own arithmetic (x needs a gradient, so the fused kernel is not taken)."""
+    return apply_rotary(x.detach().clone().requires_grad_(x.is_floating_point()), (cos, sin)).detach()
+
+
+def _inputs(B, T, H, D, dtype, table_dtype, per_sequence, device="cpu", strided=False, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(B, T, H + (3 if strided else 0), D, generator=g, device=device).to(dtype)
+    if strided:  # a head slice of a wider projection, as q/k/v splits are
+        x = x[:, :, 1:H + 1]
+    cos, sin = rotary_tables(D, 40, device=device)
+    if per_sequence:  # decoding: each sequence at its own positions
+        positions = torch.tensor([[7 + b + t for t in range(T)] for b in range(B)], device=device)
+    else:
+        positions = torch.arange(T, device=device)
+    return x, cos[positions].to(table_dtype), sin[positions].to(table_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["tables [T, D/2]", "tables [B, T, D/2]"])
+@pytest.mark.parametrize("B, T, H, D, strided", [(2, 5, 3, 16, False), (1, 1, 8, 64, True), (3, 2, 1, 6, True)])
+def test_bit_for_bit_the_pytorch_ops(dtype, table_dtype, per_sequence, B, T, H, D, strided):
+    x, cos, sin = _inputs(B, T, H, D, dtype, table_dtype, per_sequence, strided=strided)
+    got = rotary(x, cos, sin)
+    assert got.dtype == dtype and got.is_contiguous()
+    want = _pytorch(x, cos, sin)
+    if dtype == torch.bfloat16:
+        # The interpreter converts float32 to bfloat16 by truncation, the GPU (and PyTorch) to
+        # nearest: here each element is one of the two roundings of the same float32 result
+        # (the GPU test below checks bit for bit).
+        exact = _pytorch(x.float(), cos, sin)
+        truncated = (exact.view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
+        assert torch.equal(want, exact.to(dtype))
+        assert ((got == want) | (got == truncated)).all()
+    else:
+        assert torch.equal(got, want)
+
+
+def test_empty_input():
+    x, cos, sin = _inputs(2, 3, 2, 8, torch.float32, torch.float32, False)
+    assert rotary(x[:0], cos, sin).shape == (0, 3, 2, 8)
+
+
+def test_apply_rotary_keeps_pytorch_ops_where_the_kernel_does_not_serve():
+    x, cos, sin = _inputs(2, 4, 2, 8, torch.float32, torch.float32, False)
+    assert not layers._fused_rotary_serves(x, (cos, sin))  # CPU
+    with torch.no_grad():
+        assert torch.equal(apply_rotary(x, (cos, sin)), _pytorch(x, cos, sin))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_on_gpu_apply_rotary_takes_the_kernel_without_gradients(dtype):
+    x, cos, sin = _inputs(4, 3, 8, 64, dtype, torch.float32, True, device="cuda", strided=True)
+    assert layers._fused_rotary_serves(x, (cos, sin))
+    assert not layers._fused_rotary_serves(x.requires_grad_(), (cos, sin))
+    x = x.detach()
+    assert not layers._fused_rotary_serves(x, (cos[:1], sin[:1]))  # tables of another batch: PyTorch broadcasts
+    with torch.no_grad():
+        assert torch.equal(apply_rotary(x, (cos, sin)), _pytorch(x, cos, sin))

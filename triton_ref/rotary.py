@@ -1,0 +1,67 @@
+"""Rotary embedding in one launch, for inference (no autograd).
+
+``moda_cuda.layers.apply_rotary`` computes ``[x1 cos - x2 sin, x2 cos + x1 sin]`` in float32
+with PyTorch ops: an upcast, four products, a difference, a sum, a concatenation and a
+downcast, nine kernels per call. A decode step of the byte-level LM calls it three times per
+block (queries, keys, the MLP's depth keys), a third of the kernels its CUDA graph replays
+(``docs/performance.md``, "In a model"). This kernel does the same arithmetic in one launch.
+
+Why the result is PyTorch's bit for bit: the inputs are widened to float32 exactly, each
+product, the difference and the sum are rounded to float32 once each, in the same order
+(floating-point contraction into fused multiply-adds is switched off for this kernel), and
+the result is rounded to x's dtype once, as ``Tensor.to`` does. Tables in half precision (a
+model moved to bf16 moves its rotary buffers too) are widened exactly, as PyTorch's type
+promotion widens them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import launch
+
+
+@triton.jit
+def _rotary_kernel(X, COS, SIN, OUT, T, H, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    row = tl.program_id(0)  # one position (b, t): all its heads
+    b = (row // T).to(tl.int64)
+    t = (row % T).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    i_ok = i < HALF
+    ok = (h < H) & i_ok
+    x = X + b * stride_xb + t * stride_xt + h * stride_xh + i
+    x1 = tl.load(x, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(x + HALF, mask=ok, other=0.0).to(tl.float32)
+    table = b * stride_cb + t * stride_ct + i
+    cos = tl.load(COS + table, mask=i_ok, other=0.0).to(tl.float32)
+    sin = tl.load(SIN + table, mask=i_ok, other=0.0).to(tl.float32)
+    out = OUT + (row * H + h).to(tl.int64) * (2 * HALF) + i
+    tl.store(out, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=ok)
+    tl.store(out + HALF, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=ok)
+
+
+ROTARY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [B, T, H, D]`` (unit last stride, D even) rotated by the tables ``cos, sin``
+    (``[T, D / 2]``, or ``[B, T, D / 2]`` per sequence; one layout, unit last stride; widened to
+    float32 as PyTorch's type promotion does); a new contiguous tensor in x's dtype. The caller
+    checks devices and dtypes (``ROTARY_DTYPES`` for x and the tables)."""
+    B, T, H, D = x.shape
+    half = D // 2
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if out.numel() == 0:
+        return out
+    per_sequence = cos.dim() == 3
+    sc = cos.stride()
+    sx = x.stride()
+    launch(_rotary_kernel, (B * T,),
+           (x, cos, sin, out, T, H, sx[0], sx[1], sx[2], sc[0] if per_sequence else 0, sc[-2]),
+           dict(HALF=half, BLOCK_H=triton.next_power_of_2(H), BLOCK_HALF=triton.next_power_of_2(half)),
+           num_warps=4, enable_fp_fusion=False)
+    return out
