@@ -8,7 +8,8 @@ that host time is most of the step (docs/performance.md, "Host time per call").
 
 Outside ``torch.compile``, fake tensors, dispatch or torch-function modes and functorch
 transforms, nobody needs the op object: :func:`attention` runs the backend directly through
-one ``torch.autograd.Function``. Why the result is the op's result, bit for bit:
+one ``torch.autograd.Function`` (or none, where no input needs a gradient), and
+:func:`with_kvcache` the decode kernel. Why the result is the op's result, bit for bit:
 
 * the backend is chosen by the same ``dispatch.resolve`` with the same arguments, and runs
   the same ``forward`` / ``backward`` callables with the same scale;
