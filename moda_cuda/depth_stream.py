@@ -45,7 +45,9 @@ How this stays correct under autograd
    runs the original graph's nodes, so the gradient sums see each reader once.
 
 Under ``torch.no_grad()`` / ``torch.inference_mode()`` reads return the plain view (no
-autograd Function, no copy) and appended tensors are not kept alive.
+autograd Function, no copy) and appended tensors are not kept alive. There a layer may also
+write the next slot in place through :meth:`DepthStream.next_slot` (its rotary kernel
+stores the rotated keys there directly) and append those views, which copies nothing.
 
 Outside the kernels, whose gradient traffic for the depth rows is inherent, the depth part
 of the backward thus moves O(L) slots, where the stack-per-layer formulation adds O(L^2)
@@ -177,6 +179,11 @@ class _StreamAttention(torch.autograd.Function):
             grads = backward_adding_depth_grads(grad_out, q, k, v, depth_k, depth_v, out, lse, *ctx.options,
                                                 depth_grads_into=into)
         return (None, *grads) + (None,) * 11
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b address the same elements (same start, shape and strides)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 class DepthStream:
@@ -338,14 +345,26 @@ class DepthStream:
         if slot >= self.max_layers:
             raise ValueError(f"depth stream is full: all {self.max_layers} slots are written")
         with torch.no_grad():
-            self._k[:, :, slot].copy_(k)
-            self._v[:, :, slot].copy_(v)
+            for src, dst in ((k, self._k[:, :, slot]), (v, self._v[:, :, slot])):
+                if not _same_view(src, dst):  # written in place through next_slot(): nothing to copy
+                    dst.copy_(src)
         if torch.is_grad_enabled():
             # Kept so that reads can route gradients to them (and only then).
             self._k_slots[slot] = k if k.requires_grad else None
             self._v_slots[slot] = v if v.requires_grad else None
         self._length = slot + 1
         return slot
+
+    def next_slot(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Views ``k, v [B, T, Hk, D]`` of the next free slot, to be written in place and then
+        passed to :meth:`append`, which copies nothing for them. Inference only (grad
+        disabled): the views carry no autograd history, and a differentiable append must
+        hand the slot its gradient."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("next_slot() is for inference: call it under torch.no_grad() or inference_mode()")
+        if self._length >= self.max_layers:
+            raise ValueError(f"depth stream is full: all {self.max_layers} slots are written")
+        return self._k[:, :, self._length], self._v[:, :, self._length]
 
     # ------------------------------------------------------------------ read
     def read(self, n: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:

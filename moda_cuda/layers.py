@@ -242,17 +242,18 @@ def _fused_rotary_serves(x: torch.Tensor, rope: Rope) -> bool:
             and cos.stride() == sin.stride() and cos.stride(-1) == 1 and cos.device == x.device)
 
 
-def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, rope: Rope, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rotate ``x [B, T, H, D]`` by position (float32 math or wider, result in x's dtype). The
     tables are ``[T, D / 2]``, or ``[B, T, D / 2]`` where sequences sit at different positions
-    (decoding)."""
-    if _fused_rotary_serves(x, rope):
+    (decoding). ``out`` (x's shape and dtype; not differentiable): written and returned."""
+    if _fused_rotary_serves(x, rope) and (out is None or (out.dtype == x.dtype and out.stride(-1) == 1)):
         from .triton_ref.rotary import rotary
 
-        return rotary(x, *rope)
+        return rotary(x, *rope, out=out)
     cos, sin = (t[None, :, None, :] if t.dim() == 2 else t[:, :, None, :] for t in rope)
     x1, x2 = _at_least_float32(x).chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return rotated if out is None else out.copy_(rotated)
 
 
 class SwiGLU(nn.Module):
@@ -336,9 +337,13 @@ class MoDAAttention(nn.Module):
         q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim)
         k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        slot_views = _inference_slot(stream, k, slot, append)
         if cfg.rope:
             rope = rope if rope is not None else _rope_tables(cfg, T, x.device, cu_seqlens, cp)
-            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+            q = apply_rotary(q, rope)
+            k = apply_rotary(k, rope, out=slot_views[0] if slot_views else None)
+        if slot_views:  # k and v live in their depth slot from here on; append copies nothing
+            k, v = (view if src is view else view.copy_(src) for src, view in zip((k, v), slot_views))
         options = dict(causal=self.causal, depth_chunk=cfg.depth_chunk, backend=cfg.backend, cu_seqlens=cu_seqlens,
                        max_seqlen=max_seqlen)
         if stream is not None:
@@ -364,6 +369,18 @@ class MoDAAttention(nn.Module):
         if stream is not None and append:
             stream.append(k, v, slot=slot)
         return self.o_proj(out.reshape(B, T, cfg.n_heads * cfg.head_dim).to(x.dtype))
+
+
+def _inference_slot(stream: Optional[DepthStream], k: torch.Tensor, slot: Optional[int],
+                    append: bool) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The views of the depth slot a layer is about to append, where it may write its k/v
+    there directly (inference, the slot next, k already in the stream's dtype): a rotary
+    kernel then stores the rotated keys in the slot, and the append copies nothing."""
+    if stream is None or not append or torch.is_grad_enabled() or k.dtype != stream.dtype:
+        return None
+    if slot is not None and slot != stream.length:
+        return None
+    return stream.next_slot()
 
 
 def _rope_tables(cfg: MoDAConfig, seqlen: int, device: torch.device,
@@ -404,13 +421,15 @@ class MoDABlock(nn.Module):
         cfg = self.config
         B, T, _ = h.shape
         k, v = self.ffn_kv(h).view(B, T, 2, cfg.n_kv_heads, cfg.head_dim).unbind(2)
+        slot = self.layer_idx * cfg.slots_per_layer + 1
         if cfg.rope:
             # Depth keys sit at their own position s: rotating them like sequence keys keeps
             # q_t . k_s a function of t - s (exactly position-free for depth_chunk = 1).
             if rope is None:
                 rope = _rope_tables(cfg, T, h.device, cu_seqlens, self.attn.context_parallel)
-            k = apply_rotary(k, rope)
-        stream.append(k.to(stream.dtype), v.to(stream.dtype), slot=self.layer_idx * cfg.slots_per_layer + 1)
+            slot_views = _inference_slot(stream, k, slot, True)
+            k = apply_rotary(k, rope, out=slot_views[0] if slot_views else None)
+        stream.append(k.to(stream.dtype), v.to(stream.dtype), slot=slot)
 
     def forward(self, x: torch.Tensor, stream: Optional[DepthStream] = None, rope: Optional[Rope] = None,
                 cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,

@@ -199,6 +199,29 @@ def test_no_grad_forward_matches_stack():
     torch.testing.assert_close(got, moda_attention(q, ks[0], ks[0], stacked, -stacked, depth_chunk=2))
 
 
+def test_next_slot_is_written_in_place_and_appended_without_a_copy(monkeypatch):
+    s = DepthStream(B, T, 2, HK, D, dtype=F64)
+    first = torch.randn(B, T, HK, D, dtype=F64)
+    copies = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src: copies.append(1) or real_copy(self, src))
+    with torch.no_grad():
+        k_view, v_view = s.next_slot()
+        k_view.copy_(first)
+        v_view.copy_(-first)
+        copies.clear()
+        assert s.append(k_view, v_view) == 0 and copies == []  # the views are the slot: nothing copied
+        s.append(first * 2, first * 3)  # anything else is copied
+        assert len(copies) == 2
+        depth_k, depth_v = s.read()
+        with pytest.raises(ValueError, match="full"):
+            s.next_slot()
+    torch.testing.assert_close(depth_k, torch.stack([first, first * 2], dim=2))
+    torch.testing.assert_close(depth_v, torch.stack([-first, first * 3], dim=2))
+    with pytest.raises(RuntimeError, match="for inference"):
+        DepthStream(B, T, 2, HK, D, dtype=F64).next_slot()
+
+
 def test_slots_appended_without_grad_get_none():
     s = DepthStream(B, T, 3, HK, D)
     k0 = torch.randn(B, T, HK, D)

@@ -191,6 +191,20 @@ def test_no_grad_and_autocast():
     assert torch.isfinite(out.loss) and model.trunk.blocks[0].ffn_kv.weight.grad is not None
 
 
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_inference_writes_depth_slots_in_place_with_the_same_result(rope, norm):
+    """Without gradients the layers write k/v straight into their depth slots (the rotary
+    output lands there, the append copies nothing): the same logits, bit for bit."""
+    torch.manual_seed(8)
+    model = MoDAForCausalLM(tiny(rope=rope, norm=norm)).to(F64)
+    ids = torch.randint(0, 50, (2, 9))
+    want = model(ids).logits.detach()
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            assert torch.equal(model(ids).logits, want)
+
+
 @pytest.mark.parametrize("use_depth", [True, False])
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_tiny_lm_loss_decreases(use_depth, norm):

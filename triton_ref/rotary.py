@@ -16,6 +16,8 @@ promotion widens them.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -24,8 +26,8 @@ from ._launch import launch
 
 
 @triton.jit
-def _rotary_kernel(X, COS, SIN, OUT, T, H, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotary_kernel(X, COS, SIN, OUT, T, H, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct, stride_ob,
+                   stride_ot, stride_oh, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     row = tl.program_id(0)  # one position (b, t): all its heads
     b = (row // T).to(tl.int64)
     t = (row % T).to(tl.int64)
@@ -39,7 +41,7 @@ def _rotary_kernel(X, COS, SIN, OUT, T, H, stride_xb, stride_xt, stride_xh, stri
     table = b * stride_cb + t * stride_ct + i
     cos = tl.load(COS + table, mask=i_ok, other=0.0).to(tl.float32)
     sin = tl.load(SIN + table, mask=i_ok, other=0.0).to(tl.float32)
-    out = OUT + (row * H + h).to(tl.int64) * (2 * HALF) + i
+    out = OUT + b * stride_ob + t * stride_ot + h * stride_oh + i
     tl.store(out, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=ok)
     tl.store(out + HALF, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=ok)
 
@@ -47,21 +49,22 @@ def _rotary_kernel(X, COS, SIN, OUT, T, H, stride_xb, stride_xt, stride_xh, stri
 ROTARY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x [B, T, H, D]`` (unit last stride, D even) rotated by the tables ``cos, sin``
     (``[T, D / 2]``, or ``[B, T, D / 2]`` per sequence; one layout, unit last stride; widened to
-    float32 as PyTorch's type promotion does); a new contiguous tensor in x's dtype. The caller
-    checks devices and dtypes (``ROTARY_DTYPES`` for x and the tables)."""
+    float32 as PyTorch's type promotion does), in x's dtype: into ``out`` (x's shape and dtype,
+    unit last stride, e.g. a depth slot's view) or a new contiguous tensor. The caller checks
+    devices and dtypes (``ROTARY_DTYPES`` for x and the tables)."""
     B, T, H, D = x.shape
     half = D // 2
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if out.numel() == 0:
         return out
     per_sequence = cos.dim() == 3
-    sc = cos.stride()
-    sx = x.stride()
+    sc, sx, so = cos.stride(), x.stride(), out.stride()
     launch(_rotary_kernel, (B * T,),
-           (x, cos, sin, out, T, H, sx[0], sx[1], sx[2], sc[0] if per_sequence else 0, sc[-2]),
+           (x, cos, sin, out, T, H, sx[0], sx[1], sx[2], sc[0] if per_sequence else 0, sc[-2], so[0], so[1], so[2]),
            dict(HALF=half, BLOCK_H=triton.next_power_of_2(H), BLOCK_HALF=triton.next_power_of_2(half)),
            num_warps=4, enable_fp_fusion=False)
     return out
