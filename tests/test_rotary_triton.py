@@ -50,6 +50,22 @@ def test_bit_for_bit_the_pytorch_ops(dtype, table_dtype, per_sequence, B, T, H, 
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_into_a_depth_slot(dtype):
+    """``out``: a strided view (a depth slot of a [B, T, L, H, D] buffer) is written in place,
+    the other slots untouched."""
+    x, cos, sin = _inputs(2, 3, 2, 8, dtype, torch.float32, True)
+    buffer = torch.full((2, 3, 4, 2, 8), 7.0, dtype=dtype)
+    got = rotary(x, cos, sin, out=buffer[:, :, 2])
+    assert got.data_ptr() == buffer[:, :, 2].data_ptr()
+    assert torch.equal(buffer[:, :, 2], _pytorch(x, cos, sin))
+    assert (buffer[:, :, [0, 1, 3]] == 7.0).all()
+    with torch.no_grad():  # apply_rotary's PyTorch path writes out the same way
+        other = torch.zeros_like(buffer)
+        apply_rotary(x, (cos, sin), out=other[:, :, 1])
+    assert torch.equal(other[:, :, 1], buffer[:, :, 2])
+
+
 def test_empty_input():
     x, cos, sin = _inputs(2, 3, 2, 8, torch.float32, torch.float32, False)
     assert rotary(x[:0], cos, sin).shape == (0, 3, 2, 8)
@@ -72,3 +88,6 @@ def test_on_gpu_apply_rotary_takes_the_kernel_without_gradients(dtype):
     assert not layers._fused_rotary_serves(x, (cos[:1], sin[:1]))  # tables of another batch: PyTorch broadcasts
     with torch.no_grad():
         assert torch.equal(apply_rotary(x, (cos, sin)), _pytorch(x, cos, sin))
+        slots = torch.zeros(4, 3, 5, 8, 64, dtype=dtype, device="cuda")
+        apply_rotary(x, (cos, sin), out=slots[:, :, 3])
+    assert torch.equal(slots[:, :, 3], _pytorch(x, cos, sin))
