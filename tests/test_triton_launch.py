@@ -9,10 +9,13 @@ from moda_cuda.triton_ref import _launch
 
 
 class FakeCompiled:
+    """Like Triton's CompiledKernel[grid]: it reads grid[0], grid[1] and grid[2]."""
+
     def __init__(self, calls):
         self.calls = calls
 
     def __getitem__(self, grid):
+        grid = (grid[0], grid[1], grid[2])
         return lambda *args: self.calls.append(("compiled", grid, args))
 
 
@@ -42,6 +45,9 @@ def test_later_calls_of_a_key_go_to_the_compiled_kernel(compiled_path):
         _launch.launch(kernel, (4, 1, 1), (x, 7, 0.5), dict(BLOCK=16, FLAG=True), num_warps=4)
     assert kernel.calls[0] == ("jit", (4, 1, 1), (x, 7, 0.5), dict(BLOCK=16, FLAG=True, num_warps=4))
     assert kernel.calls[1:] == [("compiled", (4, 1, 1), (x, 7, 0.5, 16, True))] * 2
+    _launch.launch(kernel, (5,), (x, 7, 0.5), dict(BLOCK=16, FLAG=True), num_warps=4)  # a 1-D grid: padded to 3-D
+    _launch.launch(kernel, (5,), (x, 7, 0.5), dict(BLOCK=16, FLAG=True), num_warps=4)
+    assert kernel.calls[-1] == ("compiled", (5, 1, 1), (x, 7, 0.5, 16, True))
 
 
 @pytest.mark.parametrize("change", ["grid", "int", "float type", "constexpr", "option", "dtype", "alignment"])

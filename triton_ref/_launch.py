@@ -42,7 +42,7 @@ def launch(kernel, grid, args, constexprs: dict, **options) -> None:
     key = _key(kernel, grid, args, constexprs, tuple(options.items()))
     compiled = _compiled.get(key)
     if compiled is not None:
-        compiled[grid](*args, *constexprs.values())
+        compiled[grid + (1,) * (3 - len(grid))](*args, *constexprs.values())  # it reads all three
         return
     compiled = kernel[grid](*args, **constexprs, **options)
     if hasattr(compiled, "__getitem__") and list(kernel.arg_names) == list(kernel.arg_names[:len(args)]) + list(
