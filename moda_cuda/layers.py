@@ -376,7 +376,8 @@ def _inference_slot(stream: Optional[DepthStream], k: torch.Tensor, slot: Option
     """The views of the depth slot a layer is about to append, where it may write its k/v
     there directly (inference, the slot next, k already in the stream's dtype): a rotary
     kernel then stores the rotated keys in the slot, and the append copies nothing."""
-    if stream is None or not append or torch.is_grad_enabled() or k.dtype != stream.dtype:
+    if stream is None or not append or torch.is_grad_enabled() or k.dtype != stream.dtype \
+            or torch.compiler.is_compiling():  # traced: plain appends (no data pointers to compare)
         return None
     if slot is not None and slot != stream.length:
         return None

@@ -205,6 +205,18 @@ def test_inference_writes_depth_slots_in_place_with_the_same_result(rope, norm):
             assert torch.equal(model(ids).logits, want)
 
 
+def test_compiled_inference_forward():
+    """Traced without gradients, the layers append plainly (no in-place slot writes, whose
+    check reads data pointers): the same logits."""
+    torch.manual_seed(9)
+    model = MoDAForCausalLM(tiny()).to(F64).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        want = model(ids).logits
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("use_depth", [True, False])
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_tiny_lm_loss_decreases(use_depth, norm):
