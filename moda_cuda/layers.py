@@ -238,8 +238,10 @@ def _fused_rotary_serves(x: torch.Tensor, rope: Rope) -> bool:
         return False
     cos, sin = rope
     B, T, _, D = x.shape
-    return (tuple(cos.shape) in ((T, D // 2), (B, T, D // 2)) and x.dtype in ROTARY_DTYPES and x.stride(-1) == 1 and cos.dtype == sin.dtype and cos.dtype in ROTARY_DTYPES
-            and cos.stride() == sin.stride() and cos.stride(-1) == 1 and cos.device == x.device)
+    return (x.dtype in ROTARY_DTYPES and x.stride(-1) == 1
+            and tuple(cos.shape) in ((T, D // 2), (B, T, D // 2)) and cos.device == x.device
+            and cos.dtype in ROTARY_DTYPES and cos.dtype == sin.dtype
+            and cos.stride(-1) == 1 and cos.stride() == sin.stride())
 
 
 def apply_rotary(x: torch.Tensor, rope: Rope, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -343,7 +345,10 @@ class MoDAAttention(nn.Module):
             q = apply_rotary(q, rope)
             k = apply_rotary(k, rope, out=slot_views[0] if slot_views else None)
         if slot_views:  # k and v live in their depth slot from here on; append copies nothing
-            k, v = (view if src is view else view.copy_(src) for src, view in zip((k, v), slot_views))
+            k_slot, v_slot = slot_views
+            if k is not k_slot:  # no rotary: k is still the projection's
+                k_slot.copy_(k)
+            k, v = k_slot, v_slot.copy_(v)
         options = dict(causal=self.causal, depth_chunk=cfg.depth_chunk, backend=cfg.backend, cu_seqlens=cu_seqlens,
                        max_seqlen=max_seqlen)
         if stream is not None:

@@ -45,8 +45,7 @@ def launch(kernel, grid, args, constexprs: dict, **options) -> None:
         compiled[grid + (1,) * (3 - len(grid))](*args, *constexprs.values())  # it reads all three
         return
     compiled = kernel[grid](*args, **constexprs, **options)
-    if hasattr(compiled, "__getitem__") and list(kernel.arg_names) == list(kernel.arg_names[:len(args)]) + list(
-            constexprs):
+    if hasattr(compiled, "__getitem__") and list(kernel.arg_names[len(args):]) == list(constexprs):
         if len(_compiled) >= _MAX_KEYS:
             _compiled.clear()
         _compiled[key] = compiled
