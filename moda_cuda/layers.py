@@ -244,17 +244,24 @@ def _fused_rotary_serves(x: torch.Tensor, rope: Rope) -> bool:
             and cos.stride(-1) == 1 and cos.stride() == sin.stride())
 
 
-def apply_rotary(x: torch.Tensor, rope: Rope, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, rope: Rope, out: Optional[torch.Tensor] = None,
+                 copy: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Rotate ``x [B, T, H, D]`` by position (float32 math or wider, result in x's dtype). The
     tables are ``[T, D / 2]``, or ``[B, T, D / 2]`` where sequences sit at different positions
-    (decoding). ``out`` (x's shape and dtype; not differentiable): written and returned."""
-    if _fused_rotary_serves(x, rope) and (out is None or (out.dtype == x.dtype and out.stride(-1) == 1)):
+    (decoding). ``out`` (x's shape and dtype; not differentiable): written and returned.
+    ``copy = (src, dst)`` (not differentiable): ``dst.copy_(src)`` as well, in the same launch
+    where the fused kernel runs (a layer's values going into its depth slot beside the keys)."""
+    others = ([] if out is None else [out]) + ([] if copy is None else list(copy))
+    if _fused_rotary_serves(x, rope) and all(t.shape == x.shape and t.dtype == x.dtype and t.device == x.device
+                                             and t.stride(-1) == 1 for t in others):
         from .triton_ref.rotary import rotary
 
-        return rotary(x, *rope, out=out)
+        return rotary(x, *rope, out=out, copy=copy)
     cos, sin = (t[None, :, None, :] if t.dim() == 2 else t[:, :, None, :] for t in rope)
     x1, x2 = _at_least_float32(x).chunk(2, dim=-1)
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    if copy is not None:
+        copy[1].copy_(copy[0])
     return rotated if out is None else out.copy_(rotated)
 
 
@@ -343,12 +350,15 @@ class MoDAAttention(nn.Module):
         if cfg.rope:
             rope = rope if rope is not None else _rope_tables(cfg, T, x.device, cu_seqlens, cp)
             q = apply_rotary(q, rope)
-            k = apply_rotary(k, rope, out=slot_views[0] if slot_views else None)
+            if slot_views:  # the rotated keys into the slot, and the values in the same launch
+                k = apply_rotary(k, rope, slot_views[0], copy=(v, slot_views[1]))
+            else:
+                k = apply_rotary(k, rope)
+        elif slot_views:
+            slot_views[0].copy_(k)
+            slot_views[1].copy_(v)
         if slot_views:  # k and v live in their depth slot from here on; append copies nothing
-            k_slot, v_slot = slot_views
-            if k is not k_slot:  # no rotary: k is still the projection's
-                k_slot.copy_(k)
-            k, v = k_slot, v_slot.copy_(v)
+            k, v = slot_views
         options = dict(causal=self.causal, depth_chunk=cfg.depth_chunk, backend=cfg.backend, cu_seqlens=cu_seqlens,
                        max_seqlen=max_seqlen)
         if stream is not None:
@@ -434,7 +444,11 @@ class MoDABlock(nn.Module):
             if rope is None:
                 rope = _rope_tables(cfg, T, h.device, cu_seqlens, self.attn.context_parallel)
             slot_views = _inference_slot(stream, k, slot, True)
-            k = apply_rotary(k, rope, out=slot_views[0] if slot_views else None)
+            if slot_views:  # rotated keys and values straight into the slot, one launch
+                k = apply_rotary(k, rope, slot_views[0], copy=(v, slot_views[1]))
+                v = slot_views[1]
+            else:
+                k = apply_rotary(k, rope)
         stream.append(k.to(stream.dtype), v.to(stream.dtype), slot=slot)
 
     def forward(self, x: torch.Tensor, stream: Optional[DepthStream] = None, rope: Optional[Rope] = None,

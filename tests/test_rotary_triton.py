@@ -66,6 +66,24 @@ def test_into_a_depth_slot(dtype):
     assert torch.equal(other[:, :, 1], buffer[:, :, 2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_copied_beside_the_keys(dtype):
+    """``copy = (v, v_slot)``: the values land in their slot unchanged in the same launch (a
+    strided source, as the value half of a fused projection is), the other slots untouched;
+    apply_rotary's PyTorch path does the same."""
+    x, cos, sin = _inputs(2, 3, 2, 8, dtype, torch.float32, True)
+    v = torch.randn(2, 3, 5, 8).to(dtype)[:, :, 1:3]
+    keys, values = torch.full((2, 2, 3, 4, 2, 8), 7.0, dtype=dtype)
+    rotary(x, cos, sin, out=keys[:, :, 1], copy=(v, values[:, :, 1]))
+    assert torch.equal(values[:, :, 1], v)
+    assert (values[:, :, [0, 2, 3]] == 7.0).all() and (keys[:, :, [0, 2, 3]] == 7.0).all()
+    with torch.no_grad():
+        other = torch.zeros_like(values)
+        rotated = apply_rotary(x, (cos, sin), copy=(v, other[:, :, 2]))
+    assert torch.equal(other[:, :, 2], v)
+    assert torch.equal(rotated, _pytorch(x, cos, sin))
+
+
 def test_empty_input():
     x, cos, sin = _inputs(2, 3, 2, 8, torch.float32, torch.float32, False)
     assert rotary(x[:0], cos, sin).shape == (0, 3, 2, 8)
@@ -89,5 +107,8 @@ def test_on_gpu_apply_rotary_takes_the_kernel_without_gradients(dtype):
     with torch.no_grad():
         assert torch.equal(apply_rotary(x, (cos, sin)), _pytorch(x, cos, sin))
         slots = torch.zeros(4, 3, 5, 8, 64, dtype=dtype, device="cuda")
-        apply_rotary(x, (cos, sin), out=slots[:, :, 3])
+        values = torch.zeros_like(slots)
+        v = torch.randn_like(x)
+        apply_rotary(x, (cos, sin), out=slots[:, :, 3], copy=(v, values[:, :, 3]))
     assert torch.equal(slots[:, :, 3], _pytorch(x, cos, sin))
+    assert torch.equal(values[:, :, 3], v) and (values[:, :, [0, 1, 2, 4]] == 0).all()

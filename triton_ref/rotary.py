@@ -4,7 +4,9 @@
 with PyTorch ops: an upcast, four products, a difference, a sum, a concatenation and a
 downcast, nine kernels per call. A decode step of the byte-level LM calls it three times per
 block (queries, keys, the MLP's depth keys), a third of the kernels its CUDA graph replays
-(``docs/performance.md``, "In a model"). This kernel does the same arithmetic in one launch.
+(``docs/performance.md``, "In a model"). This kernel does the same arithmetic in one launch,
+and can copy a second tensor of the same shape in it: the values that a layer writes into
+its depth slot beside the rotated keys, one launch instead of two.
 
 Why the result is PyTorch's bit for bit: the inputs are widened to float32 exactly, each
 product, the difference and the sum are rounded to float32 once each, in the same order
@@ -16,7 +18,7 @@ promotion widens them.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -26,8 +28,9 @@ from ._launch import launch
 
 
 @triton.jit
-def _rotary_kernel(X, COS, SIN, OUT, T, H, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct, stride_ob,
-                   stride_ot, stride_oh, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotary_kernel(X, COS, SIN, OUT, V, V_OUT, T, H, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct,
+                   stride_ob, stride_ot, stride_oh, stride_vb, stride_vt, stride_vh, stride_wb, stride_wt, stride_wh,
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, COPY_V: tl.constexpr):
     row = tl.program_id(0)  # one position (b, t): all its heads
     b = (row // T).to(tl.int64)
     t = (row % T).to(tl.int64)
@@ -44,17 +47,25 @@ def _rotary_kernel(X, COS, SIN, OUT, T, H, stride_xb, stride_xt, stride_xh, stri
     out = OUT + b * stride_ob + t * stride_ot + h * stride_oh + i
     tl.store(out, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=ok)
     tl.store(out + HALF, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=ok)
+    if COPY_V:  # the values beside their keys: same shape, copied as they are
+        v = V + b * stride_vb + t * stride_vt + h * stride_vh + i
+        v_out = V_OUT + b * stride_wb + t * stride_wt + h * stride_wh + i
+        tl.store(v_out, tl.load(v, mask=ok), mask=ok)
+        tl.store(v_out + HALF, tl.load(v + HALF, mask=ok), mask=ok)
 
 
 ROTARY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: Optional[torch.Tensor] = None,
+           copy: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """``x [B, T, H, D]`` (unit last stride, D even) rotated by the tables ``cos, sin``
     (``[T, D / 2]``, or ``[B, T, D / 2]`` per sequence; one layout, unit last stride; widened to
     float32 as PyTorch's type promotion does), in x's dtype: into ``out`` (x's shape and dtype,
-    unit last stride, e.g. a depth slot's view) or a new contiguous tensor. The caller checks
-    devices and dtypes (``ROTARY_DTYPES`` for x and the tables)."""
+    unit last stride, e.g. a depth slot's view) or a new contiguous tensor. ``copy = (src,
+    dst)``: two more tensors of x's shape and dtype (unit last stride); ``dst`` gets ``src`` in
+    the same launch. The caller checks devices and dtypes (``ROTARY_DTYPES`` for x and the
+    tables)."""
     B, T, H, D = x.shape
     half = D // 2
     if out is None:
@@ -62,9 +73,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: Optional[
     if out.numel() == 0:
         return out
     per_sequence = cos.dim() == 3
-    sc, sx, so = cos.stride(), x.stride(), out.stride()
+    src, dst = copy if copy is not None else (x, out)  # unused without a copy
+    sc, sx, so, sv, sw = cos.stride(), x.stride(), out.stride(), src.stride(), dst.stride()
     launch(_rotary_kernel, (B * T,),
-           (x, cos, sin, out, T, H, sx[0], sx[1], sx[2], sc[0] if per_sequence else 0, sc[-2], so[0], so[1], so[2]),
-           dict(HALF=half, BLOCK_H=triton.next_power_of_2(H), BLOCK_HALF=triton.next_power_of_2(half)),
+           (x, cos, sin, out, src, dst, T, H, sx[0], sx[1], sx[2], sc[0] if per_sequence else 0, sc[-2],
+            so[0], so[1], so[2], sv[0], sv[1], sv[2], sw[0], sw[1], sw[2]),
+           dict(HALF=half, BLOCK_H=triton.next_power_of_2(H), BLOCK_HALF=triton.next_power_of_2(half),
+                COPY_V=copy is not None),
            num_warps=4, enable_fp_fusion=False)
     return out
