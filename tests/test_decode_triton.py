@@ -96,12 +96,8 @@ def test_decode_kernel_matches_reference(S, L, G, D):
 
 @pytest.mark.parametrize("num_splits", [1, 2, 5, None])
 def test_split_counts_agree(num_splits):
-    from moda_cuda.triton_ref import decode
-
     p = _problem(2, 1, 8, 1, 64, 3, 70, [5, 69])
     _check(p, num_splits)
-    # The last slice to finish merged them and left its counter zero for the next launch.
-    assert all(not counters.any() for counters in decode._ticket_counters.values())
     if num_splits is not None:
         assert decode_plan(2, 1, 8, 1, 64, 70, p["q"].device, 4, num_splits).splits == num_splits
 
@@ -233,14 +229,16 @@ for dt, size, G, D, S, partial in (("bf16", 2, 4, 128, 1, False), ("fp16", 2, 8,
                                    ("fp32", 4, 4, 80, 2, False)):
     p = d.decode_plan(2, S, G, 2, D, 4096, torch.device("cuda"), size, 4)
     ptr = {n: "*" + dt for n in ("Q", "KC", "VC", "KN", "VN", "DK", "DV")}
-    ptr.update(SEQLENS="*i32", O="*fp32" if partial else "*" + dt, LSE="*fp32", OUT="*" + dt, LSE_OUT="*fp32",
-               TICKETS="*i32" if partial else "*fp32")
+    ptr.update(SEQLENS="*i32", O="*fp32" if partial else "*" + dt, LSE="*fp32")
     k = compile(d._decode_split_kernel, ptr, dict(G=G, HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_M=p.block_m,
                 BLOCK_N=p.block_n, HAS_NEW=True, HAS_DEPTH=True, PRECISION=d._dot_precision(
-                {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]), COMBINE=partial),
+                {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt])),
                 num_warps=p.num_warps, num_stages=p.num_stages)
     print(dt, G, D, S, "shared", k.metadata.shared)
     assert k.metadata.shared <= 227 * 1024, k.metadata.shared
+k = compile(d._decode_combine_kernel, dict(PART="*fp32", O="*bf16", LSE="*fp32"),
+            dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_SPLITS=64), num_warps=4)
+print("combine shared", k.metadata.shared)
 """
 
 
@@ -260,7 +258,7 @@ def test_kernels_compile_for_hopper(tmp_path):
     res = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
-    assert res.stdout.count("shared") == 3
+    assert res.stdout.count("shared") == 4
 
 
 # ----------------------------------------------------------------------------- GPU, bf16

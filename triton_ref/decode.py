@@ -15,15 +15,10 @@ to 128 rows: every decode step, S = 1). Its keys are one slice of cache position
 3. the program whose slice holds the last visible key also takes the new tokens' own depth
    rows (token i: its L rows of ``depth_k/v [B, S, L, Hk, D]``), so they count exactly once.
 
-With one split the program writes ``out`` and ``lse`` itself. With several, it writes the
-normalised output and lse of its slice (float32; a slice that starts past the last visible
-key writes lse = -inf only), then takes a ticket: an atomic increment of its (batch, kv head,
-row block) counter. The program that draws the last ticket knows every other slice's results
-are stored (each stored before its own increment, which releases them; the last increment
-acquires them) and merges them with weights ``exp(lse_j - max lse)`` into ``out`` and
-``lse``; it resets the counter to zero for the next launch. One launch per step, not a split
-kernel and a combine kernel: at B = 1 a decode step is a few microseconds, and a second
-launch is a good part of that.
+It writes the normalised output and lse of its slice (float32); a slice that starts past the
+last visible key writes lse = -inf only. ``_decode_combine_kernel`` merges the slices of each
+row with weights ``exp(lse_j - max lse)``. With one split the first kernel writes ``out``
+and ``lse`` itself and the second does not run.
 
 The number of splits depends on shapes only (B * Hk against the SM count, Tmax), never on
 the lengths, so the host reads nothing from the GPU and a decode step can be captured in a
@@ -96,7 +91,7 @@ def _depth_tiles(acc, l_i, m_i, q, t_row, lo, hi, L, DK, DV, stride_dt, stride_d
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KC, VC, KN, VN, DK, DV, SEQLENS, O, LSE, OUT, LSE_OUT, TICKETS,
+    Q, KC, VC, KN, VN, DK, DV, SEQLENS, O, LSE,
     sm_scale,
     stride_qb, stride_qt, stride_qh,
     stride_cb, stride_ct, stride_ch,
@@ -105,7 +100,6 @@ def _decode_split_kernel(
     S, HK, L, TMAX, SPLIT_LEN, PART_ROWS, LSE_BASE,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_NEW: tl.constexpr, HAS_DEPTH: tl.constexpr, PRECISION: tl.constexpr,
-    COMBINE: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -161,44 +155,31 @@ def _decode_split_kernel(
     tl.store(O + o_rows[:, None] * HEAD_DIM + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=(row_ok & seen)[:, None] & d_ok[None, :])
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / LOG2E, float("-inf"))
-    lse_rows = (b * HK * G + heads) * S + t_row
-    tl.store(LSE + LSE_BASE + part + lse_rows, lse, mask=row_ok)
-    if COMBINE:
-        # The last of the row block's slices to finish merges them all (module docstring).
-        tl.debug_barrier()  # every thread's partial results are stored before the ticket is taken
-        ticket_ptr = TICKETS + bh * tl.num_programs(2) + pid_m
-        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-            tl.atomic_xchg(ticket_ptr, 0, sem="relaxed")  # ready for the next launch
-            _merge_slices(O, LSE, OUT, LSE_OUT, o_rows - part, lse_rows, row_ok, tl.num_programs(0), PART_ROWS,
-                          LSE_BASE, offs_d, d_ok, HEAD_DIM, BLOCK_M, BLOCK_D)
+    tl.store(LSE + LSE_BASE + part + (b * HK * G + heads) * S + t_row, lse, mask=row_ok)
 
 
 @triton.jit
-def _merge_slices(PART_O, PART_LSE, OUT, LSE_OUT, o_rows, lse_rows, row_ok, splits, part_rows, lse_base, offs_d,
-                  d_ok, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out, lse of rows from the partial results of ``splits`` slices: weights
-    ``exp(lse_j - max lse)``; a slice past the rows' last key (lse -inf) wrote no output.
-    The partials are read from L2 (``.cg``): other SMs wrote them."""
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for j in range(splits):
-        m = tl.maximum(m, tl.load(PART_LSE + lse_base + j * part_rows + lse_rows, mask=row_ok,
-                                  other=float("-inf"), cache_modifier=".cg"))
-    m = tl.where(row_ok, m, 0.0)  # every real row saw key 0 in the first slice: finite
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for j in range(splits):
-        lse_j = tl.load(PART_LSE + lse_base + j * part_rows + lse_rows, mask=row_ok, other=float("-inf"),
-                        cache_modifier=".cg")
-        w = tl.exp(lse_j - m)
-        o = tl.load(PART_O + (j * part_rows + o_rows)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=(row_ok & (lse_j > float("-inf")))[:, None] & d_ok[None, :], other=0.0,
-                    cache_modifier=".cg")
-        acc += o * w[:, None]
-        total += w
-    total = tl.where(row_ok, total, 1.0)
-    tl.store(OUT + o_rows[:, None] * HEAD_DIM + offs_d[None, :], (acc / total[:, None]).to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE_OUT + lse_rows, m + tl.log(total), mask=row_ok)
+def _decode_combine_kernel(PART, O, LSE, N_ROWS, S, HQ, SPLITS, LSE_BASE, HEAD_DIM: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+    """One row (b, h, t) of out and lse from the SPLITS partial results in PART (outputs, then
+    lse from LSE_BASE on)."""
+    row = tl.program_id(0)  # lse order: (b * HQ + h) * S + t
+    b = row // (HQ * S)
+    h = row // S % HQ
+    t = row % S
+    o_row = (b * S + t) * HQ + h  # out order
+    sp = tl.arange(0, BLOCK_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse_part = tl.load(PART + LSE_BASE + sp * N_ROWS + row, mask=sp < SPLITS, other=float("-inf"))
+    m = tl.max(lse_part, 0)
+    w = tl.exp(lse_part - m)
+    seen = (sp < SPLITS) & (lse_part > float("-inf"))  # a skipped slice wrote no output
+    o = tl.load(PART + (sp[:, None].to(tl.int64) * N_ROWS + o_row) * HEAD_DIM + offs_d[None, :],
+                mask=seen[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / total
+    tl.store(O + o_row.to(tl.int64) * HEAD_DIM + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(LSE + row, m + tl.log(total))
 
 
 class DecodePlan(NamedTuple):
@@ -308,34 +289,20 @@ def moda_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, sm_s
     lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
     n_rows = B * Hq * S
     if p.splits == 1:
-        o_t, lse_t, part_rows, lse_base, tickets = out, lse, 0, 0, lse
+        o_t, lse_t, part_rows, lse_base = out, lse, 0, 0
     else:  # partial outputs [splits, B, S, Hq, D], then partial lse [splits, B, Hq, S], in one buffer
         o_t = lse_t = torch.empty(p.splits * n_rows * (D + 1), dtype=torch.float32, device=q.device)
         part_rows, lse_base = n_rows, p.splits * n_rows * D
-        tickets = _tickets(q.device, p.grid[1] * p.grid[2])
     sq, sc, sn, sd = q.stride(), k_cache.stride(), k.stride(), depth_k.stride()
     launch(_decode_split_kernel, p.grid,
-           (q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, o_t, lse_t, out, lse, tickets, sm_scale,
+           (q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, o_t, lse_t, sm_scale,
             sq[0], sq[1], sq[2], sc[0], sc[1], sc[2], sn[0], sn[1], sn[2], sd[0], sd[1], sd[2], sd[3],
             S, Hk, L, Tmax, p.split_len, part_rows, lse_base),
            dict(G=Hq // Hk, HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_M=p.block_m, BLOCK_N=p.block_n, HAS_NEW=has_new,
-                HAS_DEPTH=L > 0, PRECISION=_dot_precision(q.dtype), COMBINE=p.splits > 1),
+                HAS_DEPTH=L > 0, PRECISION=_dot_precision(q.dtype)),
            num_warps=p.num_warps, num_stages=p.num_stages)
+    if p.splits > 1:
+        launch(_decode_combine_kernel, (n_rows,), (o_t, out, lse, n_rows, S, Hq, p.splits, lse_base),
+               dict(HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_SPLITS=max(2, triton.next_power_of_2(p.splits))),
+               num_warps=4)
     return out, lse
-
-
-_ticket_counters: dict = {}
-
-
-def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (batch, kv head, row block) program column, for the
-    stream the call runs on (two streams' launches must not share them). Each launch leaves
-    them zero again, so they are allocated once: outside a CUDA graph's capture (the decode
-    step's eager warm-up steps) where a graph is used."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    counters = _ticket_counters.get(key)
-    if counters is None or counters.numel() < n:
-        counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _ticket_counters[key] = counters
-    return counters
