@@ -244,20 +244,21 @@ def test_auto_order_moves_cuda_last_where_the_depth_share_is_large():
     assert dispatch._auto_order(_spec(4096, 32, 8, 31)) == (dispatch.CUDA, dispatch.TRITON)  # share 0.242
     assert dispatch._auto_order(_spec(4096, 64, 8, 64)) == (dispatch.CUDA, dispatch.TRITON)  # share 1/4
     assert dispatch._auto_order(_spec(2048, 64, 8, 64)) == (dispatch.CUDA, dispatch.TRITON)  # share 1/2
-    assert dispatch._auto_order(_spec(1024, 64, 8, 64)) == (dispatch.CUDA, dispatch.TRITON)  # at the bound, 1
-    assert dispatch._auto_order(_spec(512, 64, 8, 64)) == (dispatch.TRITON, dispatch.CUDA)  # share 2, 2.7 GFLOP
+    assert dispatch._auto_order(_spec(1024, 64, 8, 64)) == (dispatch.CUDA, dispatch.TRITON)  # share 1
+    assert dispatch._auto_order(_spec(512, 64, 8, 64)) == (dispatch.CUDA, dispatch.TRITON)  # at the bound, 2
+    assert dispatch._auto_order(_spec(512, 64, 8, 128)) == (dispatch.TRITON, dispatch.CUDA)  # share 4, 3.2 GFLOP
     assert dispatch._auto_order(_spec(4096, 64, 8, 64, has_seq=False)) == (dispatch.TRITON, dispatch.CUDA)
 
 
 def test_auto_order_keeps_cuda_first_where_host_time_decides():
     """Tiny calls (under 2 GFLOP forward) take the backend with the least host time per call,
-    whatever the depth share: here shares 2 and 8, where a large call would take Triton."""
+    whatever the depth share: here shares 4 and 8, where a large call would take Triton."""
     tiny = MoDAShape(batch=1, seqlen=64, q_heads=8, kv_heads=2, head_dim=64, depth=4, has_seq=True)
     assert dispatch.cuda_depth_share(tiny) == pytest.approx(2.0)
     assert dispatch.forward_flops(tiny) == pytest.approx(4 * 8 * 64 * 64 * (32 + 4))
     assert dispatch._auto_order(tiny) == (dispatch.CUDA, dispatch.TRITON)
     assert dispatch._auto_order(_spec(128, 16, 2, 64)) == (dispatch.CUDA, dispatch.TRITON)
-    assert dispatch._auto_order(_spec(512, 64, 8, 64)) == (dispatch.TRITON, dispatch.CUDA)  # share 2, 2.7 GFLOP
+    assert dispatch._auto_order(_spec(512, 64, 8, 128)) == (dispatch.TRITON, dispatch.CUDA)  # share 4, 3.2 GFLOP
 
 
 @pytest.mark.parametrize("spec", [_spec(16384, 64, 8, 64), _spec(4096, 64, 8, 64),
