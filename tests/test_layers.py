@@ -258,12 +258,15 @@ def test_vit_shapes_noncausal_and_learns():
     assert loss.item() < 0.5 * first
 
 
-def test_matched_baseline_parameter_count():
-    cfg = MoDAConfig(d_model=256, n_layers=6, n_heads=8, n_kv_heads=2)
+@pytest.mark.parametrize("d_model, n_layers, n_heads, n_kv_heads", [(256, 6, 8, 2), (512, 8, 8, 2)])
+def test_matched_baseline_parameter_count(d_model, n_layers, n_heads, n_kv_heads):
+    """The baseline's MLP is wider by a multiple of 8 units (aligned GEMMs), and its parameters
+    are MoDA's to within the 4 hidden units that rounding may add or drop."""
+    cfg = MoDAConfig(d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads)
     base = cfg.matched_baseline()
-    assert not base.use_depth and base.mlp_hidden > cfg.mlp_hidden
+    assert not base.use_depth and base.mlp_hidden > cfg.mlp_hidden and base.mlp_hidden % 8 == 0
     n_moda, n_base = count_parameters(MoDAForCausalLM(cfg)), count_parameters(MoDAForCausalLM(base))
-    assert abs(n_moda - n_base) / n_moda < 1e-3, (n_moda, n_base)
+    assert abs(n_moda - n_base) <= 4 * 3 * d_model * n_layers, (n_moda, n_base)
 
 
 def test_config_and_input_errors():
