@@ -231,9 +231,10 @@ def _packed_rope(rope: Optional[Rope], cu_seqlens: Optional[torch.Tensor], total
 
 
 def _fused_rotary_serves(x: torch.Tensor, rope: Rope) -> bool:
-    """Where the one-launch kernel (``triton_ref.rotary``, PyTorch's result bit for bit) runs
-    instead of nine PyTorch kernels: CUDA tensors that need no gradient, outside tracing."""
-    if not x.is_cuda or x.requires_grad or torch.compiler.is_compiling():
+    """Where the one-launch kernel (``triton_ref.rotary``, PyTorch's result and gradient bit
+    for bit) runs instead of nine PyTorch kernels: CUDA tensors, tables without gradients,
+    outside tracing."""
+    if not x.is_cuda or torch.compiler.is_compiling() or rope[0].requires_grad or rope[1].requires_grad:
         return False
     try:
         from .triton_ref.rotary import ROTARY_DTYPES  # imports Triton: only where it can run
@@ -255,11 +256,15 @@ def apply_rotary(x: torch.Tensor, rope: Rope, out: Optional[torch.Tensor] = None
     ``copy = (src, dst)`` (not differentiable): ``dst.copy_(src)`` as well, in the same launch
     where the fused kernel runs (a layer's values going into its depth slot beside the keys)."""
     others = ([] if out is None else [out]) + ([] if copy is None else list(copy))
+    differentiable = torch.is_grad_enabled() and x.requires_grad
     if _fused_rotary_serves(x, rope) and all(t.shape == x.shape and t.dtype == x.dtype and t.device == x.device
                                              and t.stride(-1) == 1 for t in others):
-        from .triton_ref.rotary import rotary
+        from .triton_ref.rotary import FusedRotary, rotary
 
-        return rotary(x, *rope, out=out, copy=copy)
+        if not differentiable:
+            return rotary(x, *rope, out=out, copy=copy)
+        if not others:  # out and copy are not differentiable: those take the PyTorch ops
+            return FusedRotary.apply(x, *rope)
     cos, sin = (t[None, :, None, :] if t.dim() == 2 else t[:, :, None, :] for t in rope)
     x1, x2 = _at_least_float32(x).chunk(2, dim=-1)
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

@@ -12,8 +12,17 @@ from moda_cuda.triton_ref.rotary import rotary
 
 
 def _pytorch(x, cos, sin):
-    """apply_rotary's own arithmetic (x needs a gradient, so the fused kernel is not taken)."""
-    return apply_rotary(x.detach().clone().requires_grad_(x.is_floating_point()), (cos, sin)).detach()
+    """apply_rotary's own arithmetic: its PyTorch ops, on the CPU (where the fused kernel is
+    never taken; float32 products and sums round the same on every device)."""
+    with torch.no_grad():
+        return apply_rotary(x.cpu(), (cos.cpu(), sin.cpu())).to(x.device)
+
+
+def _pytorch_grad(x, cos, sin, grad):
+    """The gradient autograd forms through apply_rotary's PyTorch ops (on the CPU)."""
+    x = x.detach().cpu().requires_grad_()
+    apply_rotary(x, (cos.cpu(), sin.cpu())).backward(grad.cpu())
+    return x.grad.to(grad.device)
 
 
 def _inputs(B, T, H, D, dtype, table_dtype, per_sequence, device="cpu", strided=False, seed=0):
@@ -84,6 +93,23 @@ def test_values_copied_beside_the_keys(dtype):
     assert torch.equal(rotated, _pytorch(x, cos, sin))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["tables [T, D/2]", "tables [B, T, D/2]"])
+def test_training_form_is_pytorchs_forward_and_gradient_bit_for_bit(dtype, per_sequence):
+    """FusedRotary (the differentiable form): forward, and the gradient as the rotation by
+    the negated angles, equal to autograd through the PyTorch ops."""
+    from moda_cuda.triton_ref.rotary import FusedRotary
+
+    x, cos, sin = _inputs(2, 5, 3, 16, dtype, torch.float32, per_sequence, strided=True)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    leaf = x.detach().requires_grad_()
+    y = FusedRotary.apply(leaf, cos, sin)
+    assert torch.equal(y.detach(), _pytorch(x, cos, sin))
+    y.backward(grad.transpose(1, 2).contiguous().transpose(1, 2))  # a strided gradient
+    assert leaf.grad.dtype == dtype
+    assert torch.equal(leaf.grad, _pytorch_grad(x, cos, sin, grad))
+
+
 def test_empty_input():
     x, cos, sin = _inputs(2, 3, 2, 8, torch.float32, torch.float32, False)
     assert rotary(x[:0], cos, sin).shape == (0, 3, 2, 8)
@@ -98,12 +124,18 @@ def test_apply_rotary_keeps_pytorch_ops_where_the_kernel_does_not_serve():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_on_gpu_apply_rotary_takes_the_kernel_without_gradients(dtype):
+def test_on_gpu_apply_rotary_takes_the_kernel(dtype):
     x, cos, sin = _inputs(4, 3, 8, 64, dtype, torch.float32, True, device="cuda", strided=True)
     assert layers._fused_rotary_serves(x, (cos, sin))
-    assert not layers._fused_rotary_serves(x.requires_grad_(), (cos, sin))
-    x = x.detach()
     assert not layers._fused_rotary_serves(x, (cos[:1], sin[:1]))  # tables of another batch: PyTorch broadcasts
+    # With gradients: the differentiable form, PyTorch's forward and gradient bit for bit.
+    leaf = x.detach().requires_grad_()
+    y = apply_rotary(leaf, (cos, sin))
+    assert type(y.grad_fn).__name__ == "FusedRotaryBackward"
+    assert torch.equal(y.detach(), _pytorch(x, cos, sin))
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert torch.equal(leaf.grad, _pytorch_grad(x, cos, sin, grad))
     with torch.no_grad():
         assert torch.equal(apply_rotary(x, (cos, sin)), _pytorch(x, cos, sin))
         slots = torch.zeros(4, 3, 5, 8, 64, dtype=dtype, device="cuda")

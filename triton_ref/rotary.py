@@ -14,6 +14,13 @@ product, the difference and the sum are rounded to float32 once each, in the sam
 the result is rounded to x's dtype once, as ``Tensor.to`` does. Tables in half precision (a
 model moved to bf16 moves its rotary buffers too) are widened exactly, as PyTorch's type
 promotion widens them.
+
+Training: :class:`FusedRotary` is the differentiable form, one launch forward and one
+backward (autograd through the PyTorch ops runs about seven kernels each way). The gradient
+of ``y1 = x1 c - x2 s, y2 = x2 c + x1 s`` is ``dx1 = dy1 c + dy2 s, dx2 = dy2 c - dy1 s``:
+the rotation by the negated angles, which the kernel computes with ``sin`` negated. It is
+PyTorch's gradient bit for bit: autograd forms the same two products per output, negates
+one (exact) and adds them (addition commutes exactly), in float32, then rounds to x's dtype.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ from ._launch import launch
 @triton.jit
 def _rotary_kernel(X, COS, SIN, OUT, V, V_OUT, T, H, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct,
                    stride_ob, stride_ot, stride_oh, stride_vb, stride_vt, stride_vh, stride_wb, stride_wt, stride_wh,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, COPY_V: tl.constexpr):
+                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, COPY_V: tl.constexpr,
+                   INVERSE: tl.constexpr):
     row = tl.program_id(0)  # one position (b, t): all its heads
     b = (row // T).to(tl.int64)
     t = (row % T).to(tl.int64)
@@ -44,6 +52,8 @@ def _rotary_kernel(X, COS, SIN, OUT, V, V_OUT, T, H, stride_xb, stride_xt, strid
     table = b * stride_cb + t * stride_ct + i
     cos = tl.load(COS + table, mask=i_ok, other=0.0).to(tl.float32)
     sin = tl.load(SIN + table, mask=i_ok, other=0.0).to(tl.float32)
+    if INVERSE:  # rotation by -angle: the gradient of the rotation (module docstring)
+        sin = -sin
     out = OUT + b * stride_ob + t * stride_ot + h * stride_oh + i
     tl.store(out, (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=ok)
     tl.store(out + HALF, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=ok)
@@ -58,14 +68,14 @@ ROTARY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: Optional[torch.Tensor] = None,
-           copy: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+           copy: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, inverse: bool = False) -> torch.Tensor:
     """``x [B, T, H, D]`` (unit last stride, D even) rotated by the tables ``cos, sin``
     (``[T, D / 2]``, or ``[B, T, D / 2]`` per sequence; one layout, unit last stride; widened to
     float32 as PyTorch's type promotion does), in x's dtype: into ``out`` (x's shape and dtype,
     unit last stride, e.g. a depth slot's view) or a new contiguous tensor. ``copy = (src,
     dst)``: two more tensors of x's shape and dtype (unit last stride); ``dst`` gets ``src`` in
-    the same launch. The caller checks devices and dtypes (``ROTARY_DTYPES`` for x and the
-    tables)."""
+    the same launch. ``inverse``: rotate by the negated angles. The caller checks devices and
+    dtypes (``ROTARY_DTYPES`` for x and the tables)."""
     B, T, H, D = x.shape
     half = D // 2
     if out is None:
@@ -79,6 +89,23 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: Optional[
            (x, cos, sin, out, src, dst, T, H, sx[0], sx[1], sx[2], sc[0] if per_sequence else 0, sc[-2],
             so[0], so[1], so[2], sv[0], sv[1], sv[2], sw[0], sw[1], sw[2]),
            dict(HALF=half, BLOCK_H=triton.next_power_of_2(H), BLOCK_HALF=triton.next_power_of_2(half),
-                COPY_V=copy is not None),
+                COPY_V=copy is not None, INVERSE=inverse),
            num_warps=4, enable_fp_fusion=False)
     return out
+
+
+class FusedRotary(torch.autograd.Function):
+    """``rotary(x, cos, sin)`` with its gradient by the same kernel, angles negated; the
+    tables get none (they are buffers)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return rotary(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        return rotary(grad, cos, sin, inverse=True), None, None
