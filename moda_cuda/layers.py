@@ -146,13 +146,16 @@ class MoDAConfig:
         The only parameters MoDA adds are the FFN k/v projections (``2 * Hk * head_dim`` per
         input feature, in all blocks but the last); a SwiGLU hidden unit costs ``3 * d_model``
         in each of the ``n_layers`` blocks. The added units are rounded to a multiple of 8
-        (within 4 units of the exact match): cuBLAS runs a bf16 GEMM whose rows are not 16-byte
-        aligned with slow kernels (1443 units in the byte-level LM spent 15 of its 37 ms of
-        kernel time per step in the MLP's GEMMs on the H100), a handicap no real baseline has.
+        where that moves the width by at most 1% (tiny models keep the nearest count): cuBLAS
+        runs a bf16 GEMM whose rows are not 16-byte aligned with slow kernels (1443 units in
+        the byte-level LM spent 15 of its 37 ms of kernel time per step in the MLP's GEMMs on
+        the H100), a handicap no real baseline has.
         """
-        extra = 0
-        if self.use_depth and self.ffn_kv:
-            extra = 8 * round(2 * self.n_kv_heads * self.head_dim * (self.n_layers - 1) / (3 * self.n_layers) / 8)
+        if not (self.use_depth and self.ffn_kv):
+            return dataclasses.replace(self, use_depth=False)
+        exact = 2 * self.n_kv_heads * self.head_dim * (self.n_layers - 1) / (3 * self.n_layers)
+        aligned = 8 * round(exact / 8)
+        extra = aligned if abs(aligned - exact) <= 0.01 * (self.mlp_hidden + exact) else round(exact)
         return dataclasses.replace(self, use_depth=False, mlp_hidden=self.mlp_hidden + extra)
 
 
