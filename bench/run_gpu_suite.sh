@@ -9,7 +9,8 @@
 #   decode  bench_decode.py: decode attention against SDPA without depth and the memory roofline
 #   stream  bench_depth_stream.py (32-layer stack, depth stream vs stack-per-layer)
 #   lm      the byte-level LM example, MoDA vs baseline (--lm-minutes each), padded windows
-#           and packed documents (--pack)
+#           and packed documents (--pack); profile_lm.py: where a training and a decode step's
+#           GPU time goes, MoDA vs baseline
 #   ncu     profile_ncu.py on the paper geometry
 #   sweep   bench_sweep.py, one slice (--sweep-slice i/n, default 1/4): not in the default list,
 #           a whole sweep takes several calls (merge the slices with bench_sweep.py --merge)
@@ -53,6 +54,8 @@ want decode && step decode python3 bench/bench_decode.py --out "$out"
 want stream && step stream env MODA_TRITON_TUNING=off python3 bench/bench_depth_stream.py --profile --out "$out"
 want lm && step lm torchrun --standalone --nproc_per_node=1 examples/train_lm.py --minutes "$lm_minutes" \
     --out "$out/lm"
+want lm && step profile_lm_train python3 bench/profile_lm.py --mode train --out "$out"
+want lm && step profile_lm_decode python3 bench/profile_lm.py --mode decode --batch 1 --out "$out"
 want lm && step lm_pack torchrun --standalone --nproc_per_node=1 examples/train_lm.py --pack \
     --minutes "$lm_minutes" --out "$out/lm_pack"
 want sweep && step sweep python3 bench/bench_sweep.py --slice "$sweep_slice" --out "$out"
