@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from . import dispatch
 from ._spec import MoDAShape, check_cu_seqlens, default_scale, packed_documents
-from .ops import check_call, finish_backward, finish_forward, kvcache_backend, run_with_kvcache
+from .ops import check_call, finish_backward, finish_forward, kvcache_backend, kvcache_runner, run_with_kvcache
 
 _TMA_ALIGN = 16
 
@@ -179,16 +179,18 @@ _decode_impls: dict = {}
 def with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale, depth_chunk, backend):
     """``(out, lse)`` of ``torch.ops.moda.attention_with_kvcache``, run directly (the caller
     checked :func:`usable`). A decode step repeats one layout for every token and layer, so
-    its validation and backend choice (a pure function of the key, as for :func:`attention`)
-    are cached; the cache is written by the kernel in place either way."""
+    its validation, backend choice and the kernel's launch arguments but the addresses (a
+    pure function of the key, as for :func:`attention`; ``ops.kvcache_runner``) are cached;
+    the cache is written by the kernel in place either way."""
     tensors = (q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens)
     key = None
     if type(depth_chunk) is int and (scale is None or type(scale) is float) and type(backend) is str:
         key = _key(tensors, ("kvcache", scale, depth_chunk, backend))
-    impl = _decode_impls.get(key) if key is not None else None
-    if impl is None:
+    run = _decode_impls.get(key) if key is not None else None
+    if run is None:
         impl = kvcache_backend(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale, depth_chunk,
                                backend)
-        if key is not None:
-            _decode_impls[key] = impl
-    return run_with_kvcache(impl, q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale)
+        if key is None:
+            return run_with_kvcache(impl, q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale)
+        run = _decode_impls[key] = kvcache_runner(impl, q, k_cache, v_cache, depth_k, depth_v, k, v, scale)
+    return run(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens)

@@ -21,6 +21,8 @@ The kernels are registered for CPU and CUDA; each resolves its backend at run ti
 
 from __future__ import annotations
 
+import functools
+
 from typing import Optional
 
 import torch
@@ -211,6 +213,23 @@ def run_with_kvcache(impl, q, k_cache, v_cache, depth_k, depth_v, k, v, cache_se
         write_new_keys(k_cache, v_cache, k, v, cache_seqlens)
     out, lse = attention_with_kvcache_ref(q, k_cache, v_cache, depth_k, depth_v, cache_seqlens, scale)
     return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
+
+
+def kvcache_runner(impl, q, k_cache, v_cache, depth_k, depth_v, k, v, scale=None):
+    """``run(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens) -> (out, lse)`` for
+    validated calls laid out as these inputs (shapes, strides, dtypes, devices, 16-byte
+    alignment: the eager path's cache key), by ``impl`` (:func:`kvcache_backend`'s answer).
+    The Triton kernel's launches are worked out once (``PreparedDecode``)."""
+    if impl != "triton":
+        return functools.partial(run_with_kvcache, impl, scale=scale)
+    from .triton_ref.decode import prepare_decode
+
+    prepared = prepare_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, default_scale(q.shape[-1], scale))
+
+    def run(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens):
+        return prepared(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens)
+
+    return run
 
 
 def with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale=None, depth_chunk=1,

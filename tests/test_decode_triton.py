@@ -288,6 +288,47 @@ def test_repeated_calls_take_the_compiled_launch_and_stay_right(num_splits):
         assert len(_launch._compiled) == (1 if num_splits == 1 else 2)
 
 
+def _prepared_against_moda_decode(device, dtype, Tmax, lens, with_new, splits):
+    """A PreparedDecode (the eager path's cached launches) made from one call's inputs, on
+    fresh inputs of that layout: moda_decode's outputs bit for bit, the caches written alike."""
+    from moda_cuda.triton_ref.decode import prepare_decode
+
+    def problem(seed):
+        p = _problem(len(lens), 1, 8, 2, 64, 3, Tmax, lens, dtype=dtype, device=device, seed=seed)
+        p["q"] = p["q"].transpose(1, 2).contiguous().transpose(1, 2)  # strided: the layout is what is kept
+        if not with_new:  # the new tokens' keys already in the caches
+            p["k_cache"], p["v_cache"] = _expected_caches(p)
+            p["k"] = p["v"] = None
+        return p
+
+    first, scale = problem(0), 64 ** -0.5
+    prepared = prepare_decode(first["q"], first["k_cache"], first["v_cache"], first["k"], first["v"],
+                              first["depth_k"], first["depth_v"], scale)
+    assert (prepared.combine is not None) == splits
+    for seed in range(1, 4):
+        p = problem(seed)
+        caches = p["k_cache"].clone(), p["v_cache"].clone()
+        want = moda_decode(p["q"], *caches, p["k"], p["v"], p["depth_k"], p["depth_v"], p["cache_seqlens"], scale)
+        with poisoned_allocations():
+            got = prepared(p["q"], p["k_cache"], p["v_cache"], p["k"], p["v"], p["depth_k"], p["depth_v"],
+                           p["cache_seqlens"])
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert _same(p["k_cache"], caches[0]) and _same(p["v_cache"], caches[1])
+
+
+@pytest.mark.parametrize("Tmax, with_new, splits", [(70, True, True), (70, False, True), (9, True, False)],
+                         ids=["splits", "no-new", "one-split"])
+def test_prepared_calls_equal_moda_decode(Tmax, with_new, splits):
+    _prepared_against_moda_decode(DEVICE, torch.float32, Tmax, [5, Tmax - 1], with_new, splits)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("Tmax, splits", [(500, False), (32768, True)], ids=["one-split", "splits"])
+def test_prepared_calls_on_gpu_take_the_compiled_kernels(Tmax, splits):
+    """Through the compiled launchers (``_launch.Launcher``) after the first call."""
+    _prepared_against_moda_decode("cuda", torch.bfloat16, Tmax, [0, 311, Tmax - 1], True, splits)
+
+
 @pytest.mark.cuda
 def test_auto_runs_the_kernel_on_gpu():
     p = _problem(2, 1, 8, 2, 128, 8, 512, [100, 511], dtype=torch.bfloat16, device="cuda")

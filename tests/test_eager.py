@@ -160,3 +160,26 @@ def test_decode_calls_are_validated_once_per_layout(pretend_cuda, monkeypatch):
         with pytest.raises(ValueError, match="depth_chunk must be 1"):
             step(depth_chunk=2)
     assert len(eager._decode_impls) == 2
+
+
+def test_decode_layouts_keep_their_prepared_kernel_launches(pretend_cuda, monkeypatch):
+    """The eager decode path caches the Triton kernel's launches per layout
+    (ops.kvcache_runner): repeated calls with fresh values give the op's results."""
+    monkeypatch.setattr(eager, "_decode_impls", {})
+    g = torch.Generator().manual_seed(0)
+
+    def inputs():
+        q, k, v = (torch.randn(2, 1, h, 16, generator=g) for h in (4, 2, 2))
+        dk, dv = (torch.randn(2, 1, 3, 2, 16, generator=g) for _ in range(2))
+        caches = [torch.randn(2, 20, 2, 16, generator=g) for _ in range(2)]
+        return q, caches, dk, dv, k, v, torch.tensor([3, 11], dtype=torch.int32)
+
+    for _ in range(3):
+        q, caches, dk, dv, k, v, lens = inputs()
+        op_caches = [c.clone() for c in caches]
+        want = torch.ops.moda.attention_with_kvcache(q, *op_caches, dk, dv, k, v, lens, None, 1, "triton")
+        got = moda_cuda.moda_attention_with_kvcache(q, *caches, dk, dv, k=k, v=v, cache_seqlens=lens,
+                                                    return_lse=True, backend="triton")
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert torch.equal(caches[0], op_caches[0]) and torch.equal(caches[1], op_caches[1])
+    assert len(eager._decode_impls) == 1

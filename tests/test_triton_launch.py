@@ -77,3 +77,25 @@ def test_the_interpreter_always_binds(monkeypatch):
     for _ in range(2):
         _launch.launch(kernel, (1,), (x, 7, 0.5), dict(BLOCK=16, FLAG=True))
     assert [c[0] for c in kernel.calls] == ["jit", "jit"]
+
+
+def test_a_launcher_binds_the_compiled_kernel_once(compiled_path):
+    """Launcher: the first call through launch (Triton's binding), then the compiled kernel
+    with the constexprs appended, without a key; the grid padded to 3-D."""
+    kernel, x, y = FakeKernel(), torch.zeros(64), torch.ones(64)
+    launcher = _launch.Launcher(kernel, (5,), dict(BLOCK=16, FLAG=True), num_warps=4)
+    launcher(x, 7, 0.5)
+    launcher(y, 7, 0.5)
+    launcher(x, 7, 0.5)
+    assert kernel.calls == [("jit", (5,), (x, 7, 0.5), dict(BLOCK=16, FLAG=True, num_warps=4)),
+                            ("compiled", (5, 1, 1), (y, 7, 0.5, 16, True)),
+                            ("compiled", (5, 1, 1), (x, 7, 0.5, 16, True))]
+
+
+def test_a_launcher_under_the_interpreter_always_binds(monkeypatch):
+    monkeypatch.setattr(_launch, "INTERPRET", True)
+    kernel, x = FakeKernel(), torch.zeros(64)
+    launcher = _launch.Launcher(kernel, (5,), dict(BLOCK=16, FLAG=True))
+    launcher(x, 7, 0.5)
+    launcher(x, 7, 0.5)
+    assert [c[0] for c in kernel.calls] == ["jit", "jit"]

@@ -49,3 +49,26 @@ def launch(kernel, grid, args, constexprs: dict, **options) -> None:
         if len(_compiled) >= _MAX_KEYS:
             _compiled.clear()
         _compiled[key] = compiled
+
+
+class Launcher:
+    """:func:`launch` of one kernel, grid, constexprs and options, for callers that know every
+    later call has the launch key of the first (the same argument dtypes, alignments and
+    non-tensor values): after the first call it goes to the compiled kernel without
+    computing the key. ``Launcher(kernel, grid, constexprs, **options)(*args)``."""
+
+    __slots__ = ("kernel", "grid", "constexprs", "options", "compiled")
+
+    def __init__(self, kernel, grid, constexprs: dict, **options):
+        self.kernel, self.grid, self.constexprs, self.options = kernel, grid, constexprs, options
+        self.compiled = None
+
+    def __call__(self, *args) -> None:
+        if self.compiled is not None:
+            self.compiled(*args, *self.constexprs.values())
+            return
+        launch(self.kernel, self.grid, args, self.constexprs, **self.options)
+        if not INTERPRET:
+            compiled = _compiled.get(_key(self.kernel, self.grid, args, self.constexprs, tuple(self.options.items())))
+            if compiled is not None:  # bound to the grid once (it reads the stream per call)
+                self.compiled = compiled[self.grid + (1,) * (3 - len(self.grid))]

@@ -35,7 +35,7 @@ import triton.language as tl
 from ._common import LOG2E, MASKED, row_tile_ptrs
 from ._configs import INTERPRET
 from ._fwd import _dot_precision, _softmax_step
-from ._launch import launch
+from ._launch import Launcher
 
 MAX_BLOCK_M = 128  # folded rows per program (64 above D = 128)
 
@@ -262,6 +262,85 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor):
     return a, b
 
 
+def _operands(q, k_cache, v_cache, k, v, depth_k, depth_v):
+    """The kernel's operands: q with unit last stride, k and v (and the depth pair) each with
+    one layout, placeholders for absent ones (never read). Returns (q, k, v, depth_k,
+    depth_v, has_new, L)."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    has_new = k is not None
+    if has_new:
+        k, v = _same_strides(k, v)
+    else:
+        k, v = k_cache, v_cache
+    L = depth_k.shape[2] if depth_k is not None else 0
+    if L:
+        depth_k, depth_v = _same_strides(depth_k, depth_v)
+    else:
+        depth_k = depth_v = q.unsqueeze(2)
+    return q, k, v, depth_k, depth_v, has_new, L
+
+
+class PreparedDecode:
+    """The launches of a decode call, worked out once for every later call of the same
+    layout: the plan, each kernel's scalar arguments (sizes and strides) and constexprs, and
+    their compiled kernels (``_launch.Launcher``). What is left per call is allocating the
+    outputs and two launches with the tensors' addresses.
+
+    The caller guarantees the layout: the shapes, strides, dtypes and devices of every
+    input and whether each address is 16-byte aligned, which is everything the scalars and
+    Triton's specialisation depend on (``moda_cuda.eager.with_kvcache`` keys its cache on
+    exactly those).
+    """
+
+    def __init__(self, q, k_cache, k, depth_k, has_new: bool, L: int, sm_scale: float, num_splits=None):
+        """From the operands of :func:`_operands` (their layout is what counts)."""
+        B, S, Hq, D = q.shape
+        Tmax, Hk = k_cache.shape[1], k_cache.shape[2]
+        p = decode_plan(B, S, Hq // Hk, Hk, D, Tmax, q.device, q.element_size(), num_splits)
+        n_rows = B * Hq * S
+        self.lse_shape = (B, Hq, S)
+        # Partial outputs [splits, B, S, Hq, D], then partial lse [splits, B, Hq, S], one buffer.
+        self.partial_numel = p.splits * n_rows * (D + 1) if p.splits > 1 else 0
+        part_rows, lse_base = (n_rows, p.splits * n_rows * D) if p.splits > 1 else (0, 0)
+        sq, sc, sn, sd = q.stride(), k_cache.stride(), k.stride(), depth_k.stride()
+        self.scalars = (sm_scale, sq[0], sq[1], sq[2], sc[0], sc[1], sc[2], sn[0], sn[1], sn[2],
+                        sd[0], sd[1], sd[2], sd[3], S, Hk, L, Tmax, p.split_len, part_rows, lse_base)
+        self.split = Launcher(_decode_split_kernel, p.grid,
+                              dict(G=Hq // Hk, HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
+                                   HAS_NEW=has_new, HAS_DEPTH=L > 0, PRECISION=_dot_precision(q.dtype)),
+                              num_warps=p.num_warps, num_stages=p.num_stages)
+        self.combine = None
+        if p.splits > 1:
+            self.combine_scalars = (n_rows, S, Hq, p.splits, lse_base)
+            self.combine = Launcher(_decode_combine_kernel, (n_rows,),
+                                    dict(HEAD_DIM=D, BLOCK_D=p.block_d,
+                                         BLOCK_SPLITS=max(2, triton.next_power_of_2(p.splits))), num_warps=4)
+
+    def launch(self, q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens):
+        """(out, lse) from the operands of :func:`_operands`."""
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
+        o_t = lse_t = torch.empty(self.partial_numel, dtype=torch.float32, device=q.device) \
+            if self.partial_numel else None
+        self.split(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, o_t if o_t is not None else out,
+                   lse_t if lse_t is not None else lse, *self.scalars)
+        if self.combine is not None:
+            self.combine(o_t, out, lse, *self.combine_scalars)
+        return out, lse
+
+    def __call__(self, q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens):
+        """:func:`moda_decode` for inputs of the prepared layout."""
+        q, k, v, depth_k, depth_v, _, _ = _operands(q, k_cache, v_cache, k, v, depth_k, depth_v)
+        return self.launch(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens)
+
+
+def prepare_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, sm_scale: float) -> PreparedDecode:
+    """A :class:`PreparedDecode` for calls laid out as these inputs (see its caveat)."""
+    q, k, v, depth_k, depth_v, has_new, L = _operands(q, k_cache, v_cache, k, v, depth_k, depth_v)
+    return PreparedDecode(q, k_cache, k, depth_k, has_new, L, sm_scale)
+
+
 def moda_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, sm_scale: float, num_splits=None):
     """Attention of ``q [B, S, Hq, D]`` against the caches (``k``, ``v`` written into them at
     ``cache_seqlens[b] + i`` first, by the kernel), with the depth rows ``[B, S, L, Hk, D]``.
@@ -270,39 +349,6 @@ def moda_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, sm_s
     (they are written in place). Returns (out [B, S, Hq, D] in q's dtype, lse [B, Hq, S]
     float32, natural log).
     """
-    B, S, Hq, D = q.shape
-    Tmax, Hk = k_cache.shape[1], k_cache.shape[2]
-    p = decode_plan(B, S, Hq // Hk, Hk, D, Tmax, q.device, q.element_size(), num_splits)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    has_new = k is not None
-    if has_new:
-        k, v = _same_strides(k, v)
-    else:
-        k, v = k_cache, v_cache  # never read
-    L = depth_k.shape[2] if depth_k is not None else 0
-    if L:
-        depth_k, depth_v = _same_strides(depth_k, depth_v)
-    else:
-        depth_k = depth_v = q.unsqueeze(2)  # never read
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
-    n_rows = B * Hq * S
-    if p.splits == 1:
-        o_t, lse_t, part_rows, lse_base = out, lse, 0, 0
-    else:  # partial outputs [splits, B, S, Hq, D], then partial lse [splits, B, Hq, S], in one buffer
-        o_t = lse_t = torch.empty(p.splits * n_rows * (D + 1), dtype=torch.float32, device=q.device)
-        part_rows, lse_base = n_rows, p.splits * n_rows * D
-    sq, sc, sn, sd = q.stride(), k_cache.stride(), k.stride(), depth_k.stride()
-    launch(_decode_split_kernel, p.grid,
-           (q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, o_t, lse_t, sm_scale,
-            sq[0], sq[1], sq[2], sc[0], sc[1], sc[2], sn[0], sn[1], sn[2], sd[0], sd[1], sd[2], sd[3],
-            S, Hk, L, Tmax, p.split_len, part_rows, lse_base),
-           dict(G=Hq // Hk, HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_M=p.block_m, BLOCK_N=p.block_n, HAS_NEW=has_new,
-                HAS_DEPTH=L > 0, PRECISION=_dot_precision(q.dtype)),
-           num_warps=p.num_warps, num_stages=p.num_stages)
-    if p.splits > 1:
-        launch(_decode_combine_kernel, (n_rows,), (o_t, out, lse, n_rows, S, Hq, p.splits, lse_base),
-               dict(HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_SPLITS=max(2, triton.next_power_of_2(p.splits))),
-               num_warps=4)
-    return out, lse
+    q, k, v, depth_k, depth_v, has_new, L = _operands(q, k_cache, v_cache, k, v, depth_k, depth_v)
+    prepared = PreparedDecode(q, k_cache, k, depth_k, has_new, L, sm_scale, num_splits)
+    return prepared.launch(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens)
