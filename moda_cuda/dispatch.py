@@ -346,7 +346,7 @@ DIRECTIONS = ("forward", "backward")
 
 # Below this many forward FLOPs the GPU runs a call in a few microseconds and the host time
 # per call decides: measured on the H100 at B=1 T=64 Hq=8 D=64 L=4 (depth share 2, where the
-# share rule picks Triton), the compiled forward costs 36 us of host time per call, Triton's
+# share rule then picked Triton), the compiled forward costs 36 us of host time per call, Triton's
 # 122 us (bench/host_overhead.py). 2 GFLOP is about 10 us of GPU time at a small kernel's
 # 200 TFLOP/s, so a faster Triton kernel cannot win back its 85 us there.
 _HOST_BOUND_FLOPS = 2e9

@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .depth_stream import DepthStream
+from .eager import usable
 
 __all__ = [
     "MoDAConfig",
@@ -154,7 +155,7 @@ class MoDAConfig:
         if not (self.use_depth and self.ffn_kv):
             return dataclasses.replace(self, use_depth=False)
         exact = 2 * self.n_kv_heads * self.head_dim * (self.n_layers - 1) / (3 * self.n_layers)
-        aligned = 8 * round(exact / 8)
+        aligned = 8 * round((self.mlp_hidden + exact) / 8) - self.mlp_hidden  # the whole width aligned
         extra = aligned if abs(aligned - exact) <= 0.01 * (self.mlp_hidden + exact) else round(exact)
         return dataclasses.replace(self, use_depth=False, mlp_hidden=self.mlp_hidden + extra)
 
@@ -235,9 +236,9 @@ def _packed_rope(rope: Optional[Rope], cu_seqlens: Optional[torch.Tensor], total
 
 def _fused_rotary_serves(x: torch.Tensor, rope: Rope) -> bool:
     """Where the one-launch kernel (``triton_ref.rotary``, PyTorch's result and gradient bit
-    for bit) runs instead of nine PyTorch kernels: CUDA tensors, tables without gradients,
-    outside tracing."""
-    if not x.is_cuda or torch.compiler.is_compiling() or rope[0].requires_grad or rope[1].requires_grad:
+    for bit) runs instead of nine PyTorch kernels: plain CUDA tensors, tables without
+    gradients, outside tracing, modes and functorch transforms (``eager.usable``)."""
+    if not x.is_cuda or not usable(x) or rope[0].requires_grad or rope[1].requires_grad:
         return False
     try:
         from .triton_ref.rotary import ROTARY_DTYPES  # imports Triton: only where it can run
@@ -246,7 +247,8 @@ def _fused_rotary_serves(x: torch.Tensor, rope: Rope) -> bool:
     cos, sin = rope
     B, T, _, D = x.shape
     return (x.dtype in ROTARY_DTYPES and x.stride(-1) == 1
-            and tuple(cos.shape) in ((T, D // 2), (B, T, D // 2)) and cos.device == x.device
+            and tuple(cos.shape) in ((T, D // 2), (B, T, D // 2)) and cos.shape == sin.shape
+            and cos.device == x.device and sin.device == x.device
             and cos.dtype in ROTARY_DTYPES and cos.dtype == sin.dtype
             and cos.stride(-1) == 1 and cos.stride() == sin.stride())
 
@@ -267,7 +269,7 @@ def apply_rotary(x: torch.Tensor, rope: Rope, out: Optional[torch.Tensor] = None
         if not differentiable:
             return rotary(x, *rope, out=out, copy=copy)
         if not others:  # out and copy are not differentiable: those take the PyTorch ops
-            return FusedRotary.apply(x, *rope)
+            return FusedRotary.apply(x, *rope, False)
     cos, sin = (t[None, :, None, :] if t.dim() == 2 else t[:, :, None, :] for t in rope)
     x1, x2 = _at_least_float32(x).chunk(2, dim=-1)
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

@@ -258,15 +258,17 @@ def test_vit_shapes_noncausal_and_learns():
     assert loss.item() < 0.5 * first
 
 
-@pytest.mark.parametrize("d_model, n_layers, n_heads, n_kv_heads, aligned", [
-    (256, 6, 8, 2, True), (512, 8, 8, 2, True),
-    (32, 2, 4, 2, False),  # tiny: 8 units would be far from the match; the nearest count
+@pytest.mark.parametrize("d_model, n_layers, n_heads, n_kv_heads, mlp_hidden, aligned", [
+    (256, 6, 8, 2, None, True), (512, 8, 8, 2, None, True),
+    (32, 2, 4, 2, None, False),  # tiny: 8 units would be far from the match; the nearest count
+    (512, 8, 8, 2, 1370, True),  # a width that is no multiple of 8 itself: the whole width is aligned
 ])
-def test_matched_baseline_parameter_count(d_model, n_layers, n_heads, n_kv_heads, aligned):
-    """The baseline's MLP is wider by a multiple of 8 units (aligned GEMMs) where that moves
-    its width by at most 1%, and its parameters are MoDA's to within the 4 hidden units that
-    rounding may add or drop (half a unit for tiny models)."""
-    cfg = MoDAConfig(d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads)
+def test_matched_baseline_parameter_count(d_model, n_layers, n_heads, n_kv_heads, mlp_hidden, aligned):
+    """The baseline's MLP width is a multiple of 8 (aligned GEMMs) where that moves it by at
+    most 1% from the exact match, and its parameters are MoDA's to within the 4 hidden units
+    that rounding may add or drop (half a unit where it keeps the nearest count)."""
+    cfg = MoDAConfig(d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                     mlp_hidden=mlp_hidden)
     base = cfg.matched_baseline()
     assert not base.use_depth and base.mlp_hidden > cfg.mlp_hidden
     assert (base.mlp_hidden % 8 == 0) == aligned

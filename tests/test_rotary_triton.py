@@ -103,11 +103,28 @@ def test_training_form_is_pytorchs_forward_and_gradient_bit_for_bit(dtype, per_s
     x, cos, sin = _inputs(2, 5, 3, 16, dtype, torch.float32, per_sequence, strided=True)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     leaf = x.detach().requires_grad_()
-    y = FusedRotary.apply(leaf, cos, sin)
+    y = FusedRotary.apply(leaf, cos, sin, False)
     assert torch.equal(y.detach(), _pytorch(x, cos, sin))
     y.backward(grad.transpose(1, 2).contiguous().transpose(1, 2))  # a strided gradient
     assert leaf.grad.dtype == dtype
     assert torch.equal(leaf.grad, _pytorch_grad(x, cos, sin, grad))
+
+
+def test_training_form_is_differentiable_twice():
+    """The gradient is FusedRotary again: a gradient of the gradient (create_graph) is
+    autograd's through the PyTorch ops, bit for bit, and functorch's grad takes the ops."""
+    from moda_cuda.triton_ref.rotary import FusedRotary
+
+    x, cos, sin = _inputs(2, 4, 3, 8, torch.float32, torch.float32, True)
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    results = []
+    for rotate in (lambda t: FusedRotary.apply(t, cos, sin, False), lambda t: apply_rotary(t, (cos, sin))):
+        leaf, grad_out = x.clone().requires_grad_(), torch.ones_like(x).requires_grad_()
+        (grad_x,) = torch.autograd.grad(rotate(leaf), leaf, grad_out, create_graph=True)
+        assert grad_x.requires_grad
+        (grad_x * weights).sum().backward()
+        results.append((grad_x.detach(), grad_out.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_empty_input():

@@ -95,17 +95,23 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: Optional[
 
 
 class FusedRotary(torch.autograd.Function):
-    """``rotary(x, cos, sin)`` with its gradient by the same kernel, angles negated; the
-    tables get none (they are buffers)."""
+    """``rotary(x, cos, sin, inverse=inverse)``, differentiable in x: the gradient is the
+    rotation the other way, by this Function again (so it is differentiable too, to any
+    order); the tables get none (they are buffers). ``FusedRotary.apply(x, cos, sin, False)``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+        return rotary(x, cos, sin, inverse=inverse)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, cos, sin, inverse = inputs
         ctx.save_for_backward(cos, sin)
-        return rotary(x, cos, sin)
+        ctx.inverse = inverse
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
         if grad.stride(-1) != 1:
             grad = grad.contiguous()
-        return rotary(grad, cos, sin, inverse=True), None, None
+        return FusedRotary.apply(grad, cos, sin, not ctx.inverse), None, None, None
