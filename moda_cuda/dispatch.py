@@ -329,8 +329,7 @@ _AUTO_ORDER = (CUDA, TRITON)
 #     share 2    (B=4 T=4096 G=4 L=256 D=128) cuda 5.834 against triton 6.817 ms
 #     share 2    (B=4 T=4096 G=1 L=64 D=64)   cuda 0.880 against triton 1.106 ms
 # cuda's lead does not vanish as the share grows (30% at 1/4, 27-45% at 1/2 and 1, 17-26%
-# at 2). So cuda up to share 2, the largest measured; above it (packed short documents, where
-# the share is the depth rows over a short document's keys) triton.
+# at 2). So cuda up to share 2, the largest measured; above it triton, pending a measurement.
 _CUDA_DEPTH_SHARE_LIMIT = 2.0
 
 
