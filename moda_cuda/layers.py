@@ -359,19 +359,10 @@ class MoDAAttention(nn.Module):
         q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim)
         k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
-        slot_views = _inference_slot(stream, k, slot, append)
         if cfg.rope:
             rope = rope if rope is not None else _rope_tables(cfg, T, x.device, cu_seqlens, cp)
             q = apply_rotary(q, rope)
-            if slot_views:  # the rotated keys into the slot, and the values in the same launch
-                k = apply_rotary(k, rope, slot_views[0], copy=(v, slot_views[1]))
-            else:
-                k = apply_rotary(k, rope)
-        elif slot_views:
-            slot_views[0].copy_(k)
-            slot_views[1].copy_(v)
-        if slot_views:  # k and v live in their depth slot from here on; append copies nothing
-            k, v = slot_views
+        k, v = _keys_and_values(k, v, rope if cfg.rope else None, _inference_slot(stream, k, slot, append))
         options = dict(causal=self.causal, depth_chunk=cfg.depth_chunk, backend=cfg.backend, cu_seqlens=cu_seqlens,
                        max_seqlen=max_seqlen)
         if stream is not None:
@@ -410,6 +401,20 @@ def _inference_slot(stream: Optional[DepthStream], k: torch.Tensor, slot: Option
     if slot is not None and slot != stream.length:
         return None
     return stream.next_slot()
+
+
+def _keys_and_values(k: torch.Tensor, v: torch.Tensor, rope: Optional[Rope],
+                     slot_views: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """k rotated (with ``rope``) and v, written into ``slot_views`` where given (the rotary
+    kernel stores both in one launch) and then those views: the k, v a layer uses and appends."""
+    if slot_views is None:
+        return (apply_rotary(k, rope) if rope is not None else k), v
+    if rope is not None:
+        apply_rotary(k, rope, slot_views[0], copy=(v, slot_views[1]))
+    else:
+        slot_views[0].copy_(k)
+        slot_views[1].copy_(v)
+    return slot_views
 
 
 def _rope_tables(cfg: MoDAConfig, seqlen: int, device: torch.device,
@@ -451,17 +456,11 @@ class MoDABlock(nn.Module):
         B, T, _ = h.shape
         k, v = self.ffn_kv(h).view(B, T, 2, cfg.n_kv_heads, cfg.head_dim).unbind(2)
         slot = self.layer_idx * cfg.slots_per_layer + 1
-        if cfg.rope:
+        if cfg.rope and rope is None:
             # Depth keys sit at their own position s: rotating them like sequence keys keeps
             # q_t . k_s a function of t - s (exactly position-free for depth_chunk = 1).
-            if rope is None:
-                rope = _rope_tables(cfg, T, h.device, cu_seqlens, self.attn.context_parallel)
-            slot_views = _inference_slot(stream, k, slot, True)
-            if slot_views:  # rotated keys and values straight into the slot, one launch
-                k = apply_rotary(k, rope, slot_views[0], copy=(v, slot_views[1]))
-                v = slot_views[1]
-            else:
-                k = apply_rotary(k, rope)
+            rope = _rope_tables(cfg, T, h.device, cu_seqlens, self.attn.context_parallel)
+        k, v = _keys_and_values(k, v, rope if cfg.rope else None, _inference_slot(stream, k, slot, True))
         stream.append(k.to(stream.dtype), v.to(stream.dtype), slot=slot)
 
     def forward(self, x: torch.Tensor, stream: Optional[DepthStream] = None, rope: Optional[Rope] = None,

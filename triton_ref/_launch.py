@@ -33,22 +33,25 @@ def _key(kernel, grid, args, constexprs, options):
                   for a in args))
 
 
-def launch(kernel, grid, args, constexprs: dict, **options) -> None:
+def launch(kernel, grid, args, constexprs: dict, **options):
     """``kernel[grid](*args, **constexprs, **options)``. ``args`` are the kernel's leading
-    parameters, positional; ``constexprs`` the rest, in signature order."""
+    parameters, positional; ``constexprs`` the rest, in signature order. Returns the compiled
+    kernel that later calls of this key go to (None: every call takes the plain path)."""
     if INTERPRET:
         kernel[grid](*args, **constexprs, **options)
-        return
+        return None
     key = _key(kernel, grid, args, constexprs, tuple(options.items()))
     compiled = _compiled.get(key)
     if compiled is not None:
         compiled[grid + (1,) * (3 - len(grid))](*args, *constexprs.values())  # it reads all three
-        return
+        return compiled
     compiled = kernel[grid](*args, **constexprs, **options)
-    if hasattr(compiled, "__getitem__") and list(kernel.arg_names[len(args):]) == list(constexprs):
-        if len(_compiled) >= _MAX_KEYS:
-            _compiled.clear()
-        _compiled[key] = compiled
+    if not hasattr(compiled, "__getitem__") or list(kernel.arg_names[len(args):]) != list(constexprs):
+        return None
+    if len(_compiled) >= _MAX_KEYS:
+        _compiled.clear()
+    _compiled[key] = compiled
+    return compiled
 
 
 class Launcher:
@@ -67,8 +70,6 @@ class Launcher:
         if self.compiled is not None:
             self.compiled(*args, *self.constexprs.values())
             return
-        launch(self.kernel, self.grid, args, self.constexprs, **self.options)
-        if not INTERPRET:
-            compiled = _compiled.get(_key(self.kernel, self.grid, args, self.constexprs, tuple(self.options.items())))
-            if compiled is not None:  # bound to the grid once (it reads the stream per call)
-                self.compiled = compiled[self.grid + (1,) * (3 - len(self.grid))]
+        compiled = launch(self.kernel, self.grid, args, self.constexprs, **self.options)
+        if compiled is not None:  # bound to the grid once (it reads the stream per call)
+            self.compiled = compiled[self.grid + (1,) * (3 - len(self.grid))]

@@ -321,10 +321,11 @@ class PreparedDecode:
         """(out, lse) from the operands of :func:`_operands`."""
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
-        o_t = lse_t = torch.empty(self.partial_numel, dtype=torch.float32, device=q.device) \
-            if self.partial_numel else None
-        self.split(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, o_t if o_t is not None else out,
-                   lse_t if lse_t is not None else lse, *self.scalars)
+        if self.partial_numel:
+            o_t = lse_t = torch.empty(self.partial_numel, dtype=torch.float32, device=q.device)
+        else:  # one split: the kernel writes the outputs itself
+            o_t, lse_t = out, lse
+        self.split(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, o_t, lse_t, *self.scalars)
         if self.combine is not None:
             self.combine(o_t, out, lse, *self.combine_scalars)
         return out, lse
