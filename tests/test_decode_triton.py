@@ -59,19 +59,19 @@ def _same(a, b):
     return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
 
 
-def _run(p, num_splits, with_new=True):
+def _run(p, num_splits, with_new=True, depth_apart=None):
     """moda_decode on the problem (caches written in place); out, lse."""
     scale = p["q"].shape[-1] ** -0.5
     new = (p["k"], p["v"]) if with_new else (None, None)
     with poisoned_allocations():
         return moda_decode(p["q"], p["k_cache"], p["v_cache"], *new, p["depth_k"], p["depth_v"],
-                           p["cache_seqlens"], scale, num_splits=num_splits)
+                           p["cache_seqlens"], scale, num_splits=num_splits, depth_apart=depth_apart)
 
 
-def _check(p, num_splits, dtype=torch.float32):
+def _check(p, num_splits, dtype=torch.float32, depth_apart=None):
     want_out, want_lse = _reference(p)
     want_k, want_v = _expected_caches(p)
-    out, lse = _run(p, num_splits)
+    out, lse = _run(p, num_splits, depth_apart=depth_apart)
     assert out.dtype == p["q"].dtype and lse.dtype == torch.float32
     assert rel_err(out, want_out) < TOL[dtype], rel_err(out, want_out)
     assert rel_err(lse, want_lse) < TOL[torch.float32], rel_err(lse, want_lse)
@@ -86,12 +86,14 @@ CASES = [(S, L, G, D) for S in (1, 4, 17) for L in (0, 1, 64) for G, D in ((1, 6
 
 @pytest.mark.parametrize("S, L, G, D", CASES, ids=lambda x: str(x))
 def test_decode_kernel_matches_reference(S, L, G, D):
+    """The depth rows in the slice of the last key, or (L > 0) in a program of their own."""
     Hk = 2 if G == 1 else 1
     Tmax = 37
-    p = _problem(3, S, G * Hk, Hk, D, L, Tmax, [0, 13, Tmax - S], seed=S * 100 + L)
-    plan = decode_plan(3, S, G, Hk, D, Tmax, p["q"].device, 4, 3)
-    assert plan.splits == 3 and plan.split_len < Tmax
-    _check(p, num_splits=3)
+    for apart in (False, True) if L else (False,):
+        p = _problem(3, S, G * Hk, Hk, D, L, Tmax, [0, 13, Tmax - S], seed=S * 100 + L)
+        plan = decode_plan(3, S, G, Hk, D, Tmax, p["q"].device, 4, 3, L > 0, apart)
+        assert plan.splits == 3 + apart and plan.depth_apart == apart and plan.split_len < Tmax
+        _check(p, num_splits=3, depth_apart=apart)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 5, None])
@@ -187,10 +189,14 @@ def test_plan_depends_on_shapes_only(monkeypatch):
     try:
         many = decode_plan(32, 1, 4, 8, 128, 4096, torch.device("cpu"))
         one = decode_plan(1, 1, 4, 8, 128, 32768, torch.device("cpu"))
+        # Depth rows apart where one more program per (batch, kv head) stays in the first
+        # wave: B = 1 (8 x 17 programs), not B = 8 (64 x 5 > 264) nor one split (B = 32).
+        depth = [decode_plan(B, 1, 4, 8, 128, 4096, torch.device("cpu"), 2, None, True) for B in (1, 8, 32)]
     finally:
         decode_plan.cache_clear()
     assert many.splits == 1 and many.grid == (1, 256, 1)
     assert one.splits == 32 and one.split_len % one.block_n == 0 and one.splits * one.split_len >= 32768
+    assert [(p.depth_apart, p.splits) for p in depth] == [(True, 17), (False, 4), (False, 1)]
 
 
 @pytest.mark.parametrize("programs, slots, max_splits, splits", [
@@ -231,7 +237,7 @@ for dt, size, G, D, S, partial in (("bf16", 2, 4, 128, 1, False), ("fp16", 2, 8,
     ptr = {n: "*" + dt for n in ("Q", "KC", "VC", "KN", "VN", "DK", "DV")}
     ptr.update(SEQLENS="*i32", O="*fp32" if partial else "*" + dt, LSE="*fp32")
     k = compile(d._decode_split_kernel, ptr, dict(G=G, HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_M=p.block_m,
-                BLOCK_N=p.block_n, HAS_NEW=True, HAS_DEPTH=True, PRECISION=d._dot_precision(
+                BLOCK_N=p.block_n, HAS_NEW=True, HAS_DEPTH=True, DEPTH_APART=partial, PRECISION=d._dot_precision(
                 {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt])),
                 num_warps=p.num_warps, num_stages=p.num_stages)
     print(dt, G, D, S, "shared", k.metadata.shared)
@@ -269,9 +275,11 @@ def test_kernels_compile_for_hopper(tmp_path):
                          ids=lambda x: str(x))
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
 def test_bf16_on_gpu(S, L, G, D, num_splits):
+    """7 splits with depth rows: in a program of their own (chosen here) and in the last slice."""
     Tmax, Hk = 3000, 2
-    p = _problem(4, S, G * Hk, Hk, D, L, Tmax, [0, 1, 1777, Tmax - S], dtype=torch.bfloat16, device="cuda")
-    _check(p, num_splits, dtype=torch.bfloat16)
+    for apart in (None, False) if num_splits == 7 and L else (None,):
+        p = _problem(4, S, G * Hk, Hk, D, L, Tmax, [0, 1, 1777, Tmax - S], dtype=torch.bfloat16, device="cuda")
+        _check(p, num_splits, dtype=torch.bfloat16, depth_apart=apart)
 
 
 @pytest.mark.cuda

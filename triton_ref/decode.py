@@ -12,8 +12,11 @@ to 128 rows: every decode step, S = 1). Its keys are one slice of cache position
    rather than the cache, and the program of the last row block writes them into the cache:
    no program reads a cache row that another one writes, so writing and attending are one
    launch;
-3. the program whose slice holds the last visible key also takes the new tokens' own depth
-   rows (token i: its L rows of ``depth_k/v [B, S, L, Hk, D]``), so they count exactly once.
+3. the new tokens' own depth rows (token i: its L rows of ``depth_k/v [B, S, L, Hk, D]``)
+   are taken by one program, so they count exactly once: where the grid has room for it
+   (``DEPTH_APART``), an extra program past the last slice whose cache range is empty, so
+   the depth rows do not lengthen any slice's program (at B = 1 a step is as long as its
+   longest program); else the program whose slice holds the last visible key.
 
 It writes the normalised output and lse of its slice (float32); a slice that starts past the
 last visible key writes lse = -inf only. ``_decode_combine_kernel`` merges the slices of each
@@ -99,7 +102,8 @@ def _decode_split_kernel(
     stride_db, stride_dt, stride_dl, stride_dh,
     S, HK, L, TMAX, SPLIT_LEN, PART_ROWS, LSE_BASE,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_NEW: tl.constexpr, HAS_DEPTH: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_NEW: tl.constexpr, HAS_DEPTH: tl.constexpr, DEPTH_APART: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -139,8 +143,13 @@ def _decode_split_kernel(
     acc, l_i, m_i = _cache_tiles(acc, l_i, m_i, q, t_row, full_hi, hi, cs, write, KCb, VCb, KNb, VNb, stride_ct,
                                  stride_nt, offs_d, d_ok, qk_scale, True, HAS_NEW, BLOCK_N, PRECISION, 1)
     if HAS_DEPTH:
-        # Only in the slice that holds the last visible key (an empty range elsewhere).
-        depth_hi = tl.where((kv_hi - 1) // SPLIT_LEN == split, (t_hi + 1) * L, t_lo * L)
+        # One program per row block takes them (an empty range elsewhere): the extra last
+        # one (its cache range [lo, hi) is empty: lo >= TMAX), or the slice of the last key.
+        if DEPTH_APART:
+            mine = split == tl.num_programs(0) - 1
+        else:
+            mine = (kv_hi - 1) // SPLIT_LEN == split
+        depth_hi = tl.where(mine, (t_hi + 1) * L, t_lo * L)
         DKb = DK + b.to(tl.int64) * stride_db + hk * stride_dh
         DVb = DV + b.to(tl.int64) * stride_db + hk * stride_dh
         acc, l_i, m_i = _depth_tiles(acc, l_i, m_i, q, t_row, t_lo * L, depth_hi, L, DKb, DVb, stride_dt, stride_dl,
@@ -184,7 +193,8 @@ def _decode_combine_kernel(PART, O, LSE, N_ROWS, S, HQ, SPLITS, LSE_BASE, HEAD_D
 
 class DecodePlan(NamedTuple):
     grid: tuple
-    splits: int
+    splits: int  # partial results to combine: the cache slices, plus the depth program if apart
+    depth_apart: bool
     split_len: int
     block_m: int
     block_n: int
@@ -233,12 +243,15 @@ def _num_splits(programs: int, slots: int, max_splits: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def decode_plan(B: int, S: int, G: int, Hk: int, D: int, Tmax: int, device: torch.device, elem_bytes: int = 2,
-                num_splits=None) -> DecodePlan:
+                num_splits=None, has_depth: bool = False, depth_apart=None) -> DecodePlan:
     """Tiles and splits of a call, from its shapes alone (cached per shape).
 
     Splits by :func:`_num_splits`: whole waves of the (batch, kv head, row block) programs,
     each slice at least 4 key tiles long, at most 64 slices. ``num_splits`` forces a count
-    (tests); slices are whole tiles, so fewer may result.
+    (tests); slices are whole tiles, so fewer may result. With depth rows, a program of its
+    own takes them where the cache is split and one more program per row block still fits
+    in the first wave (B = 1: the step is one slice long, not one slice and the depth
+    rows); ``depth_apart`` forces the choice (tests).
     """
     block_d = max(16, triton.next_power_of_2(D))
     block_m = min(max(16, triton.next_power_of_2(S * G)), MAX_BLOCK_M if D <= 128 else MAX_BLOCK_M // 2)
@@ -246,12 +259,16 @@ def decode_plan(B: int, S: int, G: int, Hk: int, D: int, Tmax: int, device: torc
     stages = 3 if D <= 128 and elem_bytes <= 2 else 2  # float32 tiles: 2 buffers fit shared memory
     m_blocks = triton.cdiv(S * G, block_m)
     programs = B * Hk * m_blocks
-    if num_splits is None:
+    if num_splits is None or (has_depth and depth_apart is None):
         slots = _sm_count(device) * _programs_per_sm(block_m, block_n, block_d, stages, elem_bytes)
+    if num_splits is None:
         num_splits = _num_splits(programs, slots, max(1, min(triton.cdiv(Tmax, 4 * block_n), _MAX_SPLITS)))
     split_len = triton.cdiv(triton.cdiv(Tmax, max(1, num_splits)), block_n) * block_n
     splits = triton.cdiv(Tmax, split_len)
-    return DecodePlan((splits, B * Hk, m_blocks), splits, split_len, block_m, block_n, block_d,
+    if depth_apart is None:
+        depth_apart = has_depth and splits > 1 and programs * (splits + 1) <= slots
+    parts = splits + bool(has_depth and depth_apart)
+    return DecodePlan((parts, B * Hk, m_blocks), parts, parts > splits, split_len, block_m, block_n, block_d,
                       4 if block_m * block_d <= 128 * 64 else 8, stages)
 
 
@@ -293,11 +310,12 @@ class PreparedDecode:
     exactly those).
     """
 
-    def __init__(self, q, k_cache, k, depth_k, has_new: bool, L: int, sm_scale: float, num_splits=None):
+    def __init__(self, q, k_cache, k, depth_k, has_new: bool, L: int, sm_scale: float, num_splits=None,
+                 depth_apart=None):
         """From the operands of :func:`_operands` (their layout is what counts)."""
         B, S, Hq, D = q.shape
         Tmax, Hk = k_cache.shape[1], k_cache.shape[2]
-        p = decode_plan(B, S, Hq // Hk, Hk, D, Tmax, q.device, q.element_size(), num_splits)
+        p = decode_plan(B, S, Hq // Hk, Hk, D, Tmax, q.device, q.element_size(), num_splits, L > 0, depth_apart)
         n_rows = B * Hq * S
         self.lse_shape = (B, Hq, S)
         # Partial outputs [splits, B, S, Hq, D], then partial lse [splits, B, Hq, S], one buffer.
@@ -308,7 +326,8 @@ class PreparedDecode:
                         sd[0], sd[1], sd[2], sd[3], S, Hk, L, Tmax, p.split_len, part_rows, lse_base)
         self.split = Launcher(_decode_split_kernel, p.grid,
                               dict(G=Hq // Hk, HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
-                                   HAS_NEW=has_new, HAS_DEPTH=L > 0, PRECISION=_dot_precision(q.dtype)),
+                                   HAS_NEW=has_new, HAS_DEPTH=L > 0, DEPTH_APART=p.depth_apart,
+                                   PRECISION=_dot_precision(q.dtype)),
                               num_warps=p.num_warps, num_stages=p.num_stages)
         self.combine = None
         if p.splits > 1:
@@ -342,7 +361,8 @@ def prepare_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, sm_scale: float)
     return PreparedDecode(q, k_cache, k, depth_k, has_new, L, sm_scale)
 
 
-def moda_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, sm_scale: float, num_splits=None):
+def moda_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, sm_scale: float, num_splits=None,
+                depth_apart=None):
     """Attention of ``q [B, S, Hq, D]`` against the caches (``k``, ``v`` written into them at
     ``cache_seqlens[b] + i`` first, by the kernel), with the depth rows ``[B, S, L, Hk, D]``.
 
@@ -351,5 +371,5 @@ def moda_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, sm_s
     float32, natural log).
     """
     q, k, v, depth_k, depth_v, has_new, L = _operands(q, k_cache, v_cache, k, v, depth_k, depth_v)
-    prepared = PreparedDecode(q, k_cache, k, depth_k, has_new, L, sm_scale, num_splits)
+    prepared = PreparedDecode(q, k_cache, k, depth_k, has_new, L, sm_scale, num_splits, depth_apart)
     return prepared.launch(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens)
