@@ -279,16 +279,24 @@ def apply_rotary(x: torch.Tensor, rope: Rope, out: Optional[torch.Tensor] = None
 
 
 class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))``."""
+    """``down(silu(gate(x)) * up(x))``, gate and up one GEMM (``gate_up``: its rows are the
+    gate's, then the up projection's), which also projects x to ``extra`` more features (a
+    MoDA block's FFN k/v): one GEMM where three would read x, each with a launch and, in
+    training, two more GEMMs and a gradient sum in backward."""
 
-    def __init__(self, d_model: int, hidden: int) -> None:
+    def __init__(self, d_model: int, hidden: int, extra: int = 0) -> None:
         super().__init__()
-        self.gate = nn.Linear(d_model, hidden, bias=False)
-        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.hidden, self.extra = hidden, extra
+        self.gate_up = nn.Linear(d_model, 2 * hidden + extra, bias=False)
         self.down = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.forward_with_extra(x)[0]
+
+    def forward_with_extra(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The MLP's output and the ``extra`` features of x ``[..., extra]`` (a view)."""
+        gate, up, extra = self.gate_up(x).split((self.hidden, self.hidden, self.extra), dim=-1)
+        return self.down(F.silu(gate) * up), extra
 
 
 def _stream_dtype(reference: torch.Tensor) -> torch.dtype:
@@ -315,9 +323,8 @@ class MoDAAttention(nn.Module):
         self.config = config
         self.causal = causal
         hd, hq, hk = config.head_dim, config.n_heads, config.n_kv_heads
-        self.q_proj = nn.Linear(config.d_model, hq * hd, bias=False)
-        self.k_proj = nn.Linear(config.d_model, hk * hd, bias=False)
-        self.v_proj = nn.Linear(config.d_model, hk * hd, bias=False)
+        # q, k and v in one GEMM (rows: the Hq query heads, then the Hk key and Hk value heads).
+        self.qkv_proj = nn.Linear(config.d_model, (hq + 2 * hk) * hd, bias=False)
         self.o_proj = nn.Linear(hq * hd, config.d_model, bias=False)
         self.layer_idx = 0  # its slot in a KV cache (MoDABlock sets it)
         # A moda_cuda.distributed.ContextParallel: x holds this rank's shard of the sequence.
@@ -356,9 +363,8 @@ class MoDAAttention(nn.Module):
         if cp is not None and (cu_seqlens is not None or cache is not None):
             raise ValueError("context parallelism takes neither packed documents (cu_seqlens) nor a KV cache")
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        q, k, v = self.qkv_proj(x).view(B, T, cfg.n_heads + 2 * cfg.n_kv_heads, cfg.head_dim).split(
+            (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads), dim=2)  # views of one GEMM's rows
         if cfg.rope:
             rope = rope if rope is not None else _rope_tables(cfg, T, x.device, cu_seqlens, cp)
             q = apply_rotary(q, rope)
@@ -406,7 +412,15 @@ def _inference_slot(stream: Optional[DepthStream], k: torch.Tensor, slot: Option
 def _keys_and_values(k: torch.Tensor, v: torch.Tensor, rope: Optional[Rope],
                      slot_views: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
     """k rotated (with ``rope``) and v, written into ``slot_views`` where given (the rotary
-    kernel stores both in one launch) and then those views: the k, v a layer uses and appends."""
+    kernel stores both in one launch) and then those views: the k, v a layer uses and appends.
+
+    k and v are views of one projection's rows. Without gradients and slot, a rotated k and
+    that view of v would have different layouts, and the decode kernel, which writes both
+    into the cache, would copy both to contiguous tensors: they go into new contiguous
+    tensors in the rotary launch instead."""
+    if slot_views is None and rope is not None and not torch.is_grad_enabled():
+        slot_views = (torch.empty_like(k, memory_format=torch.contiguous_format),
+                      torch.empty_like(v, memory_format=torch.contiguous_format))
     if slot_views is None:
         return (apply_rotary(k, rope) if rope is not None else k), v
     if rope is not None:
@@ -441,20 +455,24 @@ class MoDABlock(nn.Module):
         self.layer_idx = layer_idx
         self.attn = MoDAAttention(config, causal=causal)
         self.attn.layer_idx = layer_idx
-        self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
         self.norm1 = RMSNorm(config.d_model, config.norm_eps)
         self.norm2 = RMSNorm(config.d_model, config.norm_eps)
         self.writes_depth = config.use_depth and layer_idx < config.n_layers - 1
-        self.ffn_kv = None
-        if self.writes_depth and config.ffn_kv:
-            # "Light": one projection to Hk heads of k and v, no MLP of its own.
-            self.ffn_kv = nn.Linear(config.d_model, 2 * config.n_kv_heads * config.head_dim, bias=False)
+        # "Light" FFN k/v: Hk heads of k and v projected from the MLP's input, no MLP of their
+        # own; the projection is rows of the MLP's input GEMM (SwiGLU's extra features).
+        self.writes_ffn_kv = self.writes_depth and config.ffn_kv
+        kv_features = 2 * config.n_kv_heads * config.head_dim if self.writes_ffn_kv else 0
+        self.mlp = SwiGLU(config.d_model, config.mlp_hidden, kv_features)
 
-    def _append_ffn_kv(self, h: torch.Tensor, stream: DepthStream, rope: Optional[Rope],
-                       cu_seqlens: Optional[torch.Tensor]) -> None:
+    def _mlp(self, h: torch.Tensor, stream: Optional[DepthStream], rope: Optional[Rope],
+             cu_seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+        """The MLP of h; with a stream, the FFN k/v of h (from the same GEMM) appended to it."""
+        if stream is None or not self.writes_ffn_kv:
+            return self.mlp(h)
+        out, kv = self.mlp.forward_with_extra(h)
         cfg = self.config
         B, T, _ = h.shape
-        k, v = self.ffn_kv(h).view(B, T, 2, cfg.n_kv_heads, cfg.head_dim).unbind(2)
+        k, v = kv.view(B, T, 2, cfg.n_kv_heads, cfg.head_dim).unbind(2)
         slot = self.layer_idx * cfg.slots_per_layer + 1
         if cfg.rope and rope is None:
             # Depth keys sit at their own position s: rotating them like sequence keys keeps
@@ -462,6 +480,7 @@ class MoDABlock(nn.Module):
             rope = _rope_tables(cfg, T, h.device, cu_seqlens, self.attn.context_parallel)
         k, v = _keys_and_values(k, v, rope if cfg.rope else None, _inference_slot(stream, k, slot, True))
         stream.append(k.to(stream.dtype), v.to(stream.dtype), slot=slot)
+        return out
 
     def forward(self, x: torch.Tensor, stream: Optional[DepthStream] = None, rope: Optional[Rope] = None,
                 cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
@@ -477,14 +496,9 @@ class MoDABlock(nn.Module):
         packed = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache)
         if self.config.norm == "pre":
             h = x + self.attn(self.norm1(x), stream, slot, rope, append=self.writes_depth, **packed)
-            m = self.norm2(h)
-            if stream is not None and self.ffn_kv is not None:
-                self._append_ffn_kv(m, stream, rope, cu_seqlens)
-            return h + self.mlp(m)
+            return h + self._mlp(self.norm2(h), stream, rope, cu_seqlens)
         h = self.norm1(x + self.attn(x, stream, slot, rope, append=self.writes_depth, **packed))
-        if stream is not None and self.ffn_kv is not None:
-            self._append_ffn_kv(h, stream, rope, cu_seqlens)
-        return self.norm2(h + self.mlp(h))
+        return self.norm2(h + self._mlp(h, stream, rope, cu_seqlens))
 
 
 MoDADecoderLayer = MoDABlock

@@ -67,9 +67,7 @@ def test_attention_without_depth_is_plain_attention(causal, rope):
     attn = MoDAAttention(cfg, causal=causal).double()
     x = torch.randn(2, 9, cfg.d_model, dtype=F64)
     B, T, _ = x.shape
-    q = attn.q_proj(x).view(B, T, 4, -1)
-    k = attn.k_proj(x).view(B, T, 2, -1)
-    v = attn.v_proj(x).view(B, T, 2, -1)
+    q, k, v = _projections(attn, x)
     if rope:
         q, k = apply_rotary(q, _rope(cfg, T)), apply_rotary(k, _rope(cfg, T))
     want = attn.o_proj(sdpa_gqa(q, k, v, causal).reshape(B, T, -1))
@@ -81,6 +79,21 @@ def test_attention_without_depth_is_plain_attention(causal, rope):
     torch.testing.assert_close(stream.read()[0][:, :, 0], k)
 
 
+def _projections(attn: MoDAAttention, x):
+    """q, k, v of x by the rows of the fused projection, each a GEMM of its own."""
+    cfg = attn.config
+    B, T, _ = x.shape
+    heads = (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)
+    weights = attn.qkv_proj.weight.split([h * cfg.head_dim for h in heads])
+    return [F.linear(x, w).view(B, T, h, cfg.head_dim) for w, h in zip(weights, heads)]
+
+
+def _swiglu(mlp, x):
+    """The MLP with gate and up as GEMMs of their own."""
+    gate, up, _ = mlp.gate_up.weight.split((mlp.hidden, mlp.hidden, mlp.extra))
+    return mlp.down(F.silu(F.linear(x, gate)) * F.linear(x, up))
+
+
 def _manual_block(block: MoDABlock, x, causal=True):
     """The baseline block written out with SDPA."""
     cfg = block.config
@@ -88,16 +101,15 @@ def _manual_block(block: MoDABlock, x, causal=True):
     B, T, _ = x.shape
 
     def attn(h):
-        q = apply_rotary(a.q_proj(h).view(B, T, cfg.n_heads, -1), _rope(cfg, T))
-        k = apply_rotary(a.k_proj(h).view(B, T, cfg.n_kv_heads, -1), _rope(cfg, T))
-        v = a.v_proj(h).view(B, T, cfg.n_kv_heads, -1)
+        q, k, v = _projections(a, h)
+        q, k = apply_rotary(q, _rope(cfg, T)), apply_rotary(k, _rope(cfg, T))
         return a.o_proj(sdpa_gqa(q, k, v, causal).reshape(B, T, -1))
 
     if cfg.norm == "pre":
         h = x + attn(block.norm1(x))
-        return h + block.mlp(block.norm2(h))
+        return h + _swiglu(block.mlp, block.norm2(h))
     h = block.norm1(x + attn(x))
-    return block.norm2(h + block.mlp(h))
+    return block.norm2(h + _swiglu(block.mlp, h))
 
 
 @pytest.mark.parametrize("norm", ["pre", "post"])
@@ -105,7 +117,7 @@ def test_baseline_block_matches_manual(norm):
     torch.manual_seed(1)
     cfg = tiny(use_depth=False, norm=norm)
     block = MoDADecoderLayer(cfg, 0).double()
-    assert block.ffn_kv is None
+    assert not block.writes_ffn_kv and block.mlp.extra == 0
     x = torch.randn(2, 8, cfg.d_model, dtype=F64)
     torch.testing.assert_close(block(x), _manual_block(block, x))
 
@@ -131,14 +143,18 @@ def test_depth_changes_the_model_but_not_its_first_layer():
     cfg = tiny()
     moda = MoDAForCausalLM(cfg).double()
     base = MoDAForCausalLM(dataclasses.replace(cfg, use_depth=False)).double()
-    missing, unexpected = base.load_state_dict(moda.state_dict(), strict=False)
-    assert not missing and all("ffn_kv" in name for name in unexpected)
+    # The same weights but the FFN k/v rows, the last ones of each MLP input projection.
+    weights = {name: w[:base.state_dict()[name].shape[0]] for name, w in moda.state_dict().items()}
+    assert [name for name, w in moda.state_dict().items() if w.shape != weights[name].shape] == [
+        f"trunk.blocks.{i}.mlp.gate_up.weight" for i in range(cfg.n_layers - 1)]
+    base.load_state_dict(weights)
     ids = torch.randint(0, 50, (2, 10))
     x = moda.embed(ids)
     stream = moda_cuda.DepthStream(2, 10, cfg.depth_slots, 2, cfg.head_dim, dtype=F64)
     torch.testing.assert_close(moda.trunk.blocks[0](x, stream), base.trunk.blocks[0](x))
     assert stream.length == 2  # attention k/v and FFN k/v
-    assert moda.trunk.blocks[-1].ffn_kv is None  # nothing reads the last block's k/v
+    assert not moda.trunk.blocks[-1].writes_ffn_kv  # nothing reads the last block's k/v
+    assert moda.trunk.blocks[-1].mlp.extra == 0 and moda.trunk.blocks[0].mlp.extra == 2 * 2 * cfg.head_dim
     assert not torch.allclose(moda(ids).logits, base(ids).logits)
 
 
@@ -188,7 +204,7 @@ def test_no_grad_and_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(ids, targets=ids)
     out.loss.backward()
-    assert torch.isfinite(out.loss) and model.trunk.blocks[0].ffn_kv.weight.grad is not None
+    assert torch.isfinite(out.loss) and model.trunk.blocks[0].mlp.gate_up.weight.grad is not None
 
 
 @pytest.mark.parametrize("rope", [True, False])
