@@ -42,12 +42,16 @@ _MAX_INT32 = 2**31 - 1
 _warned: set = set()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Backend:
     """One implementation of the op. ``unavailable``/``refuses`` return a reason, or None.
 
     ``backward_by`` says which implementation is behind ``backward`` when that can be another
     backend's (the cuda backend's backward is Triton's with MODA_CUDA_BACKWARD=triton).
+
+    Compared and hashed by identity (each backend is one object): the auto order is part of
+    every cached call's key (``eager``), and a field-wise hash would hash six fields of each
+    backend on every call.
     """
 
     name: str

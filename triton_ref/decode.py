@@ -318,6 +318,8 @@ class PreparedDecode:
         p = decode_plan(B, S, Hq // Hk, Hk, D, Tmax, q.device, q.element_size(), num_splits, L > 0, depth_apart)
         n_rows = B * Hq * S
         self.lse_shape = (B, Hq, S)
+        self.has_new, self.has_depth = has_new, L > 0
+        self.copies = False  # prepare_decode: whether calls of this layout take copies of inputs
         # Partial outputs [splits, B, S, Hq, D], then partial lse [splits, B, Hq, S], one buffer.
         self.partial_numel = p.splits * n_rows * (D + 1) if p.splits > 1 else 0
         part_rows, lse_base = (n_rows, p.splits * n_rows * D) if p.splits > 1 else (0, 0)
@@ -351,14 +353,25 @@ class PreparedDecode:
 
     def __call__(self, q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens):
         """:func:`moda_decode` for inputs of the prepared layout."""
-        q, k, v, depth_k, depth_v, _, _ = _operands(q, k_cache, v_cache, k, v, depth_k, depth_v)
+        if self.copies:
+            q, k, v, depth_k, depth_v, _, _ = _operands(q, k_cache, v_cache, k, v, depth_k, depth_v)
+        else:  # the inputs as they are, placeholders for absent ones (what _operands gives)
+            if not self.has_new:
+                k, v = k_cache, v_cache
+            if not self.has_depth:
+                depth_k = depth_v = q.unsqueeze(2)
         return self.launch(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens)
 
 
 def prepare_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, sm_scale: float) -> PreparedDecode:
     """A :class:`PreparedDecode` for calls laid out as these inputs (see its caveat)."""
-    q, k, v, depth_k, depth_v, has_new, L = _operands(q, k_cache, v_cache, k, v, depth_k, depth_v)
-    return PreparedDecode(q, k_cache, k, depth_k, has_new, L, sm_scale)
+    operands = _operands(q, k_cache, v_cache, k, v, depth_k, depth_v)
+    oq, ok, ov, odk, odv, has_new, L = operands
+    prepared = PreparedDecode(oq, k_cache, ok, odk, has_new, L, sm_scale)
+    # Which inputs _operands replaced by copies follows from the layout: same for every call.
+    prepared.copies = oq is not q or (has_new and (ok is not k or ov is not v)) or (
+        L > 0 and (odk is not depth_k or odv is not depth_v))
+    return prepared
 
 
 def moda_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, sm_scale: float, num_splits=None,
