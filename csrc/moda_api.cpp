@@ -141,16 +141,16 @@ void bwd(const at::Tensor& q, const std::optional<at::Tensor>& k, const std::opt
                     "grad_lse must be a contiguous float32 CUDA tensor shaped like lse");
         p.grad_lse = grad_lse->data_ptr<float>();
     }
+    at::Tensor delta = at::empty_like(lse);
+    p.delta = delta.data_ptr<float>();
+    at::Tensor row_stats = at::empty({moda::bwd_row_stats_floats(p.fwd)}, lse.options());
+    p.row_stats = row_stats.data_ptr<float>();
     p.deterministic = deterministic;
-    // The kernels' fp32 scratch in one allocation, each part 16-byte aligned: delta, the row
-    // statistics, and the fused dQ's sums (zeroed by the preprocess kernel).
-    const auto aligned = [](int64_t floats) { return (floats + 3) / 4 * 4; };
-    const int64_t delta_floats = aligned(lse.numel()), stats_floats = aligned(moda::bwd_row_stats_floats(p.fwd));
-    const int64_t accum_floats = moda::bwd_dq_accum_floats(p.fwd, deterministic);
-    at::Tensor scratch = at::empty({delta_floats + stats_floats + accum_floats}, lse.options());
-    p.delta = scratch.data_ptr<float>();
-    p.row_stats = p.delta + delta_floats;
-    p.dq_accum = accum_floats > 0 ? p.row_stats + stats_floats : nullptr;
+    at::Tensor dq_accum;  // the fused dQ's fp32 sums, added into with atomics: starts at zero
+    if (const int64_t floats = moda::bwd_dq_accum_floats(p.fwd, deterministic); floats > 0) {
+        dq_accum = at::zeros({floats}, lse.options());
+        p.dq_accum = dq_accum.data_ptr<float>();
+    }
     check_tensor(grad_q, "grad_q", q, 4);
     TORCH_CHECK(grad_q.sizes() == q.sizes(), "grad_q must have q's shape");
     p.grad_q = grad_q.data_ptr();

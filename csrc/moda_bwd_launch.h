@@ -228,7 +228,7 @@ std::string launch_bwd(const BwdParams& a, cudaStream_t stream) {
     moda_bwd_preprocess_kernel<Element, D, kBwdStepRows>
         <<<unsigned((lanes + threads - 1) / threads), threads, 0, stream>>>(
             static_cast<const Element*>(f.out), static_cast<const Element*>(a.dout), f.lse, a.grad_lse, a.delta,
-            a.row_stats, a.dq_accum, B, T, Hk, __builtin_ctz(G), steps, f.out_batch_stride, f.out_seq_stride, f.out_head_stride,
+            a.row_stats, B, T, Hk, __builtin_ctz(G), steps, f.out_batch_stride, f.out_seq_stride, f.out_head_stride,
             a.do_batch_stride, a.do_seq_stride, a.do_head_stride);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return std::string("preprocess launch: ") + cudaGetErrorString(e);

@@ -14,16 +14,12 @@ namespace moda {
 // statistics as [B, Hk, steps, 2, kRows]: lse * log2(e), then delta, so that the
 // key-stationary kernel brings a step's statistics with one bulk copy. Padding rows get
 // zeros: finite, and their probabilities are masked to zero. out and dout are [B, T, Hq, D]
-// with the given strides (elements); lse, grad_lse and delta [B, Hq, T] contiguous. Where dQ
-// is fused into the key-stationary kernel, its fp32 sums dq_accum (kRows x D floats per row
-// step, 16-byte aligned) are zeroed here too, eight floats per thread: one launch fewer than
-// a memset before the kernel that adds into them.
+// with the given strides (elements); lse, grad_lse and delta [B, Hq, T] contiguous.
 // kLanesPerRow = D / 8 adjacent threads share a row, one 16-byte chunk each, so that a warp's
 // loads cover whole rows (one thread per row made each load instruction touch 32 rows).
 template <class Element, int D, int kRows>
 __global__ void moda_bwd_preprocess_kernel(const Element* out, const Element* dout, const float* lse,
-                                           const float* grad_lse, float* delta, float* row_stats, float* dq_accum,
-                                           int B, int T,
+                                           const float* grad_lse, float* delta, float* row_stats, int B, int T,
                                            int Hk, int group_log2, int steps, int64_t o_batch, int64_t o_seq,
                                            int64_t o_head, int64_t do_batch, int64_t do_seq, int64_t do_head) {
     constexpr int kLanesPerRow = D / 8;
@@ -38,10 +34,6 @@ __global__ void moda_bwd_preprocess_kernel(const Element* out, const Element* do
     const int bh = int(block / steps), b = bh / Hk;
     const int G = 1 << group_log2, t = row >> group_log2, h = bh % Hk * G + (row & (G - 1));
     const bool real = in_range && t < T;
-    if (dq_accum != nullptr && in_range) {  // thread j zeroes floats [8 j, 8 j + 8): rows x D in all
-        float4* zero = reinterpret_cast<float4*>(dq_accum) + 2 * thread;
-        zero[0] = zero[1] = make_float4(0.f, 0.f, 0.f, 0.f);
-    }
     float acc = 0.f;
     if (real) {
         using Chunk = cutlass::Array<Element, 8>;

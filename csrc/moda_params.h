@@ -58,7 +58,7 @@ struct BwdParams {
     // true: bitwise-repeatable gradients (dQ from its own kernel); false: where that is
     // faster (bwd_fuses_dq), dQ accumulated by the dK / dV kernel with fp32 atomics.
     bool deterministic;
-    float* dq_accum;        // scratch of bwd_dq_accum_floats(fwd, deterministic) floats (the preprocess zeroes it)
+    float* dq_accum;        // scratch of bwd_dq_accum_floats(fwd, deterministic) floats, zeroed
     void* grad_q;
     void* grad_k;
     void* grad_v;
