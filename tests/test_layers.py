@@ -324,12 +324,13 @@ def test_lm_training_step_on_gpu_matches_the_float64_reference(backend):
     if backend == "cuda" and "cuda" not in moda_cuda.available_backends():
         pytest.skip("no compiled CUDA kernels here")
     torch.manual_seed(9)
-    cfg = MoDAConfig(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=256,
+    # The LM example's heads (Hq 8, Hk 2, D 64): the kernels' paths of its training.
+    cfg = MoDAConfig(d_model=512, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=64, max_seq_len=512,
                      backend=backend)
     gpu = MoDAForCausalLM(cfg).cuda()
     ref = MoDAForCausalLM(dataclasses.replace(cfg, backend="reference")).double()
     ref.load_state_dict(gpu.state_dict())
-    ids = torch.randint(0, 64, (2, 200), generator=torch.Generator().manual_seed(10))
+    ids = torch.randint(0, 64, (2, 512), generator=torch.Generator().manual_seed(10))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = gpu(ids[:, :-1].cuda(), ids[:, 1:].cuda()).loss
     loss.backward()
