@@ -296,7 +296,7 @@ def test_repeated_calls_take_the_compiled_launch_and_stay_right(num_splits):
         assert len(_launch._compiled) == (1 if num_splits == 1 else 2)
 
 
-def _prepared_against_moda_decode(device, dtype, Tmax, lens, with_new, splits):
+def _prepared_against_moda_decode(device, dtype, Tmax, lens, with_new, splits, copies=False):
     """A PreparedDecode (the eager path's cached launches) made from one call's inputs, on
     fresh inputs of that layout: moda_decode's outputs bit for bit, the caches written alike."""
     from moda_cuda.triton_ref.decode import prepare_decode
@@ -304,6 +304,8 @@ def _prepared_against_moda_decode(device, dtype, Tmax, lens, with_new, splits):
     def problem(seed):
         p = _problem(len(lens), 1, 8, 2, 64, 3, Tmax, lens, dtype=dtype, device=device, seed=seed)
         p["q"] = p["q"].transpose(1, 2).contiguous().transpose(1, 2)  # strided: the layout is what is kept
+        if copies:  # depth_v laid out unlike depth_k: the kernel takes copies of both
+            p["depth_v"] = p["depth_v"].transpose(1, 3).contiguous().transpose(1, 3)
         if not with_new:  # the new tokens' keys already in the caches
             p["k_cache"], p["v_cache"] = _expected_caches(p)
             p["k"] = p["v"] = None
@@ -312,7 +314,7 @@ def _prepared_against_moda_decode(device, dtype, Tmax, lens, with_new, splits):
     first, scale = problem(0), 64 ** -0.5
     prepared = prepare_decode(first["q"], first["k_cache"], first["v_cache"], first["k"], first["v"],
                               first["depth_k"], first["depth_v"], scale)
-    assert (prepared.combine is not None) == splits
+    assert (prepared.combine is not None) == splits and prepared.copies == copies
     for seed in range(1, 4):
         p = problem(seed)
         caches = p["k_cache"].clone(), p["v_cache"].clone()
@@ -324,10 +326,11 @@ def _prepared_against_moda_decode(device, dtype, Tmax, lens, with_new, splits):
         assert _same(p["k_cache"], caches[0]) and _same(p["v_cache"], caches[1])
 
 
-@pytest.mark.parametrize("Tmax, with_new, splits", [(70, True, True), (70, False, True), (9, True, False)],
-                         ids=["splits", "no-new", "one-split"])
-def test_prepared_calls_equal_moda_decode(Tmax, with_new, splits):
-    _prepared_against_moda_decode(DEVICE, torch.float32, Tmax, [5, Tmax - 1], with_new, splits)
+@pytest.mark.parametrize("Tmax, with_new, splits, copies", [(70, True, True, False), (70, False, True, False),
+                                                             (9, True, False, False), (70, True, True, True)],
+                         ids=["splits", "no-new", "one-split", "copies"])
+def test_prepared_calls_equal_moda_decode(Tmax, with_new, splits, copies):
+    _prepared_against_moda_decode(DEVICE, torch.float32, Tmax, [5, Tmax - 1], with_new, splits, copies)
 
 
 @pytest.mark.cuda

@@ -279,22 +279,23 @@ def _same_strides(a: torch.Tensor, b: torch.Tensor):
     return a, b
 
 
-def _operands(q, k_cache, v_cache, k, v, depth_k, depth_v):
+def _operands(q, k_cache, v_cache, k, v, depth_k, depth_v, copies: bool = True):
     """The kernel's operands: q with unit last stride, k and v (and the depth pair) each with
     one layout, placeholders for absent ones (never read). Returns (q, k, v, depth_k,
-    depth_v, has_new, L)."""
-    if q.stride(-1) != 1:
+    depth_v, has_new, L). ``copies=False``: the caller knows no input needs a copy for that
+    (a prepared layout that needed none), only the placeholders are filled in."""
+    if copies and q.stride(-1) != 1:
         q = q.contiguous()
     has_new = k is not None
-    if has_new:
-        k, v = _same_strides(k, v)
-    else:
+    if not has_new:
         k, v = k_cache, v_cache
+    elif copies:
+        k, v = _same_strides(k, v)
     L = depth_k.shape[2] if depth_k is not None else 0
-    if L:
-        depth_k, depth_v = _same_strides(depth_k, depth_v)
-    else:
+    if not L:
         depth_k = depth_v = q.unsqueeze(2)
+    elif copies:
+        depth_k, depth_v = _same_strides(depth_k, depth_v)
     return q, k, v, depth_k, depth_v, has_new, L
 
 
@@ -311,15 +312,15 @@ class PreparedDecode:
     """
 
     def __init__(self, q, k_cache, k, depth_k, has_new: bool, L: int, sm_scale: float, num_splits=None,
-                 depth_apart=None):
-        """From the operands of :func:`_operands` (their layout is what counts)."""
+                 depth_apart=None, copies: bool = True):
+        """From the operands of :func:`_operands` (their layout is what counts); ``copies``:
+        whether inputs of this layout need copies to become those operands."""
         B, S, Hq, D = q.shape
         Tmax, Hk = k_cache.shape[1], k_cache.shape[2]
         p = decode_plan(B, S, Hq // Hk, Hk, D, Tmax, q.device, q.element_size(), num_splits, L > 0, depth_apart)
         n_rows = B * Hq * S
         self.lse_shape = (B, Hq, S)
-        self.has_new, self.has_depth = has_new, L > 0
-        self.copies = False  # prepare_decode: whether calls of this layout take copies of inputs
+        self.copies = copies
         # Partial outputs [splits, B, S, Hq, D], then partial lse [splits, B, Hq, S], one buffer.
         self.partial_numel = p.splits * n_rows * (D + 1) if p.splits > 1 else 0
         part_rows, lse_base = (n_rows, p.splits * n_rows * D) if p.splits > 1 else (0, 0)
@@ -353,25 +354,17 @@ class PreparedDecode:
 
     def __call__(self, q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens):
         """:func:`moda_decode` for inputs of the prepared layout."""
-        if self.copies:
-            q, k, v, depth_k, depth_v, _, _ = _operands(q, k_cache, v_cache, k, v, depth_k, depth_v)
-        else:  # the inputs as they are, placeholders for absent ones (what _operands gives)
-            if not self.has_new:
-                k, v = k_cache, v_cache
-            if not self.has_depth:
-                depth_k = depth_v = q.unsqueeze(2)
+        q, k, v, depth_k, depth_v, _, _ = _operands(q, k_cache, v_cache, k, v, depth_k, depth_v, self.copies)
         return self.launch(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens)
 
 
 def prepare_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, sm_scale: float) -> PreparedDecode:
     """A :class:`PreparedDecode` for calls laid out as these inputs (see its caveat)."""
-    operands = _operands(q, k_cache, v_cache, k, v, depth_k, depth_v)
-    oq, ok, ov, odk, odv, has_new, L = operands
-    prepared = PreparedDecode(oq, k_cache, ok, odk, has_new, L, sm_scale)
+    oq, ok, ov, odk, odv, has_new, L = _operands(q, k_cache, v_cache, k, v, depth_k, depth_v)
     # Which inputs _operands replaced by copies follows from the layout: same for every call.
-    prepared.copies = oq is not q or (has_new and (ok is not k or ov is not v)) or (
+    copies = oq is not q or (has_new and (ok is not k or ov is not v)) or (
         L > 0 and (odk is not depth_k or odv is not depth_v))
-    return prepared
+    return PreparedDecode(oq, k_cache, ok, odk, has_new, L, sm_scale, copies=copies)
 
 
 def moda_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens, sm_scale: float, num_splits=None,
