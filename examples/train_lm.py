@@ -179,6 +179,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--cp-layout", choices=LAYOUTS, default="zigzag",
                    help="which positions each rank of a context-parallel group holds")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batches")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture one training step in a CUDA graph and replay it (one GPU, fixed shapes)")
     args = p.parse_args(argv)
     if args.smoke:
         args.device = "cpu" if args.device == "auto" else args.device
@@ -186,6 +188,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.minutes = None
         args.batch, args.seqlen, args.d_model, args.layers = 4, 32, 32, 2
         args.heads, args.kv_heads, args.eval_batches, args.data_mb = 4, 2, 2, 0.25
+    if args.cuda_graph:
+        others = [flag for flag, on in (("--pack", args.pack), ("--fsdp", args.fsdp),
+                                        ("--checkpointing", args.checkpointing),
+                                        ("--context-parallel", args.context_parallel > 1), ("--smoke", args.smoke))
+                  if on]
+        if others:  # packed offsets are read on the host every step; the others are not captured
+            p.error(f"--cuda-graph captures a one-GPU step of fixed shapes: not with {', '.join(others)}")
     if args.context_parallel > 1:
         pieces = args.context_parallel * (2 if args.cp_layout == "zigzag" else 1)
         if args.pack:
@@ -237,8 +246,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                 return packed_sampler(train_data, train_starts, args.batch, args.seqlen, seed, d.device)
             return batch_sampler(train_data, args.batch, args.seqlen, seed, d.device)
 
+        if args.cuda_graph and (d.device.type != "cuda" or d.initialized):
+            raise SystemExit("--cuda-graph needs one CUDA device, without torchrun")
         spec = C.TrainSpec(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
-                           timing_warmup=2 if args.smoke else 10)
+                           timing_warmup=2 if args.smoke else 10, cuda_graph=args.cuda_graph)
         if args.minutes is not None:
             spec.steps = C.steps_for_minutes(d, args.minutes, lambda: build(names[0]), spec, sampler(), amp)
             log(d, f"--minutes {args.minutes}: {spec.steps} steps per model")
