@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 try:  # a checkout that is not pip-installed: use the package next to this folder
     import moda_cuda  # noqa: F401  (the examples import from it after this module)
@@ -97,9 +97,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    """bf16/fp16 autocast around forward passes; a no-op context for fp32."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+def autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = True):
+    """bf16/fp16 autocast around forward passes; a no-op context for fp32. ``cache_enabled``:
+    autocast's cache of cast weights (off where the step is captured in a CUDA graph)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=cache_enabled)
 
 
 def log(d: Dist, msg: str) -> None:
@@ -180,6 +181,21 @@ def make_optimizer(model: nn.Module, spec: TrainSpec, device: torch.device) -> t
     return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95), fused=fused)
 
 
+def optimizer_step(module: nn.Module, opt: torch.optim.Optimizer, grad_clip: float, device: torch.device,
+                   amp_dtype: torch.dtype, inputs: torch.Tensor, targets: torch.Tensor, options: Optional[Dict] = None,
+                   autocast_cache: bool = True) -> torch.Tensor:
+    """One training step on a batch: forward under autocast, backward, gradient clipping, the
+    optimizer's step. Returns the loss, detached."""
+    opt.zero_grad(set_to_none=True)
+    with autocast(device, amp_dtype, autocast_cache):
+        loss = module(inputs, targets, **(options or {})).loss
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    opt.step()
+    return loss.detach()
+
+
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     """Every group's learning rate; a tensor one in place (a captured step reads its address)."""
     for group in opt.param_groups:
@@ -202,30 +218,25 @@ class GraphedStep:
     The first ``WARMUP`` steps run eagerly on a side stream, as capture requires (kernels
     compiled and autotuned, the optimizer's state allocated); they train on their batches
     like any other step. The graph is then captured on the next batch's static copies and
-    replayed; each later step copies its batch into those tensors first. Gradients are set
-    to None before capture, so the captured backward writes them afresh on every replay.
-    Autocast runs without its weight cache, which would hold casts made outside the graph.
+    replayed; each later step copies its batch into those tensors first. The step
+    (:func:`optimizer_step`) sets the gradients to None before its backward, so the captured
+    backward writes them afresh on every replay. Autocast runs without its weight cache,
+    which would hold casts made outside the graph.
     """
 
     WARMUP = 3
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, grad_clip: float, amp_dtype: torch.dtype,
                  device: torch.device) -> None:
-        self.model, self.opt, self.grad_clip, self.amp_dtype = model, opt, grad_clip, amp_dtype
+        self.model, self.opt, self.grad_clip, self.amp_dtype, self.device = model, opt, grad_clip, amp_dtype, device
         self.side = torch.cuda.Stream(device)
         self.graph = None
         self.eager_steps = 0
         self.inputs = self.targets = self.loss = None
 
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32,
-                            cache_enabled=False):
-            loss = self.model(inputs, targets).loss
-        loss.backward()
-        if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
-        self.opt.step()
-        return loss
+        return optimizer_step(self.model, self.opt, self.grad_clip, self.device, self.amp_dtype, inputs, targets,
+                              autocast_cache=False)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The step on this batch; returns its loss (a tensor of its own)."""
@@ -234,17 +245,15 @@ class GraphedStep:
             with torch.cuda.stream(self.side), warnings.catch_warnings():
                 # A capturable optimizer warns when it steps outside a capture: expected here.
                 warnings.filterwarnings("ignore", message=".*capturable=True.*")
-                self.opt.zero_grad(set_to_none=True)
-                loss = self._step(inputs, targets).detach()
+                loss = self._step(inputs, targets)
             torch.cuda.current_stream().wait_stream(self.side)
             self.eager_steps += 1
             return loss
         if self.graph is None:
             self.inputs, self.targets = inputs.clone(), targets.clone()
-            self.opt.zero_grad(set_to_none=True)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # records only: the replay below runs this step
-                self.loss = self._step(self.inputs, self.targets).detach()
+                self.loss = self._step(self.inputs, self.targets)
         else:  # same shapes, or copy_ would broadcast a wrong batch into the static tensors
             if inputs.shape != self.inputs.shape or targets.shape != self.targets.shape:
                 raise ValueError(f"a captured step takes batches of one shape: {tuple(self.inputs.shape)} and "
@@ -316,14 +325,8 @@ def train(
         if graphed is not None:
             pending.append(graphed(inputs, targets))
         else:
-            with autocast(device, amp_dtype):
-                loss = ddp(inputs, targets, **(options[0] if options else {})).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if spec.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-            opt.step()
-            pending.append(loss.detach())
+            pending.append(optimizer_step(ddp, opt, spec.grad_clip, device, amp_dtype, inputs, targets,
+                                          options[0] if options else None))
         if segment_start is not None:
             segment_steps += 1
         last = step == spec.steps - 1
