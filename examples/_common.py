@@ -174,11 +174,9 @@ def make_optimizer(model: nn.Module, spec: TrainSpec, device: torch.device) -> t
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    if spec.cuda_graph:
-        return torch.optim.AdamW(groups, lr=torch.tensor(spec.lr, device=device), betas=(0.9, 0.95), fused=True,
-                                 capturable=True)
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95), fused=fused)
+    lr = torch.tensor(spec.lr, device=device) if spec.cuda_graph else spec.lr
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda",
+                             capturable=spec.cuda_graph)
 
 
 def optimizer_step(module: nn.Module, opt: torch.optim.Optimizer, grad_clip: float, device: torch.device,
