@@ -185,6 +185,8 @@ std::string cuda_version() {
 
 }  // namespace
 
+void bind_kernel_launch(pybind11::module_& m);  // kernel_launch.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "moda_cuda CUDA kernels (Hopper)";
     m.def("fwd", &fwd,
@@ -206,4 +208,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("doc_start") = py::none(), py::arg("doc_end") = py::none());
     m.def("compiled_archs", &compiled_archs, "GPU architectures the kernels were compiled for");
     m.def("cuda_version", &cuda_version, "CUDA toolkit version the extension was built with");
+    bind_kernel_launch(m);
 }

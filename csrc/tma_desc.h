@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <string>
 
+#include "driver_entry.h"
+
 namespace moda {
 
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -20,16 +22,7 @@ using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t
                                    CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 
 inline EncodeTiledFn encode_tiled_fn() {
-    static EncodeTiledFn fn = [] {
-        void* ptr = nullptr;
-        cudaDriverEntryPointQueryResult status;
-        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status) !=
-                cudaSuccess ||
-            status != cudaDriverEntryPointSuccess) {
-            ptr = nullptr;
-        }
-        return reinterpret_cast<EncodeTiledFn>(ptr);
-    }();
+    static EncodeTiledFn fn = driver_function<EncodeTiledFn>("cuTensorMapEncodeTiled");
     return fn;
 }
 

@@ -94,15 +94,15 @@ def cutlass_include_dir() -> Optional[str]:
 def sources(root) -> dict:
     """The extension's sources under ``root/csrc`` (absent files are simply not listed).
 
-    ``api``: the torch binding (C++ compiler); ``host``: the entry points (checks, choice of
+    ``api``: the torch binding and the launcher of Triton's compiled kernels (C++ compiler); ``host``: the entry points (checks, choice of
     instantiation) of the forward and the backward; ``instantiations``:
     one kernel instantiation per file, sorted, so that ninja compiles them in parallel.
     """
     csrc = Path(root) / "csrc"
-    api = csrc / "moda_api.cpp"
+    api = [csrc / "moda_api.cpp", csrc / "kernel_launch.cpp"]
     host = [csrc / "moda_fwd.cu", csrc / "moda_bwd.cu"]
     return {
-        "api": [str(api)] if api.is_file() else [],
+        "api": [str(a) for a in api if a.is_file()],
         "host": [str(h) for h in host if h.is_file()],
         "instantiations": sorted(str(p) for p in (csrc / "instantiations").glob("*.cu")),
     }

@@ -9,6 +9,7 @@ element shows up.
 
 import pytest
 import torch
+import triton
 
 import moda_cuda
 from helpers import rel_err
@@ -185,6 +186,7 @@ def test_plan_depends_on_shapes_only(monkeypatch):
 
     monkeypatch.setattr(decode, "_sm_count", lambda device: 132)
     monkeypatch.setattr(decode, "INTERPRET", False)  # the GPU's tiles: two programs per SM
+    monkeypatch.setattr(decode, "_pdl", lambda device: True)  # a Hopper GPU
     decode_plan.cache_clear()
     try:
         many = decode_plan(32, 1, 4, 8, 128, 4096, torch.device("cpu"))
@@ -197,6 +199,9 @@ def test_plan_depends_on_shapes_only(monkeypatch):
     assert many.splits == 1 and many.grid == (1, 256, 1)
     assert one.splits == 32 and one.split_len % one.block_n == 0 and one.splits * one.split_len >= 32768
     assert [(p.depth_apart, p.splits) for p in depth] == [(True, 17), (False, 4), (False, 1)]
+    # PDL where the combine's programs (B x Hq) fit beside the split grid: B = 1 (136 + 32 of
+    # 264 slots), not B = 8 (256 + 256), not without a combine (B = 32), not 32 slices (one).
+    assert [p.pdl for p in depth] == [True, False, False] and not one.pdl and not many.pdl
 
 
 @pytest.mark.parametrize("programs, slots, max_splits, splits", [
@@ -238,13 +243,15 @@ for dt, size, G, D, S, partial in (("bf16", 2, 4, 128, 1, False), ("fp16", 2, 8,
     ptr.update(SEQLENS="*i32", O="*fp32" if partial else "*" + dt, LSE="*fp32")
     k = compile(d._decode_split_kernel, ptr, dict(G=G, HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_M=p.block_m,
                 BLOCK_N=p.block_n, HAS_NEW=True, HAS_DEPTH=True, DEPTH_APART=partial, PRECISION=d._dot_precision(
-                {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt])),
+                {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]), PDL=partial),
                 num_warps=p.num_warps, num_stages=p.num_stages)
     print(dt, G, D, S, "shared", k.metadata.shared)
     assert k.metadata.shared <= 227 * 1024, k.metadata.shared
-k = compile(d._decode_combine_kernel, dict(PART="*fp32", O="*bf16", LSE="*fp32"),
-            dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_SPLITS=64), num_warps=4)
-print("combine shared", k.metadata.shared)
+for pdl in (False, True):  # PDL: a programmatic dependent of the split kernel
+    k = compile(d._decode_combine_kernel, dict(PART="*fp32", O="*bf16", LSE="*fp32"),
+                dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_SPLITS=64, PDL=pdl), num_warps=4, launch_pdl=pdl)
+    assert ("griddepcontrol.wait" in k.asm["ptx"]) == pdl
+    print("combine shared", k.metadata.shared)
 """
 
 
@@ -264,7 +271,7 @@ def test_kernels_compile_for_hopper(tmp_path):
     res = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
-    assert res.stdout.count("shared") == 4
+    assert res.stdout.count("shared") == 5
 
 
 # ----------------------------------------------------------------------------- GPU, bf16
@@ -324,6 +331,7 @@ def _prepared_against_moda_decode(device, dtype, Tmax, lens, with_new, splits, c
                            p["cache_seqlens"])
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert _same(p["k_cache"], caches[0]) and _same(p["v_cache"], caches[1])
+    return prepared
 
 
 @pytest.mark.parametrize("Tmax, with_new, splits, copies", [(70, True, True, False), (70, False, True, False),
@@ -336,8 +344,13 @@ def test_prepared_calls_equal_moda_decode(Tmax, with_new, splits, copies):
 @pytest.mark.cuda
 @pytest.mark.parametrize("Tmax, splits", [(500, False), (32768, True)], ids=["one-split", "splits"])
 def test_prepared_calls_on_gpu_take_the_compiled_kernels(Tmax, splits):
-    """Through the compiled launchers (``_launch.Launcher``) after the first call."""
-    _prepared_against_moda_decode("cuda", torch.bfloat16, Tmax, [0, 311, Tmax - 1], True, splits)
+    """Through the compiled launchers (``_launch.Launcher``) after the first call, and from the
+    third call through the extension's ``KernelLaunch`` where it is built (Triton 3.6)."""
+    from moda_cuda import _cuda_ext
+
+    prepared = _prepared_against_moda_decode("cuda", torch.bfloat16, Tmax, [0, 311, Tmax - 1], True, splits)
+    if _cuda_ext.load() is not None and triton.__version__.startswith("3.6."):
+        assert prepared.split.native and (prepared.combine is None or prepared.combine.native)
 
 
 @pytest.mark.cuda
