@@ -4,7 +4,9 @@ negligible and what is measured is the Python, dispatcher and launch path of one
 Each timing is the median over ``--rounds`` rounds of ``--calls`` eager calls, divided by the
 calls, with the GPU synchronized only around each round (what a model's layers see: the host
 runs ahead of the GPU as long as it is faster). Forward runs under ``torch.no_grad()``;
-forward+backward is ``autograd.grad`` of the output. Prints a table and writes JSON.
+forward+backward is ``autograd.grad`` of the output. On a GPU the forward+backward's GPU
+time per call is reported beside it (torch.profiler): a host time close to it means the
+loop waited for the GPU. Prints a table and writes JSON.
 
     python bench/host_overhead.py --out DIR
 """
@@ -39,6 +41,19 @@ def per_call_us(fn, calls: int, rounds: int, sync) -> float:
         sync()
         times.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(times)
+
+
+def gpu_us_per_call(fn, calls: int) -> float:
+    """GPU time per call (kernels, memsets and copies, from torch.profiler): where it comes
+    near the host time, the loop was bound by the GPU, not by the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    device_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return device_us / calls
 
 
 def cuda_parts(q, k, v, dk, dv, grad, calls: int, rounds: int, sync) -> list:
@@ -111,8 +126,10 @@ def main(argv=None) -> int:
             torch.autograd.grad(_fn(), _leaves, _g)
 
         fwd, both = per_call_us(forward, args.calls, args.rounds, sync), per_call_us(step, args.calls, args.rounds, sync)
-        rows.append({"impl": label, "forward_us": fwd, "forward_backward_us": both})
-        print(f"  {label:<28} forward {fwd:8.1f} us   forward+backward {both:8.1f} us", flush=True)
+        gpu = gpu_us_per_call(step, args.calls) if device == "cuda" else None
+        rows.append({"impl": label, "forward_us": fwd, "forward_backward_us": both, "forward_backward_gpu_us": gpu})
+        print(f"  {label:<28} forward {fwd:8.1f} us   forward+backward {both:8.1f} us"
+              + (f" (GPU {gpu:.1f} us)" if gpu is not None else ""), flush=True)
 
     parts = cuda_parts(q, k, v, dk, dv, grad, args.calls, args.rounds, sync) if "cuda" in args.backends.split(",") \
         else []
@@ -127,9 +144,11 @@ def main(argv=None) -> int:
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows, "cuda_parts": parts}, f, indent=1)
     print(f"wrote {path}")
-    print("\n| implementation | forward us/call | forward+backward us/call |\n|---|---|---|")
+    print("\n| implementation | forward us/call | forward+backward us/call | its GPU time us/call |\n|---|---|---|---|")
     for row in rows:
-        print(f"| {row['impl']} | {row['forward_us']:.1f} | {row['forward_backward_us']:.1f} |")
+        gpu = row["forward_backward_gpu_us"]
+        print(f"| {row['impl']} | {row['forward_us']:.1f} | {row['forward_backward_us']:.1f} | "
+              f"{'-' if gpu is None else f'{gpu:.1f}'} |")
     return 0
 
 
