@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows, "cuda_parts": parts}, f, indent=1)
     print(f"wrote {path}")
-    print("\n| implementation | forward us/call | forward+backward us/call | its GPU time us/call |\n|---|---|---|---|")
+    print("\n| implementation | forward us/call | forward+backward us/call | its GPU time us/call |")
+    print("|---|---|---|---|")
     for row in rows:
         gpu = row["forward_backward_gpu_us"]
         print(f"| {row['impl']} | {row['forward_us']:.1f} | {row['forward_backward_us']:.1f} | "

@@ -32,7 +32,7 @@ CUDA graph.
 """
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Tuple
 
 import torch
 import triton
@@ -269,8 +269,7 @@ def decode_plan(B: int, S: int, G: int, Hk: int, D: int, Tmax: int, device: torc
     """
     block_d = max(16, triton.next_power_of_2(D))
     block_m = min(max(16, triton.next_power_of_2(S * G)), MAX_BLOCK_M if D <= 128 else MAX_BLOCK_M // 2)
-    block_n = 16 if INTERPRET else (128 if D <= 64 else 64 if D <= 128 or elem_bytes <= 2 else 32)
-    stages = 3 if D <= 128 and elem_bytes <= 2 else 2  # float32 tiles: 2 buffers fit shared memory
+    block_n, stages = _key_tiles(D, elem_bytes)
     m_blocks = triton.cdiv(S * G, block_m)
     programs = B * Hk * m_blocks
 
@@ -287,7 +286,20 @@ def decode_plan(B: int, S: int, G: int, Hk: int, D: int, Tmax: int, device: torc
     # PDL where the combine kernel's programs (one per query row) fit beside the split grid.
     pdl = parts > 1 and _pdl(device) and programs * parts + B * S * G * Hk <= slots()
     return DecodePlan((parts, B * Hk, m_blocks), parts, parts > splits, split_len, block_m, block_n, block_d,
-                      4 if block_m * block_d <= 128 * 64 else 8, stages, pdl)
+                      _num_warps(block_m, block_d), stages, pdl)
+
+
+def _key_tiles(D: int, elem_bytes: int) -> Tuple[int, int]:
+    """(keys per tile, pipeline stages) of the split kernel (``bench/decode_tiles.py`` times
+    the alternatives). float32 tiles: 2 buffers fit shared memory."""
+    if INTERPRET:
+        return 16, 3 if D <= 128 and elem_bytes <= 2 else 2
+    block_n = 128 if D <= 64 else 64 if D <= 128 or elem_bytes <= 2 else 32
+    return block_n, 3 if D <= 128 and elem_bytes <= 2 else 2
+
+
+def _num_warps(block_m: int, block_d: int) -> int:
+    return 4 if block_m * block_d <= 128 * 64 else 8
 
 
 def _pdl(device: torch.device) -> bool:
