@@ -21,10 +21,11 @@ to 128 rows: every decode step, S = 1). Its keys are one slice of cache position
 It writes the normalised output and lse of its slice (float32); a slice that starts past the
 last visible key writes lse = -inf only. ``_decode_combine_kernel`` merges the slices of each
 row with weights ``exp(lse_j - max lse)``. With one split the first kernel writes ``out``
-and ``lse`` itself and the second does not run. On sm_90 and later the combine kernel is a
-programmatic dependent launch: the split kernel lets it be scheduled as soon as every split
-program has started, and it waits (``griddepcontrol.wait``) until the split grid has
-finished and its writes are visible, so its launch overlaps the split kernel.
+and ``lse`` itself and the second does not run. On sm_90 and later, where the combine's
+programs fit beside the split grid (:func:`_pdl`), the combine kernel is a programmatic
+dependent launch: the split kernel lets it be scheduled as soon as every split program has
+started, and it waits (``griddepcontrol.wait``) until the split grid has finished and its
+writes are visible, so its launch overlaps the split kernel.
 
 The number of splits depends on shapes only (B * Hk against the SM count, Tmax), never on
 the lengths, so the host reads nothing from the GPU and a decode step can be captured in a
