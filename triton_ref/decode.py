@@ -291,12 +291,12 @@ def decode_plan(B: int, S: int, G: int, Hk: int, D: int, Tmax: int, device: torc
 
 
 def _key_tiles(D: int, elem_bytes: int) -> Tuple[int, int]:
-    """(keys per tile, pipeline stages) of the split kernel (``bench/decode_tiles.py`` times
-    the alternatives). float32 tiles: 2 buffers fit shared memory."""
+    """(keys per tile, pipeline stages) of the split kernel; ``bench/decode_tiles.py`` times
+    the alternatives. Two stages where three would not fit shared memory (float32 tiles)."""
+    stages = 3 if D <= 128 and elem_bytes <= 2 else 2
     if INTERPRET:
-        return 16, 3 if D <= 128 and elem_bytes <= 2 else 2
-    block_n = 128 if D <= 64 else 64 if D <= 128 or elem_bytes <= 2 else 32
-    return block_n, 3 if D <= 128 and elem_bytes <= 2 else 2
+        return 16, stages
+    return (128 if D <= 64 else 64 if D <= 128 or elem_bytes <= 2 else 32), stages
 
 
 def _num_warps(block_m: int, block_d: int) -> int:
