@@ -94,9 +94,10 @@ def cutlass_include_dir() -> Optional[str]:
 def sources(root) -> dict:
     """The extension's sources under ``root/csrc`` (absent files are simply not listed).
 
-    ``api``: the torch binding and the launcher of Triton's compiled kernels (C++ compiler); ``host``: the entry points (checks, choice of
-    instantiation) of the forward and the backward; ``instantiations``:
-    one kernel instantiation per file, sorted, so that ninja compiles them in parallel.
+    ``api``: the torch binding and the launcher of Triton's compiled kernels (C++ compiler);
+    ``host``: the entry points (checks, choice of instantiation) of the forward and the
+    backward; ``instantiations``: one kernel instantiation per file, sorted, so that ninja
+    compiles them in parallel.
     """
     csrc = Path(root) / "csrc"
     api = [csrc / "moda_api.cpp", csrc / "kernel_launch.cpp"]
