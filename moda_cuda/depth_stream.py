@@ -19,8 +19,8 @@ How this stays correct under autograd
 2. *Gradient routing.* The alias carries no autograd history, so reads go through
    :class:`_DepthRead`, a custom autograd Function, and the gradients of all readers are
    summed in place into one pair of ``[B, T, Lmax, Hk, D]`` buffers per backward pass
-   (:class:`_DepthGradSums`, zeroed when a backward pass first touches them: a second pass
-   over a retained graph starts from zero again). Each slot's gradient is handed to its
+   (:class:`_DepthGradSums`: the first gradient to arrive in a pass is stored, later ones
+   added, and a second pass over a retained graph starts again). Each slot's gradient is handed to its
    appended tensor exactly once, by its *owner*: the first read that covered it. Every read takes the outputs of the read before it as (gradient-free)
    inputs, so the reads form one chain in creation order, and autograd's dependency counting
    runs a read's backward only after every consumer of its outputs and every later read
@@ -45,9 +45,10 @@ How this stays correct under autograd
    runs the original graph's nodes, so the gradient sums see each reader once.
 
 Under ``torch.no_grad()`` / ``torch.inference_mode()`` reads return the plain view (no
-autograd Function, no copy) and appended tensors are not kept alive. There a layer may also
-write the next slot in place through :meth:`DepthStream.next_slot` (its rotary kernel
-stores the rotated keys there directly) and append those views, which copies nothing.
+autograd Function, no copy) and appended tensors are not kept alive. A layer may write the
+next slot in place through :meth:`DepthStream.next_slot` (its rotary kernel stores the
+rotated keys and the values there directly; with gradients, through an autograd Function
+whose outputs are the slot's views) and append those views, which copies nothing.
 
 Outside the kernels, whose gradient traffic for the depth rows is inherent, the depth part
 of the backward thus moves O(L) slots, where the stack-per-layer formulation adds O(L^2)
@@ -80,9 +81,13 @@ def _in_backward() -> bool:
 class _DepthGradSums:
     """Sums of the depth gradients of one stream generation, ``[B, T, Lmax, Hk, D]`` each.
 
-    Allocated (zeroed) when a backward pass first asks for them, and again by the next
-    backward pass (``retain_graph``), so that every pass sums from zero; slots handed out
-    earlier stay views of the sums of their own pass.
+    Allocated when a backward pass first asks for them, and again by the next backward pass
+    (``retain_graph``), so that every pass sums from zero; slots handed out earlier stay views
+    of the sums of their own pass. Not zeroed: the first gradient to arrive is *stored* into
+    its slots (``for_backward``: the kernel writes instead of adding), and slots are zeroed
+    only when a later reader covers more slots than were stored so far. A model's last layer
+    reads every slot and runs its backward first, so there nothing is ever zeroed and the
+    first depth backward reads no sums: a memset and a read of the whole buffer saved.
     """
 
     def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
@@ -90,13 +95,39 @@ class _DepthGradSums:
         self._task: Optional[int] = None
         self._k: Optional[torch.Tensor] = None
         self._v: Optional[torch.Tensor] = None
+        self._valid = 0  # slots [0, _valid) hold this pass's sums (stored, added or zeroed)
 
-    def first(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Views of the sums of slots ``[0, n)``, in the current backward pass."""
+    def _allocate(self) -> torch.Tensor:
+        return torch.empty(**self._like)
+
+    def _this_pass(self) -> None:
         task = _graph_task_id()
         if self._k is None or task != self._task:
-            self._k, self._v, self._task = torch.zeros(**self._like), torch.zeros(**self._like), task
+            self._k, self._v = self._allocate(), self._allocate()
+            self._task, self._valid = task, 0
+
+    def _views(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         return self._k[:, :, :n], self._v[:, :, :n]
+
+    def first(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Views of the sums of slots ``[0, n)``, in the current backward pass (zero where no
+        gradient arrived yet), to add to or to hand out."""
+        self._this_pass()
+        if n > self._valid:
+            self._k[:, :, self._valid:n].zero_()
+            self._v[:, :, self._valid:n].zero_()
+            self._valid = n
+        return self._views(n)
+
+    def for_backward(self, n: int) -> Tuple[Tuple[torch.Tensor, torch.Tensor], bool]:
+        """``((sum_k, sum_v), add)``: views of slots ``[0, n)`` for a backward that writes the
+        depth gradients of all ``n`` slots, and whether it must add them (False: nothing
+        arrived in this pass yet, it stores them)."""
+        self._this_pass()
+        if self._valid == 0:
+            self._valid = n
+            return self._views(n), False
+        return self.first(n), True
 
 
 class _DepthRead(torch.autograd.Function):
@@ -168,16 +199,16 @@ class _StreamAttention(torch.autograd.Function):
         from .ops import backward_adding_depth_grads
 
         q, k, v, depth_k, depth_v, out, lse = ctx.saved_tensors
-        into = ctx.sums.first(depth_k.shape[2])
+        into, add = ctx.sums.for_backward(depth_k.shape[2])
         plan = ctx.plan
         if plan is not None:
             _, causal, depth_chunk, deterministic = ctx.options[:4]
             grads = dispatch.backward_adding_depth_grads(
                 plan.backward((q, k, v, depth_k, depth_v)), grad_out, q, k, v, depth_k, depth_v, out, lse, plan.scale,
-                causal, depth_chunk, deterministic, into, ctx.documents)
+                causal, depth_chunk, deterministic, into, ctx.documents, add=add)
         else:
             grads = backward_adding_depth_grads(grad_out, q, k, v, depth_k, depth_v, out, lse, *ctx.options,
-                                                depth_grads_into=into)
+                                                depth_grads_into=into, add=add)
         return (None, *grads) + (None,) * 11
 
 
@@ -360,13 +391,18 @@ class DepthStream:
 
     def next_slot(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Views ``k, v [B, T, Hk, D]`` of the next free slot, to be written in place and then
-        passed to :meth:`append`, which copies nothing for them. Inference only (grad
-        disabled): the views carry no autograd history, and a differentiable append must
-        hand the slot its gradient."""
-        if torch.is_grad_enabled():
-            raise RuntimeError("next_slot() is for inference: call it under torch.no_grad() or inference_mode()")
+        passed to :meth:`append`, which copies nothing for them.
+
+        With gradients enabled, write them through an autograd Function that returns them
+        (the layers' ``RotaryIntoSlot``): the appended tensors then carry the history through
+        which the slot's gradient flows, as any appended tensor does. There the views belong
+        to an alias of the buffers with a version counter of its own, so that later appends,
+        which write through the buffers, never invalidate them where a layer's backward saved
+        them (the argument of the module docstring, 1.)."""
         if self._length >= self.max_layers:
             raise ValueError(f"depth stream is full: all {self.max_layers} slots are written")
+        if torch.is_grad_enabled():
+            return self._k.data[:, :, self._length], self._v.data[:, :, self._length]
         return self._k[:, :, self._length], self._v[:, :, self._length]
 
     # ------------------------------------------------------------------ read

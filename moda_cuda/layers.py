@@ -368,7 +368,8 @@ class MoDAAttention(nn.Module):
         if cfg.rope:
             rope = rope if rope is not None else _rope_tables(cfg, T, x.device, cu_seqlens, cp)
             q = apply_rotary(q, rope)
-        k, v = _keys_and_values(k, v, rope if cfg.rope else None, _inference_slot(stream, k, slot, append))
+        rope = rope if cfg.rope else None
+        k, v = _keys_and_values(k, v, rope, _slot_to_write(stream, k, slot, append, rope))
         options = dict(causal=self.causal, depth_chunk=cfg.depth_chunk, backend=cfg.backend, cu_seqlens=cu_seqlens,
                        max_seqlen=max_seqlen)
         if stream is not None:
@@ -396,15 +397,19 @@ class MoDAAttention(nn.Module):
         return self.o_proj(out.reshape(B, T, cfg.n_heads * cfg.head_dim).to(x.dtype))
 
 
-def _inference_slot(stream: Optional[DepthStream], k: torch.Tensor, slot: Optional[int],
-                    append: bool) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+def _slot_to_write(stream: Optional[DepthStream], k: torch.Tensor, slot: Optional[int], append: bool,
+                   rope: Optional[Rope]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """The views of the depth slot a layer is about to append, where it may write its k/v
-    there directly (inference, the slot next, k already in the stream's dtype): a rotary
-    kernel then stores the rotated keys in the slot, and the append copies nothing."""
-    if stream is None or not append or torch.is_grad_enabled() or k.dtype != stream.dtype \
+    there directly (the slot next, k already in the stream's dtype, not traced); with
+    gradients only where the fused rotary kernel writes them (``RotaryIntoSlot``: its outputs
+    are the views, carrying k's and v's history). The rotary kernel then stores the rotated
+    keys and copies the values into the slot in one launch, and the append copies nothing."""
+    if stream is None or not append or k.dtype != stream.dtype \
             or torch.compiler.is_compiling():  # traced: plain appends (no data pointers to compare)
         return None
-    if slot is not None and slot != stream.length:
+    if slot is not None and slot != stream.length:  # e.g. a checkpointed layer's recomputation
+        return None
+    if torch.is_grad_enabled() and (rope is None or not _fused_rotary_serves(k, rope)):
         return None
     return stream.next_slot()
 
@@ -423,6 +428,10 @@ def _keys_and_values(k: torch.Tensor, v: torch.Tensor, rope: Optional[Rope],
                       torch.empty_like(v, memory_format=torch.contiguous_format))
     if slot_views is None:
         return (apply_rotary(k, rope) if rope is not None else k), v
+    if rope is not None and torch.is_grad_enabled():  # _slot_to_write checked that the kernel serves
+        from .triton_ref.rotary import RotaryIntoSlot
+
+        return RotaryIntoSlot.apply(k, v, *rope, *slot_views)
     if rope is not None:
         apply_rotary(k, rope, slot_views[0], copy=(v, slot_views[1]))
     else:
@@ -478,7 +487,8 @@ class MoDABlock(nn.Module):
             # Depth keys sit at their own position s: rotating them like sequence keys keeps
             # q_t . k_s a function of t - s (exactly position-free for depth_chunk = 1).
             rope = _rope_tables(cfg, T, h.device, cu_seqlens, self.attn.context_parallel)
-        k, v = _keys_and_values(k, v, rope if cfg.rope else None, _inference_slot(stream, k, slot, True))
+        rope = rope if cfg.rope else None
+        k, v = _keys_and_values(k, v, rope, _slot_to_write(stream, k, slot, True, rope))
         stream.append(k.to(stream.dtype), v.to(stream.dtype), slot=slot)
         return out
 

@@ -124,15 +124,17 @@ def _varlen_backward_impl(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, ls
 
 
 def backward_adding_depth_grads(grad_out, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
-                                deterministic, backend, cu_seqlens=None, max_seqlen=None, *, depth_grads_into):
+                                deterministic, backend, cu_seqlens=None, max_seqlen=None, *, depth_grads_into,
+                                add=True):
     """Gradients of q, k, v of one call (None for an absent k, v); the depth gradients are
-    added into ``depth_grads_into`` instead (see ``dispatch.backward_adding_depth_grads``).
+    added (stored, where not ``add``) into ``depth_grads_into`` instead (see
+    ``dispatch.backward_adding_depth_grads``).
     For :class:`moda_cuda.DepthStream`, which sums its readers' depth gradients in place."""
     shape, docs = _problem(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, cu_seqlens, max_seqlen)
     impl = dispatch.resolve(backend, q, shape, (q, k, v, depth_k, depth_v), direction="backward")
     return dispatch.backward_adding_depth_grads(impl, grad_out, q, k, v, depth_k, depth_v, out, lse,
                                                 default_scale(shape.head_dim, scale), causal, depth_chunk,
-                                                deterministic, depth_grads_into, docs)
+                                                deterministic, depth_grads_into, docs, add=add)
 
 
 def _fake_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, *args):

@@ -266,10 +266,11 @@ def test_torch_compile_on_cuda():
 
 @pytest.mark.parametrize("case", [B.but(chunk=3), B.but(D=128, seq=False), B.but(Hk=16, L=5, causal=False)], ids=str)
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_compiled_backward_adds_depth_grads_into_strided_sums(case, deterministic, monkeypatch):
-    """The compiled backward's accumulating mode (DepthStream.attention): q, k, v gradients as
-    the ordinary backward's, and the depth gradients added to what strided views of larger
-    buffers already hold, the slots past L untouched."""
+@pytest.mark.parametrize("add", [True, False], ids=["add", "store"])
+def test_compiled_backward_adds_depth_grads_into_strided_sums(case, deterministic, add, monkeypatch):
+    """The compiled backward's modes for DepthStream.attention: q, k, v gradients as the
+    ordinary backward's, and the depth gradients added to what strided views of larger
+    buffers already hold (or stored there, overwriting it), the slots past L untouched."""
     require_cuda_backend()
     monkeypatch.setenv(dispatch.CUDA_BACKWARD_ENV, "cuda")
     q, k, v, dk, dv = make_inputs(case, torch.bfloat16, "cuda", depth_slots=case.L + 3)
@@ -285,14 +286,15 @@ def test_compiled_backward_adds_depth_grads_into_strided_sums(case, deterministi
     before = [b.clone() for b in buffers]
     into = [b[:, :, :case.L] for b in buffers]
     got = dispatch.backward_adding_depth_grads(dispatch.CUDA, dout, q, k, v, dk, dv, out, lse, scale, *args,
-                                               deterministic, into)
+                                               deterministic, into, add=add)
     for name, a, b in zip("qkv", got, want[:3]):
         assert (a is None) == (b is None), name
         if a is not None:
             assert rel_err(a, b) < 1e-2, name
     for buf, old, grad in zip(buffers, before, want[3:]):
         assert torch.equal(buf[:, :, case.L:], old[:, :, case.L:])
-        assert rel_err(buf[:, :, :case.L], old[:, :, :case.L].float() + grad.float()) < 1e-2
+        expected = old[:, :, :case.L].float() + grad.float() if add else grad.float()
+        assert rel_err(buf[:, :, :case.L], expected) < 1e-2
         assert grad.abs().amax() > 0
 
 

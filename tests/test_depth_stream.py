@@ -12,6 +12,14 @@ F64 = torch.float64
 B, T, HQ, HK, D = 2, 7, 4, 2, 8
 
 
+@pytest.fixture(autouse=True)
+def poisoned_grad_sums(monkeypatch):
+    """The gradient sums start as NaN, not as whatever the allocator returns: a slot read
+    before anything was stored or added into it shows up in every gradient it reaches."""
+    monkeypatch.setattr(depth_stream._DepthGradSums, "_allocate",
+                        lambda self: torch.full(**self._like, fill_value=float("nan")))
+
+
 def _params(n_layers: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, T, HQ * D, generator=g, dtype=F64, requires_grad=True)
@@ -218,8 +226,53 @@ def test_next_slot_is_written_in_place_and_appended_without_a_copy(monkeypatch):
             s.next_slot()
     torch.testing.assert_close(depth_k, torch.stack([first, first * 2], dim=2))
     torch.testing.assert_close(depth_v, torch.stack([-first, first * 3], dim=2))
-    with pytest.raises(RuntimeError, match="for inference"):
-        DepthStream(B, T, 2, HK, D, dtype=F64).next_slot()
+
+
+class _WriteInto(torch.autograd.Function):
+    """``view.copy_(x)``, returning the view with x's history (as the layers' RotaryIntoSlot)."""
+
+    @staticmethod
+    def forward(ctx, x, view):
+        view.copy_(x)
+        return view.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def test_next_slot_with_grad_keeps_the_history_of_what_writes_it(monkeypatch):
+    """With gradients, a slot written through next_slot() by an autograd Function that returns
+    the views is appended without a copy; the views also serve as a layer's own k/v, saved by
+    its backward while later appends write the buffers; every gradient equals the one of plain
+    appends."""
+    g = torch.Generator().manual_seed(3)
+    ks = [torch.randn(B, T, HK, D, generator=g, dtype=F64) for _ in range(3)]
+    qs = [torch.randn(B, T, HQ, D, generator=g, dtype=F64) for _ in range(3)]
+    same = []
+    real_same_view = depth_stream._same_view
+    monkeypatch.setattr(depth_stream, "_same_view", lambda a, b: same.append(real_same_view(a, b)) or same[-1])
+
+    def run(in_place):
+        leaves = [k.clone().requires_grad_() for k in ks]
+        s, loss = DepthStream(B, T, 3, HK, D, dtype=F64), 0
+        for i, (k, q) in enumerate(zip(leaves, qs)):
+            k, v = k * 1.5, k.sin()
+            if in_place:
+                k_view, v_view = s.next_slot()
+                k, v = _WriteInto.apply(k, k_view), _WriteInto.apply(v, v_view)
+            out = s.attention(q, k, v, i, depth_chunk=2) if i else moda_attention(q, k, v)
+            s.append(k, v, slot=i)
+            loss = loss + (out * out).sum()
+        loss.backward()
+        return [k.grad for k in leaves]
+
+    want = run(False)
+    same.clear()
+    got = run(True)
+    assert same == [True] * 6  # every append found its views written: nothing copied
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_slots_appended_without_grad_get_none():

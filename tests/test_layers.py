@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import moda_cuda
 from helpers import rel_err
+from moda_cuda import layers
 from moda_cuda.layers import (
     MoDAAttention,
     MoDABlock,
@@ -220,6 +221,35 @@ def test_inference_writes_depth_slots_in_place_with_the_same_result(rope, norm):
     for context in (torch.no_grad, torch.inference_mode):
         with context():
             assert torch.equal(model(ids).logits, want)
+
+
+def test_training_writes_depth_slots_through_the_rotary_kernel(monkeypatch):
+    """With gradients, where the fused rotary serves (forced here: the Triton interpreter on
+    the CPU), each writing layer's rotated keys and values go straight into its depth slots
+    (RotaryIntoSlot), whose appends then copy nothing: the same loss and gradients."""
+    from moda_cuda import depth_stream
+    from moda_cuda.triton_ref.rotary import RotaryIntoSlot
+
+    torch.manual_seed(10)
+    model = MoDAForCausalLM(tiny(n_layers=3))
+    ids = torch.randint(0, 50, (2, 9))
+
+    def step():
+        model.zero_grad()
+        loss = model(ids, targets=ids).loss
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    want = step()
+    writes, same = [], []
+    real_apply, real_same_view = RotaryIntoSlot.apply, depth_stream._same_view
+    monkeypatch.setattr(layers, "_fused_rotary_serves", lambda x, rope: x.stride(-1) == 1)
+    monkeypatch.setattr(RotaryIntoSlot, "apply", lambda *a: writes.append(1) or real_apply(*a))
+    monkeypatch.setattr(depth_stream, "_same_view", lambda a, b: same.append(real_same_view(a, b)) or same[-1])
+    got = step()
+    assert len(writes) == 4 and same == [True] * 8  # 2 writing blocks x (attention, FFN) x (k, v)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_inference_forward():

@@ -15,7 +15,10 @@ the result is rounded to x's dtype once, as ``Tensor.to`` does. Tables in half p
 model moved to bf16 moves its rotary buffers too) are widened exactly, as PyTorch's type
 promotion widens them.
 
-Training: :class:`FusedRotary` is the differentiable form, one launch forward and one
+Training: :class:`RotaryIntoSlot` writes a layer's rotated keys and its values into the depth
+slot it appends, differentiably (the slot's views carry the history of k and v), so the
+append copies nothing there either. :class:`FusedRotary` is the differentiable form of the
+plain rotation, one launch forward and one
 backward (autograd through the PyTorch ops runs about seven kernels each way). The gradient
 of ``y1 = x1 c - x2 s, y2 = x2 c + x1 s`` is ``dx1 = dy1 c + dy2 s, dx2 = dy2 c - dy1 s``:
 the rotation by the negated angles, which the kernel computes with ``sin`` negated. It is
@@ -115,3 +118,30 @@ class FusedRotary(torch.autograd.Function):
         if grad.stride(-1) != 1:
             grad = grad.contiguous()
         return FusedRotary.apply(grad, cos, sin, not ctx.inverse), None, None, None
+
+
+class RotaryIntoSlot(torch.autograd.Function):
+    """``k`` rotated into ``k_slot`` and ``v`` copied into ``v_slot`` in one launch (a depth
+    slot's views, ``DepthStream.next_slot``), differentiable in ``k`` and ``v``: returns the two
+    views (same storage, shape and strides), whose gradients go to ``v`` as they are and to
+    ``k`` rotated back (:class:`FusedRotary` with the angles negated).
+    ``RotaryIntoSlot.apply(k, v, cos, sin, k_slot, v_slot)``."""
+
+    @staticmethod
+    def forward(k, v, cos, sin, k_slot, v_slot):
+        rotary(k, cos, sin, out=k_slot, copy=(v, v_slot))
+        # Detached: plain tensors on the slots' storage, which autograd makes outputs of this
+        # Function (not views of a base it would track); they share the slots' version counter.
+        return k_slot.detach(), v_slot.detach()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, _, cos, sin, _, _ = inputs
+        ctx.save_for_backward(cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad_k, grad_v):
+        cos, sin = ctx.saved_tensors
+        if grad_k is not None:
+            grad_k = FusedRotary.apply(grad_k if grad_k.stride(-1) == 1 else grad_k.contiguous(), cos, sin, True)
+        return grad_k, grad_v, None, None, None, None
