@@ -1,5 +1,6 @@
 """The one-launch rotary kernel (``triton_ref.rotary``) against ``apply_rotary``'s PyTorch ops:
-bit for bit, for every dtype, both table forms, odd head counts and strided inputs. Runs in
+bit for bit, for every dtype, both table forms, odd head counts, strided inputs and
+positions that do not fill the last program. Runs in
 the Triton interpreter on the CPU; the ``cuda`` test checks the compiled kernel and that
 ``apply_rotary`` takes it on the GPU."""
 
@@ -41,7 +42,9 @@ def _inputs(B, T, H, D, dtype, table_dtype, per_sequence, device="cpu", strided=
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("per_sequence", [False, True], ids=["tables [T, D/2]", "tables [B, T, D/2]"])
-@pytest.mark.parametrize("B, T, H, D, strided", [(2, 5, 3, 16, False), (1, 1, 8, 64, True), (3, 2, 1, 6, True)])
+# Positions per program: 16 (one partial program), 1, 8, and 32 (two programs, the last partial).
+@pytest.mark.parametrize("B, T, H, D, strided", [(2, 5, 3, 16, False), (1, 1, 8, 64, True), (3, 2, 1, 6, True),
+                                                 (2, 20, 2, 64, True)])
 def test_bit_for_bit_the_pytorch_ops(dtype, table_dtype, per_sequence, B, T, H, D, strided):
     x, cos, sin = _inputs(B, T, H, D, dtype, table_dtype, per_sequence, strided=strided)
     got = rotary(x, cos, sin)

@@ -38,17 +38,18 @@ from ._launch import launch
 
 
 @triton.jit
-def _rotary_kernel(X, COS, SIN, OUT, V, V_OUT, T, H, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct,
+def _rotary_kernel(X, COS, SIN, OUT, V, V_OUT, BT, T, H, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct,
                    stride_ob, stride_ot, stride_oh, stride_vb, stride_vt, stride_vh, stride_wb, stride_wt, stride_wh,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, COPY_V: tl.constexpr,
-                   INVERSE: tl.constexpr):
-    row = tl.program_id(0)  # one position (b, t): all its heads
-    b = (row // T).to(tl.int64)
-    t = (row % T).to(tl.int64)
-    h = tl.arange(0, BLOCK_H)[:, None]
-    i = tl.arange(0, BLOCK_HALF)[None, :]
-    i_ok = i < HALF
-    ok = (h < H) & i_ok
+                   HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                   COPY_V: tl.constexpr, INVERSE: tl.constexpr):
+    # BLOCK_T positions (b, t) of the flattened B * T, all their heads: [BLOCK_T, BLOCK_H, BLOCK_HALF].
+    pos = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = (pos // T).to(tl.int64)[:, None, None]
+    t = (pos % T).to(tl.int64)[:, None, None]
+    h = tl.arange(0, BLOCK_H)[None, :, None]
+    i = tl.arange(0, BLOCK_HALF)[None, None, :]
+    i_ok = (pos < BT)[:, None, None] & (i < HALF)
+    ok = i_ok & (h < H)
     x = X + b * stride_xb + t * stride_xt + h * stride_xh + i
     x1 = tl.load(x, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(x + HALF, mask=ok, other=0.0).to(tl.float32)
@@ -69,6 +70,16 @@ def _rotary_kernel(X, COS, SIN, OUT, V, V_OUT, T, H, stride_xb, stride_xt, strid
 
 ROTARY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# Elements of each half that one program rotates: a position of the byte-level LM's keys
+# (2 heads x 32) is 64, and one program per position (the kernel's first form) left most of
+# its 128 threads idle on a memory-bound copy; positions are grouped up to this many.
+_ELEMENTS_PER_PROGRAM = 2048
+
+
+def _positions_per_program(positions: int, heads: int, half: int) -> int:
+    per_position = triton.next_power_of_2(heads) * triton.next_power_of_2(half)
+    return min(triton.next_power_of_2(positions), max(1, _ELEMENTS_PER_PROGRAM // per_position))
+
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: Optional[torch.Tensor] = None,
            copy: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, inverse: bool = False) -> torch.Tensor:
@@ -88,11 +99,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: Optional[
     per_sequence = cos.dim() == 3
     src, dst = copy if copy is not None else (x, out)  # unused without a copy
     sc, sx, so, sv, sw = cos.stride(), x.stride(), out.stride(), src.stride(), dst.stride()
-    launch(_rotary_kernel, (B * T,),
-           (x, cos, sin, out, src, dst, T, H, sx[0], sx[1], sx[2], sc[0] if per_sequence else 0, sc[-2],
+    block_t = _positions_per_program(B * T, H, half)
+    launch(_rotary_kernel, (triton.cdiv(B * T, block_t),),
+           (x, cos, sin, out, src, dst, B * T, T, H, sx[0], sx[1], sx[2], sc[0] if per_sequence else 0, sc[-2],
             so[0], so[1], so[2], sv[0], sv[1], sv[2], sw[0], sw[1], sw[2]),
-           dict(HALF=half, BLOCK_H=triton.next_power_of_2(H), BLOCK_HALF=triton.next_power_of_2(half),
-                COPY_V=copy is not None, INVERSE=inverse),
+           dict(HALF=half, BLOCK_T=block_t, BLOCK_H=triton.next_power_of_2(H),
+                BLOCK_HALF=triton.next_power_of_2(half), COPY_V=copy is not None, INVERSE=inverse),
            num_warps=4, enable_fp_fusion=False)
     return out
 
