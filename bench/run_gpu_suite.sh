@@ -10,7 +10,7 @@
 #   stream  bench_depth_stream.py (32-layer stack, depth stream vs stack-per-layer)
 #   lm      the byte-level LM example, MoDA vs baseline (--lm-minutes each), padded windows
 #           and packed documents (--pack); profile_lm.py: where a training and a decode step's
-#           GPU time goes, MoDA vs baseline
+#           GPU time goes, MoDA vs baseline; bench_generate.py: generate() tokens/s of both
 #   ncu     profile_ncu.py on the paper geometry
 #   sweep   bench_sweep.py, one slice (--sweep-slice i/n, default 1/4): not in the default list,
 #           a whole sweep takes several calls (merge the slices with bench_sweep.py --merge)
@@ -56,6 +56,7 @@ want lm && step lm torchrun --standalone --nproc_per_node=1 examples/train_lm.py
     --out "$out/lm"
 want lm && step profile_lm_train python3 bench/profile_lm.py --mode train --out "$out"
 want lm && step profile_lm_decode python3 bench/profile_lm.py --mode decode --batch 1 --out "$out"
+want lm && step generate python3 bench/bench_generate.py --batches 1,8 --tokens 512 --out "$out"
 want lm && step lm_pack torchrun --standalone --nproc_per_node=1 examples/train_lm.py --pack \
     --minutes "$lm_minutes" --out "$out/lm_pack"
 want sweep && step sweep python3 bench/bench_sweep.py --slice "$sweep_slice" --out "$out"

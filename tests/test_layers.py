@@ -250,6 +250,13 @@ def test_training_writes_depth_slots_through_the_rotary_kernel(monkeypatch):
     assert len(writes) == 4 and same == [True] * 8  # 2 writing blocks x (attention, FFN) x (k, v)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Checkpointed: the forward writes the slots, the recomputation (slots already written)
+    # rotates into new tensors and leaves the slots as they are.
+    model.config.gradient_checkpointing = True
+    writes.clear()
+    for a, b in zip(step(), want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(writes) == 4
 
 
 def test_compiled_inference_forward():
