@@ -30,10 +30,12 @@ How this stays correct under autograd
    :meth:`DepthStream.attention` adds its depth gradients straight into the sums (the CUDA
    backward does it in its epilogue); gradients reaching a read from any other consumer are
    added by the read's backward (one add of ``[B, T, n]``).
-3. *Reuse.* :meth:`DepthStream.reset` starts a new generation: it bumps the old alias'
-   version counter (``torch.autograd.graph.increment_version``), so a backward through a
-   graph built before the reset fails loudly instead of reading overwritten slots, and
-   later reads use a fresh alias. Reusing a stream is therefore always explicit.
+3. *Reuse.* :meth:`DepthStream.reset` starts a new generation: it bumps the old aliases'
+   version counters (``torch.autograd.graph.increment_version``; those of the readers and
+   of the slots written in place with gradients, see :meth:`DepthStream.next_slot`), so a
+   backward through a graph built before the reset fails loudly instead of reading
+   overwritten slots, and later reads use a fresh alias. Reusing a stream is therefore
+   always explicit.
 4. *Activation checkpointing* (``torch.utils.checkpoint``, ``use_reentrant=False``)
    re-runs a layer's forward during backward, so the layer appends its slot a second
    time. Layers pass their slot index (``append(k, v, slot=i)``); a write to an
@@ -325,6 +327,9 @@ class DepthStream:
         # Whether a differentiable read already owns the slot (hands its gradient out).
         self._k_owned: List[bool] = [False] * self.max_layers
         self._v_owned: List[bool] = [False] * self.max_layers
+        # Aliases behind the slot views next_slot() handed out with grad enabled, each with a
+        # version counter of its own: reset() bumps them, as it bumps the readers' aliases.
+        self._write_aliases: List[torch.Tensor] = []
         # Outputs of the last differentiable read: the next one chains onto them.
         self._last_read: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
         self._grad_sums = _DepthGradSums(self._k.shape, self._k.dtype, self._k.device)
@@ -333,11 +338,12 @@ class DepthStream:
         """Forget all slots so the buffers can be refilled (e.g. for the next batch).
 
         Any graph built from reads before the reset can no longer be backpropagated: its
-        saved depth views are invalidated (a RuntimeError on backward), because the refill
-        overwrites the values they point at. Call this after ``backward()`` (or build a new
+        saved depth views, and the slot views :meth:`next_slot` gave out with gradients on
+        (a layer attends with its own), are invalidated (a RuntimeError on backward),
+        because the refill overwrites the values they point at. Call this after ``backward()`` (or build a new
         stream) when training.
         """
-        torch.autograd.graph.increment_version([self._alias_k, self._alias_v])
+        torch.autograd.graph.increment_version([self._alias_k, self._alias_v, *self._write_aliases])
         self._length = 0
         self._new_generation()
 
@@ -398,11 +404,14 @@ class DepthStream:
         which the slot's gradient flows, as any appended tensor does. There the views belong
         to an alias of the buffers with a version counter of its own, so that later appends,
         which write through the buffers, never invalidate them where a layer's backward saved
-        them (the argument of the module docstring, 1.)."""
+        them (the argument of the module docstring, 1.); :meth:`reset` invalidates them. A
+        slot written outside autograd gets no gradient, as any appended tensor without one."""
         if self._length >= self.max_layers:
             raise ValueError(f"depth stream is full: all {self.max_layers} slots are written")
         if torch.is_grad_enabled():
-            return self._k.data[:, :, self._length], self._v.data[:, :, self._length]
+            aliases = self._k.data, self._v.data
+            self._write_aliases += aliases
+            return aliases[0][:, :, self._length], aliases[1][:, :, self._length]
         return self._k[:, :, self._length], self._v[:, :, self._length]
 
     # ------------------------------------------------------------------ read

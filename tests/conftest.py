@@ -21,6 +21,17 @@ import pytest  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+@pytest.fixture(autouse=True)
+def poisoned_depth_grad_sums(monkeypatch):
+    """DepthStream's gradient sums start as NaN in every test, not as whatever the allocator
+    returns (they are not zeroed: moda_cuda/depth_stream.py): a slot read before anything
+    was stored or added into it shows up in every gradient it reaches."""
+    from moda_cuda import depth_stream
+
+    monkeypatch.setattr(depth_stream._DepthGradSums, "_allocate",
+                        lambda self: torch.full(**self._like, fill_value=float("nan")))
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

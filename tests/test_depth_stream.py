@@ -12,13 +12,6 @@ F64 = torch.float64
 B, T, HQ, HK, D = 2, 7, 4, 2, 8
 
 
-@pytest.fixture(autouse=True)
-def poisoned_grad_sums(monkeypatch):
-    """The gradient sums start as NaN, not as whatever the allocator returns: a slot read
-    before anything was stored or added into it shows up in every gradient it reaches."""
-    monkeypatch.setattr(depth_stream._DepthGradSums, "_allocate",
-                        lambda self: torch.full(**self._like, fill_value=float("nan")))
-
 
 def _params(n_layers: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
@@ -273,6 +266,23 @@ def test_next_slot_with_grad_keeps_the_history_of_what_writes_it(monkeypatch):
     assert same == [True] * 6  # every append found its views written: nothing copied
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_reset_invalidates_slot_views_written_with_grad():
+    """A layer attends with the slot views it wrote (next_slot under grad): after a reset and
+    a refill, a backward through that graph fails instead of reading the new contents, even
+    where it crosses no depth read."""
+    s = DepthStream(B, T, 2, HK, D, dtype=F64)
+    k = torch.randn(B, T, HK, D, dtype=F64, requires_grad=True)
+    q = torch.randn(B, T, HQ, D, dtype=F64)
+    k_view, v_view = s.next_slot()
+    k_slot, v_slot = _WriteInto.apply(k * 2, k_view), _WriteInto.apply(k.cos(), v_view)
+    out = moda_attention(q, k_slot, v_slot)
+    s.append(k_slot, v_slot)
+    s.reset()
+    s.append(torch.zeros(B, T, HK, D, dtype=F64), torch.zeros(B, T, HK, D, dtype=F64))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_slots_appended_without_grad_get_none():

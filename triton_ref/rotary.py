@@ -1,4 +1,4 @@
-"""Rotary embedding in one launch, for inference (no autograd).
+"""Rotary embedding in one launch, with or without autograd.
 
 ``moda_cuda.layers.apply_rotary`` computes ``[x1 cos - x2 sin, x2 cos + x1 sin]`` in float32
 with PyTorch ops: an upcast, four products, a difference, a sum, a concatenation and a
