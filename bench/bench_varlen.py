@@ -9,7 +9,11 @@ packed op over a single document, which must cost the same. Times are
 ``triton.testing.do_bench`` medians (ms), forward and forward+backward; outputs are checked
 against the per-document calls (or the dense op) first.
 
-    python bench/bench_varlen.py --out DIR [--only NAME,...]
+    python bench/bench_varlen.py --out DIR [--only NAME,...] [--providers cuda,triton,flex,...]
+
+Providers are timed in the order of ``PROVIDERS``, the slowest to set up last (FlexAttention
+MoDA builds a block mask over N x N(1 + L) keys: minutes at 64k tokens), and the JSON is
+written after each one, so a run cut short keeps every row it measured.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ PROBLEMS = {
     "64k_mean2k_d128": (65536, 32, 32, 8, 128, 32),
     "16k_short_d128": (16384, 256, 32, 8, 128, 32),
 }
+# What bench_problem times, in this order: ours with cu_seqlens per fast backend, FlexAttention
+# without depth (document mask), ours one call per document, FlexAttention MoDA (document mask).
+PROVIDERS = ("cuda", "triton", "flex", "per_document", "flex_moda")
+FLEX_LABELS = {"flex": "flex_attention no depth, document mask", "flex_moda": "flex_attention MoDA, document mask"}
 # name: (N, Hq, Hk, D, L): the dense op against cu_seqlens = [0, N].
 ONE_DOCUMENT = {
     "one_document_d128": (16384, 32, 8, 128, 32),
@@ -81,7 +89,9 @@ def flex_documents(N, G, L, Hk, D, lengths, depth: bool):
     return to_flex, (lambda qf, kf, vf: flex(qf, kf, vf, block_mask=block_mask)), from_flex
 
 
-def bench_problem(N, docs, Hq, Hk, D, L):
+def bench_problem(N, docs, Hq, Hk, D, L, providers=PROVIDERS, measured=lambda problem: None):
+    """Times ``providers`` on one problem; ``measured(problem)`` is called with the problem's
+    record after each provider's row."""
     G = Hq // Hk
     lengths = document_lengths(N, docs)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
@@ -101,6 +111,7 @@ def bench_problem(N, docs, Hq, Hk, D, L):
         return torch.cat([moda_cuda.moda_attention(*[t[:, a:b] for t in x]) for a, b in spans], dim=1)
 
     rows, want = [], per_document(*inputs).detach()
+    problem = {"N": N, "documents": docs, "lengths": lengths, "Hq": Hq, "Hk": Hk, "D": D, "L": L, "results": rows}
     useful = 4.0 * Hq * D * sum(n * (n + 1) / 2 + n * L for n in lengths)
 
     def record(name, fwd, step, err=None):
@@ -108,23 +119,29 @@ def bench_problem(N, docs, Hq, Hk, D, L):
                      "fwd_tflops": useful / fwd / 1e9, "fwd_bwd_tflops": 3.5 * useful / step / 1e9})
         print(f"  {name:<34} fwd {fwd:8.3f} ms  fwd+bwd {step:8.3f} ms"
               + ("" if err is None else f"  err {err:.1e}"), flush=True)
+        measured(problem)
 
-    for backend in [b for b in ("cuda", "triton") if b in moda_cuda.available_backends()]:
-        def fn(*x, _b=backend):
-            return packed(*x, backend=_b)
+    for provider in providers:
+        if provider in ("cuda", "triton"):
+            if provider not in moda_cuda.available_backends():
+                continue
 
-        record(f"moda_cuda[{backend}] cu_seqlens", _bench(lambda: fn(*inputs)), _bench(_fwd_bwd(fn, inputs, grad_out)),
-               _rel(fn(*inputs).detach(), want))
-    record("moda_cuda one call per document", _bench(lambda: per_document(*inputs)),
-           _bench(_fwd_bwd(per_document, inputs, grad_out)))
-    for label, depth in (("flex_attention MoDA, document mask", True),
-                         ("flex_attention no depth, document mask", False)):
-        to_flex, run, from_flex = flex_documents(N, G, L, Hk, D, lengths, depth)
-        f_in = to_flex(*inputs)
-        err = _rel(from_flex(run(*f_in)).detach(), want) if depth else None
-        f_grad = grad_out.reshape(1, N, Hk, G, D).permute(0, 2, 1, 3, 4).reshape(1, Hk, -1, D)
-        record(label, _bench(lambda: run(*f_in)), _bench(_fwd_bwd(run, f_in, f_grad)), err)
-    return {"N": N, "documents": docs, "lengths": lengths, "Hq": Hq, "Hk": Hk, "D": D, "L": L, "results": rows}
+            def fn(*x, _b=provider):
+                return packed(*x, backend=_b)
+
+            record(f"moda_cuda[{provider}] cu_seqlens", _bench(lambda: fn(*inputs)),
+                   _bench(_fwd_bwd(fn, inputs, grad_out)), _rel(fn(*inputs).detach(), want))
+        elif provider == "per_document":
+            record("moda_cuda one call per document", _bench(lambda: per_document(*inputs)),
+                   _bench(_fwd_bwd(per_document, inputs, grad_out)))
+        else:
+            depth = provider == "flex_moda"
+            to_flex, run, from_flex = flex_documents(N, G, L, Hk, D, lengths, depth)
+            f_in = to_flex(*inputs)
+            err = _rel(from_flex(run(*f_in)).detach(), want) if depth else None
+            f_grad = grad_out.reshape(1, N, Hk, G, D).permute(0, 2, 1, 3, 4).reshape(1, Hk, -1, D)
+            record(FLEX_LABELS[provider], _bench(lambda: run(*f_in)), _bench(_fwd_bwd(run, f_in, f_grad)), err)
+    return problem
 
 
 def bench_one_document(N, Hq, Hk, D, L):
@@ -160,11 +177,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="directory for the raw JSON")
     parser.add_argument("--only", default=",".join([*PROBLEMS, *ONE_DOCUMENT]),
                         help="comma-separated problem names (default: all): " + ", ".join([*PROBLEMS, *ONE_DOCUMENT]))
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help="what the packed problems time (default: all, in this order): " + ", ".join(PROVIDERS))
     args = parser.parse_args(argv)
     names = args.only.split(",")
     unknown = [n for n in names if n not in PROBLEMS and n not in ONE_DOCUMENT]
     if unknown:
         parser.error(f"unknown problem(s): {', '.join(unknown)}")
+    providers = [p for p in PROVIDERS if p in args.providers.split(",")]
+    if not providers or set(args.providers.split(",")) - set(PROVIDERS):
+        parser.error(f"--providers takes a comma list of {', '.join(PROVIDERS)}")
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -173,15 +195,20 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "backends": moda_cuda.available_backends()}
     path = os.path.join(args.out, "bench_varlen.json")
     results = []
+
+    def save(current=None):  # a run cut short keeps what it measured
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "problems": results + ([current] if current else [])}, f, indent=1)
+
     for name in names:
         if name in PROBLEMS:
             print("{}: N={} docs={} Hq={} Hk={} D={} L={}".format(name, *PROBLEMS[name]), flush=True)
-            results.append({"name": name, **bench_problem(*PROBLEMS[name])})
+            results.append({"name": name, **bench_problem(*PROBLEMS[name], providers,
+                                                          lambda problem, _n=name: save({"name": _n, **problem}))})
         else:
             print("{}: N={} Hq={} Hk={} D={} L={}".format(name, *ONE_DOCUMENT[name]), flush=True)
             results.append({"name": name, **bench_one_document(*ONE_DOCUMENT[name])})
-        with open(path, "w") as f:  # after every problem: a run cut short keeps what it measured
-            json.dump({"meta": meta, "problems": results}, f, indent=1)
+        save()
     print(f"wrote {path}")
     print(summary_table(results))
     return 0
@@ -203,10 +230,10 @@ def summary_table(results) -> str:
         if not ours:
             continue
         best = (min(r["fwd_ms"] for r in ours), min(r["fwd_bwd_ms"] for r in ours))
-        bare = rows["flex_attention no depth, document mask"]
-        flex = rows["flex_attention MoDA, document mask"]
-        lines.append(f"| {p['name']} | {best[0] / bare['fwd_ms']:.2f}x, {best[1] / bare['fwd_bwd_ms']:.2f}x | "
-                     f"{flex['fwd_ms'] / best[0]:.2f}x, {flex['fwd_bwd_ms'] / best[1]:.2f}x |")
+        bare, flex = rows.get(FLEX_LABELS["flex"]), rows.get(FLEX_LABELS["flex_moda"])
+        ratios = [f"{best[0] / bare['fwd_ms']:.2f}x, {best[1] / bare['fwd_bwd_ms']:.2f}x" if bare else "not timed",
+                  f"{flex['fwd_ms'] / best[0]:.2f}x, {flex['fwd_bwd_ms'] / best[1]:.2f}x" if flex else "not timed"]
+        lines.append(f"| {p['name']} | {ratios[0]} | {ratios[1]} |")
     return "\n".join(lines)
 
 
