@@ -27,9 +27,8 @@ import time
 import torch
 
 from moda_cuda.layers import MoDAConfig, MoDAForCausalLM
+from profile_lm import LM  # examples/train_lm.py's models, as bench/profile_lm.py profiles them
 
-# examples/train_lm.py's defaults (bench/profile_lm.py profiles the same models).
-LM = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, vocab_size=256, max_seq_len=1024)
 SMOKE = dict(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=64)
 PROMPT = 16  # prompt tokens of every sequence
 

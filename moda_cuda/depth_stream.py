@@ -20,9 +20,10 @@ How this stays correct under autograd
    :class:`_DepthRead`, a custom autograd Function, and the gradients of all readers are
    summed in place into one pair of ``[B, T, Lmax, Hk, D]`` buffers per backward pass
    (:class:`_DepthGradSums`: the first gradient to arrive in a pass is stored, later ones
-   added, and a second pass over a retained graph starts again). Each slot's gradient is handed to its
-   appended tensor exactly once, by its *owner*: the first read that covered it. Every read takes the outputs of the read before it as (gradient-free)
-   inputs, so the reads form one chain in creation order, and autograd's dependency counting
+   added, and a second pass over a retained graph starts again). Each slot's gradient is
+   handed to its appended tensor exactly once, by its *owner*: the first read that covered
+   it. Every read takes the outputs of the read before it as (gradient-free) inputs, so the
+   reads form one chain in creation order, and autograd's dependency counting
    runs a read's backward only after every consumer of its outputs and every later read
    (with, in turn, their consumers) has run. When an owner runs, every reader of its slots
    has therefore added its gradient, and the slot's sum is complete, exactly as the sum
@@ -340,8 +341,8 @@ class DepthStream:
         Any graph built from reads before the reset can no longer be backpropagated: its
         saved depth views, and the slot views :meth:`next_slot` gave out with gradients on
         (a layer attends with its own), are invalidated (a RuntimeError on backward),
-        because the refill overwrites the values they point at. Call this after ``backward()`` (or build a new
-        stream) when training.
+        because the refill overwrites the values they point at. Call this after
+        ``backward()`` (or build a new stream) when training.
         """
         torch.autograd.graph.increment_version([self._alias_k, self._alias_v, *self._write_aliases])
         self._length = 0

@@ -18,8 +18,8 @@ promotion widens them.
 Training: :class:`RotaryIntoSlot` writes a layer's rotated keys and its values into the depth
 slot it appends, differentiably (the slot's views carry the history of k and v), so the
 append copies nothing there either. :class:`FusedRotary` is the differentiable form of the
-plain rotation, one launch forward and one
-backward (autograd through the PyTorch ops runs about seven kernels each way). The gradient
+plain rotation, one launch forward and one backward (autograd through the PyTorch ops runs
+about seven kernels each way). The gradient
 of ``y1 = x1 c - x2 s, y2 = x2 c + x1 s`` is ``dx1 = dy1 c + dy2 s, dx2 = dy2 c - dy1 s``:
 the rotation by the negated angles, which the kernel computes with ``sin`` negated. It is
 PyTorch's gradient bit for bit: autograd forms the same two products per output, negates
