@@ -46,6 +46,11 @@ How this stays correct under autograd
    recomputation is not bit-identical. Outside backward such a write is a ValueError. The
    recomputation's reads own no slot (every slot already has its owner), and autograd
    runs the original graph's nodes, so the gradient sums see each reader once.
+   ``use_reentrant=True`` is refused (a RuntimeError in backward): it runs the forward
+   without gradients, so no read owns the region's slots and its appends keep no history,
+   and it backpropagates the recomputed nodes in a nested backward pass, whose sums would
+   start from zero. Both are detected: a recomputed append that has a history its forward
+   lacked, and a stream node built in one backward pass that runs in another.
 
 Under ``torch.no_grad()`` / ``torch.inference_mode()`` reads return the plain view (no
 autograd Function, no copy) and appended tensors are not kept alive. A layer may write the
@@ -79,6 +84,20 @@ def _graph_task_id() -> int:
 def _in_backward() -> bool:
     """True while the autograd engine runs a backward on this thread (checkpoint recompute)."""
     return _graph_task_id() != -1
+
+
+_REENTRANT = ("torch.utils.checkpoint with use_reentrant=True is not supported around DepthStream reads "
+              "and appends: it runs the forward without gradients and backpropagates the recomputed "
+              "layer in a nested backward pass, which the stream's per-pass gradient sums cannot follow "
+              "(the depth gradients would come out wrong). Use checkpoint(..., use_reentrant=False).")
+
+
+def _check_not_nested(created_in: int) -> None:
+    """Refuse the backward of a stream node that was built during one backward pass (a
+    checkpoint recomputation) and runs in another: only a reentrant checkpoint does that.
+    (A non-reentrant recomputation only refills saved tensors; its nodes never run.)"""
+    if created_in != -1 and created_in != _graph_task_id():
+        raise RuntimeError(_REENTRANT)
 
 
 class _DepthGradSums:
@@ -147,6 +166,7 @@ class _DepthRead(torch.autograd.Function):
                 v_idx: Tuple[int, ...], k_differentiable: bool, v_differentiable: bool,
                 prev_k: Optional[torch.Tensor], prev_v: Optional[torch.Tensor], *slots: torch.Tensor):
         ctx.sums, ctx.n, ctx.k_idx, ctx.v_idx = sums, n, k_idx, v_idx
+        ctx.created_in = _graph_task_id()
         ctx.set_materialize_grads(False)
         # Slices of the aliases, not of the buffers: they share the alias' version counter,
         # which appends never touch (see the module docstring). `.detach()` makes them plain
@@ -163,6 +183,7 @@ class _DepthRead(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_k, grad_v):
+        _check_not_nested(ctx.created_in)
         sum_k, sum_v = ctx.sums.first(ctx.n)
         if grad_k is not None:  # from consumers other than DepthStream.attention
             sum_k.add_(grad_k)
@@ -193,6 +214,7 @@ class _StreamAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, depth_k, depth_v, out, lse)
         ctx.sums, ctx.options = sums, (scale, causal, depth_chunk, deterministic, backend, cu_seqlens, max_seqlen)
         ctx.plan, ctx.documents = plan, documents
+        ctx.created_in = _graph_task_id()
         return out
 
     @staticmethod
@@ -201,6 +223,7 @@ class _StreamAttention(torch.autograd.Function):
         from . import dispatch
         from .ops import backward_adding_depth_grads
 
+        _check_not_nested(ctx.created_in)
         q, k, v, depth_k, depth_v, out, lse = ctx.saved_tensors
         into, add = ctx.sums.for_backward(depth_k.shape[2])
         plan = ctx.plan
@@ -377,8 +400,13 @@ class DepthStream:
         if slot < 0 or slot > self._length:
             raise ValueError(f"slot {slot} is out of order: the next free slot is {self._length}")
         if slot < self._length:
-            if _in_backward():
-                return slot  # checkpoint recomputation: keep what the forward readers saw
+            if _in_backward():  # checkpoint recomputation: keep what the forward readers saw
+                if torch.is_grad_enabled() and ((k.requires_grad and self._k_slots[slot] is None)
+                                                or (v.requires_grad and self._v_slots[slot] is None)):
+                    # The forward appended this slot without gradients and the recomputation
+                    # has them: a reentrant checkpoint, whose slot would get no depth gradient.
+                    raise RuntimeError(_REENTRANT)
+                return slot
             raise ValueError(
                 f"slot {slot} was already written (length {self._length}); slots are write-once, "
                 "call reset() to refill the stream"

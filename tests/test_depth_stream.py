@@ -113,6 +113,38 @@ def test_activation_checkpointing_same_grads(mode, chunk, early_stop, monkeypatc
     assert len(replays) == (0 if early_stop else 4)
 
 
+@pytest.mark.parametrize("mode", STREAM_MODES)
+@pytest.mark.parametrize("region", ["layer", "attention"])
+def test_reentrant_checkpointing_refused(mode, region):
+    """use_reentrant=True runs the checkpointed forward without gradients and backpropagates
+    its recomputation in a nested backward pass: the stream would give wrong depth gradients,
+    so the backward raises instead, whether the region holds the append or only the read."""
+    x, ws = _params(3)
+    stream = DepthStream(B, T, 3, HK, D, dtype=F64)
+
+    def attend_fn(i):
+        if mode == "stream":
+            return lambda q, k, v: moda_attention(q, k, v, *stream.read(i))
+        return lambda q, k, v: stream.attention(q, k, v, i)
+
+    h, outs = x, []
+    for i, w in enumerate(ws):
+        if region == "layer":
+            def body(h_in, w_in, i=i):
+                h_out, k, v = _layer(h_in, w_in, attend_fn(i))
+                stream.append(k, v, slot=i)
+                return h_out
+            h = checkpoint(body, h, w, use_reentrant=True)
+        else:
+            def attend(q, k, v, i=i):
+                return checkpoint(attend_fn(i), q, k, v, use_reentrant=True)
+            h, k, v = _layer(h, w, attend)
+            stream.append(k, v, slot=i)
+        outs.append(h)
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        sum(o.sum() for o in outs).backward()
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_irregular_reads_match_stack(seed):
     """Reads at any points (repeated, skipping slots, smaller after larger), some slots or
