@@ -264,20 +264,31 @@ def test_torch_compile_on_cuda():
         assert rel_err(a, b) < 1e-2
 
 
-@pytest.mark.parametrize("case", [B.but(chunk=3), B.but(D=128, seq=False), B.but(Hk=16, L=5, causal=False)], ids=str)
+# Packed documents (batch 1): an empty one, one of a single token, lengths off the tiles.
+_DOCUMENTS = [0, 300, 300, 301, 777, 1000]
+
+
+@pytest.mark.parametrize("case", [B.but(chunk=3), B.but(D=128, seq=False), B.but(Hk=16, L=5, causal=False),
+                                  B.but(B=1, chunk=2), B.but(B=1, D=128)], ids=str)
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("add", [True, False], ids=["add", "store"])
 def test_compiled_backward_adds_depth_grads_into_strided_sums(case, deterministic, add, monkeypatch):
     """The compiled backward's modes for DepthStream.attention: q, k, v gradients as the
     ordinary backward's, and the depth gradients added to what strided views of larger
-    buffers already hold (or stored there, overwriting it), the slots past L untouched."""
+    buffers already hold (or stored there, overwriting it), the slots past L untouched.
+    Batch-1 cases run packed documents."""
+    from moda_cuda._spec import packed_documents
+
     require_cuda_backend()
     monkeypatch.setenv(dispatch.CUDA_BACKWARD_ENV, "cuda")
     q, k, v, dk, dv = make_inputs(case, torch.bfloat16, "cuda", depth_slots=case.L + 3)
     scale, args = case.D ** -0.5, (case.causal, case.chunk)
-    out, lse = dispatch.CUDA.forward(q, k, v, dk, dv, scale, *args)
+    documents = None
+    if case.B == 1:
+        documents = packed_documents(torch.tensor(_DOCUMENTS, dtype=torch.int32, device="cuda"), case.T, None)
+    out, lse = dispatch.CUDA.forward(q, k, v, dk, dv, scale, *args, documents)
     dout = torch.randn_like(out)
-    want = dispatch.CUDA.backward(dout, None, q, k, v, dk, dv, out, lse, scale, *args, True)
+    want = dispatch.CUDA.backward(dout, None, q, k, v, dk, dv, out, lse, scale, *args, True, documents)
     # Old values of the gradients' own magnitude: a missing or doubled gradient is a large error,
     # rounding the bfloat16 sums a small one.
     buffers = [grad.float().std() * torch.randn(dk.shape[:2] + (case.L + 3,) + dk.shape[3:], device="cuda")
@@ -286,7 +297,7 @@ def test_compiled_backward_adds_depth_grads_into_strided_sums(case, deterministi
     before = [b.clone() for b in buffers]
     into = [b[:, :, :case.L] for b in buffers]
     got = dispatch.backward_adding_depth_grads(dispatch.CUDA, dout, q, k, v, dk, dv, out, lse, scale, *args,
-                                               deterministic, into, add=add)
+                                               deterministic, into, documents, add=add)
     for name, a, b in zip("qkv", got, want[:3]):
         assert (a is None) == (b is None), name
         if a is not None:
