@@ -6,7 +6,8 @@ calls, with the GPU synchronized only around each round (what a model's layers s
 runs ahead of the GPU as long as it is faster). Forward runs under ``torch.no_grad()``;
 forward+backward is ``autograd.grad`` of the output. On a GPU the forward+backward's GPU
 time per call is reported beside it (torch.profiler): a host time close to it means the
-loop waited for the GPU. Prints a table and writes JSON.
+loop waited for the GPU; the profiler's table of host-side ops of each forward+backward is
+written beside the JSON (``profile_<implementation>.txt``). Prints a table and writes JSON.
 
     python bench/host_overhead.py --out DIR
 """
@@ -43,17 +44,20 @@ def per_call_us(fn, calls: int, rounds: int, sync) -> float:
     return statistics.median(times)
 
 
-def gpu_us_per_call(fn, calls: int) -> float:
+def profile_step(fn, calls: int):
     """GPU time per call (kernels, memsets and copies, from torch.profiler): where it comes
-    near the host time, the loop was bound by the GPU, not by the host."""
+    near the host time, the loop was bound by the GPU, not by the host. Also the profiler's
+    table of host-side ops by self CPU time (absolute values inflated by the profiler; the
+    split between the forward, the autograd engine and the backward node is what it shows)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    device_us = sum(e.self_device_time_total for e in prof.key_averages())
-    return device_us / calls
+    averages = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in averages)
+    return device_us / calls, averages.table(sort_by="self_cpu_time_total", row_limit=30)
 
 
 def cuda_parts(q, k, v, dk, dv, grad, calls: int, rounds: int, sync) -> list:
@@ -126,7 +130,13 @@ def main(argv=None) -> int:
             torch.autograd.grad(_fn(), _leaves, _g)
 
         fwd, both = per_call_us(forward, args.calls, args.rounds, sync), per_call_us(step, args.calls, args.rounds, sync)
-        gpu = gpu_us_per_call(step, args.calls) if device == "cuda" else None
+        gpu = None
+        if device == "cuda":
+            gpu, table = profile_step(step, args.calls)
+            os.makedirs(args.out, exist_ok=True)
+            name = "".join(c if c.isalnum() else "_" for c in label).strip("_")
+            with open(os.path.join(args.out, f"profile_{name}.txt"), "w") as f:
+                f.write(f"{label}: forward+backward, {args.calls} calls under torch.profiler\n{table}\n")
         rows.append({"impl": label, "forward_us": fwd, "forward_backward_us": both, "forward_backward_gpu_us": gpu})
         print(f"  {label:<28} forward {fwd:8.1f} us   forward+backward {both:8.1f} us"
               + (f" (GPU {gpu:.1f} us)" if gpu is not None else ""), flush=True)
