@@ -1,6 +1,7 @@
 // Entry point of the CUDA backward: checks, then the instantiation for the element type and
-// head dim. The kernels are in moda_bwd_kernel.h (dK, dV, depth gradients) and
-// moda_bwd_dq_kernel.h (dQ).
+// head dim. The kernels are in moda_bwd_preprocess.h (delta, row statistics),
+// moda_bwd_kernel.h (dK, dV, depth gradients, the fused dQ), moda_bwd_dq_kernel.h (dQ) and
+// moda_bwd_depth_kernel.h (per-position depth gradients); which run: moda_bwd_launch.h.
 #include <cuda_runtime.h>
 
 #include <cstdint>

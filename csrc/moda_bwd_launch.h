@@ -1,6 +1,6 @@
 // Host side of the Hopper backward: the delta preprocess, then either the key-stationary
-// kernel with the fused dQ (atomics into an fp32 buffer) and its conversion, or, for
-// deterministic gradients, the key-stationary kernel (dK, dV, depth gradients) and the
+// kernel with the fused dQ (atomics into an fp32 buffer) and its conversion, where
+// bwd_fuses_dq says so, or the key-stationary kernel (dK, dV, depth gradients) and the
 // query-stationary one (dQ); where each query reads only its own position's depth rows, those
 // kernels run without depth rows and the per-position depth kernel follows them. Tensor maps,
 // grids, shared memory, launches. Included by the instantiation files.

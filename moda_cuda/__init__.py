@@ -71,10 +71,12 @@ def moda_attention(
         return_lse: also return ``lse [B, Hq, T]`` (float32, natural log).
             With ``cu_seqlens``: ``[1, Hq, N]``.
         deterministic: ask for bitwise-repeatable gradients. By default the compiled
-            backward (cuda backend, D = 64) accumulates dQ with float32 atomics, so dQ may
-            differ in its last bits from run to run; with ``True`` it computes dQ in a
-            kernel of its own (slower). The Triton and reference backwards always are
-            repeatable (every gradient element is reduced by one program in a fixed order).
+            backward (cuda backend) accumulates dQ with float32 atomics where that measured
+            faster (D = 64, except G >= 8 with T <= 4096: ``bwd_fuses_dq`` in
+            ``csrc/moda_bwd_config.h``), so dQ may differ in its last bits from run to run;
+            with ``True`` dQ always comes from a kernel of its own, with no atomics. The
+            Triton and reference backwards always are repeatable (every gradient element is
+            reduced by one program in a fixed order).
         backend: ``"auto"`` (fastest available that serves the input; ``MODA_BACKEND``
             overrides), or one of :func:`available_backends`, which then must serve it.
 

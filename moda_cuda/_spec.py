@@ -182,7 +182,8 @@ class PackedDocuments:
     ``[offsets[i], offsets[i + 1])``; empty documents hold none.
 
     ``bounds()`` gives every position its document's ``[start, end)`` as two int32 device
-    tensors (what the Triton kernels read), computed on the device once per call.
+    tensors (what the Triton and CUDA kernels read), computed on the device at the first
+    call and kept (the object itself is kept per ``cu_seqlens`` tensor: ``packed_documents``).
     """
 
     def __init__(self, cu_seqlens: torch.Tensor, offsets: Tuple[int, ...], max_seqlen: int):

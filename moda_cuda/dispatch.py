@@ -215,8 +215,6 @@ def _cuda_refuses(q: torch.Tensor, shape: MoDAShape, tensors) -> Optional[str]:
                 f"({', '.join(map(str, CUDA_GROUPS))} are)")
     if shape.depth > CUDA_MAX_DEPTH:
         return f"depth L = {shape.depth} > {CUDA_MAX_DEPTH}, the CUDA kernel's maximum"
-    if shape.seqlen < 1:
-        return f"T = {shape.seqlen}; the CUDA kernel needs T >= 1"
     for name, t in zip(_TENSOR_NAMES, tensors):
         if t is not None:
             reason = _layout_refuses(name, t)
@@ -244,10 +242,11 @@ def _cuda_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, documen
 
 # The cuda backend's gradients come from the compiled backward (csrc/moda_bwd*.h: all five
 # gradients), validated on the H200 (bench/validate_bwd.py, pytest -m cuda) and faster there
-# than the Triton one (README). By default, at D = 64, its dK / dV kernel also accumulates dQ
-# with fp32 atomics (run-to-run differences in dQ's last bits); deterministic=True (and
-# D = 128, where that measured slower) computes dQ in a kernel of its own, with no atomics. MODA_CUDA_BACKWARD=triton selects the
-# Triton backward instead, which reads the compiled forward's out and lse as they are.
+# than the Triton one (README). Where bwd_fuses_dq (csrc/moda_bwd_config.h) says so, its
+# dK / dV kernel also accumulates dQ with fp32 atomics (run-to-run differences in dQ's last
+# bits); elsewhere, and always with deterministic=True, dQ comes from a kernel of its own,
+# with no atomics. MODA_CUDA_BACKWARD=triton selects the Triton backward instead, which
+# reads the compiled forward's out and lse as they are.
 CUDA_BACKWARD_ENV = "MODA_CUDA_BACKWARD"
 
 
@@ -354,10 +353,10 @@ DIRECTIONS = ("forward", "backward")
 
 
 # Below this many forward FLOPs the GPU runs a call in a few microseconds and the host time
-# per call decides: measured on the H100 at B=1 T=64 Hq=8 D=64 L=4 (depth share 2, where the
-# share rule then picked Triton), the compiled forward costs 36 us of host time per call, Triton's
-# 122 us (bench/host_overhead.py). 2 GFLOP is about 10 us of GPU time at a small kernel's
-# 200 TFLOP/s, so a faster Triton kernel cannot win back its 85 us there.
+# per call decides, even where the share rule would put Triton first (share > 2): measured
+# on the H100 at B=1 T=64 Hq=8 Hk=2 D=64 L=4, the compiled forward costs 36 us of host time
+# per call, Triton's 122 us (bench/host_overhead.py). 2 GFLOP is about 10 us of GPU time at
+# a small kernel's 200 TFLOP/s, so a faster Triton kernel cannot win back its 85 us there.
 _HOST_BOUND_FLOPS = 2e9
 
 
@@ -378,8 +377,8 @@ def _auto_order(shape: MoDAShape, direction: str = "forward") -> Tuple["Backend"
 
 
 def available_backends() -> list:
-    """Names of the backends that can run on this machine (auto's first choice first)."""
-    return [name for name, b in BACKENDS.items() if b.unavailable() is None]
+    """Names of the backends that can run on this machine, in auto's order of preference."""
+    return [b.name for b in (*_AUTO_ORDER, REFERENCE) if b.unavailable() is None]
 
 
 def _named(name: str) -> Backend:

@@ -242,7 +242,7 @@ for dt, size, G, D, S, partial in (("bf16", 2, 4, 128, 1, False), ("fp16", 2, 8,
     ptr = {n: "*" + dt for n in ("Q", "KC", "VC", "KN", "VN", "DK", "DV")}
     ptr.update(SEQLENS="*i32", O="*fp32" if partial else "*" + dt, LSE="*fp32")
     k = compile(d._decode_split_kernel, ptr, dict(G=G, HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_M=p.block_m,
-                BLOCK_N=p.block_n, HAS_NEW=True, HAS_DEPTH=True, DEPTH_APART=partial, PRECISION=d._dot_precision(
+                BLOCK_N=p.block_n, HAS_NEW=True, HAS_DEPTH=True, DEPTH_APART=partial, PRECISION=d.dot_precision(
                 {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]), PDL=partial),
                 num_warps=p.num_warps, num_stages=p.num_stages)
     print(dt, G, D, S, "shared", k.metadata.shared)

@@ -267,6 +267,9 @@ def _checkpointed_grad_error(cfg, ids) -> float:
     for a, b in zip(one.parameters(), sharded.parameters()):
         dist.all_reduce(b.grad)  # the sum of the shards' mean-loss gradients: W times the mean's
         error = max(error, (b.grad / cp.world_size - a.grad).abs().max().item())
+    sharded.disable_context_parallel()  # whole sequences on every rank again: one process's loss
+    with torch.no_grad():
+        assert torch.allclose(sharded(ids[:, :-1], ids[:, 1:]).loss, one(ids[:, :-1], ids[:, 1:]).loss)
     return error
 
 

@@ -28,6 +28,7 @@ from ._common import (
     depth_span,
     depth_span_in_documents,
     document_bounds,
+    dot_precision,
     key_positions,
     key_reader_ranges_in_documents,
     key_tile_offsets,
@@ -39,7 +40,6 @@ from ._common import (
     visible,
     visible_in_document,
 )
-from ._fwd import _dot_precision
 
 
 @triton.jit
@@ -315,7 +315,7 @@ def moda_bwd(dout, q, k, v, depth_k, depth_v, out, lse, sm_scale: float, causal:
     common = dict(
         G=G, HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_SEQ=has_seq, HAS_DEPTH=has_depth, CAUSAL=causal,
         CHUNKED=depth_chunk > 1, VARLEN=documents is not None, T_CLASS=_configs.seqlen_class(T),
-        L_CLASS=_configs.depth_class(L), PRECISION=_dot_precision(q.dtype),
+        L_CLASS=_configs.depth_class(L), PRECISION=dot_precision(q.dtype),
     )
 
     delta = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)

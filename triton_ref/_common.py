@@ -1,4 +1,4 @@
-"""Index helpers shared by the MoDA Triton kernels.
+"""Helpers shared by the MoDA Triton kernels: index arithmetic, the online-softmax step, dot precision.
 
 Every kernel works on one (batch, kv head) pair at a time and folds the G query heads of
 that kv head into the row axis: folded row ``R = t * G + g`` is query head ``hk * G + g`` at
@@ -12,6 +12,7 @@ a document boundary is masked like the causal diagonal, so the dense kernels' lo
 packed documents unchanged.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -183,3 +184,19 @@ def key_reader_ranges_in_documents(DOC_START, DOC_END, s_first, s_last, CAUSAL: 
     full_lo = tl.where(one_document, full_lo, hi)
     full_hi = tl.where(one_document, e_first, hi)
     return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def softmax_step(acc, l_i, m_i, qk, v, PRECISION: tl.constexpr):
+    """Fold one tile of base-2 logits qk [M, N] and its values v [N, D] into the state."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products; fp16/bf16 ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -24,25 +24,16 @@ from ._common import (
     depth_span,
     depth_span_in_documents,
     document_bounds,
+    dot_precision,
     key_positions,
     key_tile_offsets,
     query_key_ranges_in_documents,
     row_stat_offsets,
     row_tile_ptrs,
+    softmax_step,
     visible,
     visible_in_document,
 )
-
-
-@triton.jit
-def _softmax_step(acc, l_i, m_i, qk, v, PRECISION: tl.constexpr):
-    """Fold one tile of base-2 logits qk [M, N] and its values v [N, D] into the state."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, l_i, m_new
 
 
 @triton.jit
@@ -69,7 +60,7 @@ def _fwd_tiles(acc, l_i, m_i, q, t_row, a_row, e_row, Kb, Vb, stride_kt, stride_
             else:
                 ok = visible(t_row[:, None], s[None, :], T, CHUNK, IS_DEPTH, CAUSAL, CHUNKED)
             qk = tl.where(ok, qk, MASKED)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, PRECISION)
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, qk, v, PRECISION)
     return acc, l_i, m_i
 
 
@@ -160,11 +151,6 @@ def _moda_fwd_kernel(
     tl.store(LSE + row_stat_offsets(b, hk, t_row, g_row, T, HK, G), lse, mask=row_ok)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get true fp32 products; fp16/bf16 ignore this.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def moda_fwd(q, k, v, depth_k, depth_v, sm_scale: float, causal: bool, depth_chunk: int, documents=None):
     """Launch the forward. Shapes are validated by the caller; last dims must be contiguous.
 
@@ -199,6 +185,6 @@ def moda_fwd(q, k, v, depth_k, depth_v, sm_scale: float, causal: bool, depth_chu
         T, Hk, L, depth_chunk,
         G=G, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
         HAS_SEQ=has_seq, HAS_DEPTH=has_depth, CAUSAL=causal, CHUNKED=depth_chunk > 1,
-        VARLEN=documents is not None, T_CLASS=_configs.seqlen_class(T), L_CLASS=_configs.depth_class(L), PRECISION=_dot_precision(q.dtype),
+        VARLEN=documents is not None, T_CLASS=_configs.seqlen_class(T), L_CLASS=_configs.depth_class(L), PRECISION=dot_precision(q.dtype),
     )
     return out, lse

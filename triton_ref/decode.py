@@ -39,9 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, MASKED, row_tile_ptrs
+from ._common import LOG2E, MASKED, dot_precision, row_tile_ptrs, softmax_step
 from ._configs import INTERPRET
-from ._fwd import _dot_precision, _softmax_step
 from ._launch import Launcher
 
 try:  # grid dependency control (Triton >= 3.4): Hopper's programmatic dependent launch
@@ -80,7 +79,7 @@ def _cache_tiles(acc, l_i, m_i, q, t_row, lo, hi, cs, write, KC, VC, KN, VN, str
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASK:
             qk = tl.where((s[None, :] < hi) & (s[None, :] <= cs + t_row[:, None]), qk, MASKED)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, PRECISION)
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, qk, v, PRECISION)
     return acc, l_i, m_i
 
 
@@ -97,7 +96,7 @@ def _depth_tiles(acc, l_i, m_i, q, t_row, lo, hi, L, DK, DV, stride_dt, stride_d
         v = tl.load(DV + off, mask=ld, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         qk = tl.where((j[None, :] < hi) & (t[None, :] == t_row[:, None]), qk, MASKED)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, PRECISION)
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, qk, v, PRECISION)
     return acc, l_i, m_i
 
 
@@ -374,7 +373,7 @@ class PreparedDecode:
         self.split = Launcher(_decode_split_kernel, p.grid,
                               dict(G=Hq // Hk, HEAD_DIM=D, BLOCK_D=p.block_d, BLOCK_M=p.block_m, BLOCK_N=p.block_n,
                                    HAS_NEW=has_new, HAS_DEPTH=L > 0, DEPTH_APART=p.depth_apart,
-                                   PRECISION=_dot_precision(q.dtype), PDL=p.pdl),
+                                   PRECISION=dot_precision(q.dtype), PDL=p.pdl),
                               scalars, num_warps=p.num_warps, num_stages=p.num_stages)
         self.combine = None
         if p.splits > 1:
