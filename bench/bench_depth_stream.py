@@ -17,7 +17,7 @@ Triton, in each of ``--rounds`` rounds; the median over rounds), peak allocated 
 step above the inputs, and the memory still held after the forward pass (what backward keeps). Depth-state memory = held(variant) - held(none),
 next to the analytic size of the tensors each variant keeps.
 
-    python bench/bench_depth_stream.py --out bench/results          # GPU, the issue's sizes
+    python bench/bench_depth_stream.py --out bench/results          # GPU, the benchmark's sizes
     python bench/bench_depth_stream.py --smoke --out /tmp/bench      # CPU, tiny sizes
 """
 

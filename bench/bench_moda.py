@@ -53,11 +53,11 @@ class Shape:
 
 
 SHAPES = {
-    "issue": [Shape(1, 16384, 64, 8, 64, 64), Shape(1, 8192, 32, 8, 128, 32), Shape(1, 4096, 64, 8, 64, 64)],
+    "benchmark": [Shape(1, 16384, 64, 8, 64, 64), Shape(1, 8192, 32, 8, 128, 32), Shape(1, 4096, 64, 8, 64, 64)],
     "small": [Shape(1, 2048, 16, 4, 64, 16)],
 }
-# The issue shapes and the same without depth: the difference is what the depth part costs.
-SHAPES["probe"] = SHAPES["issue"] + [Shape(s.B, s.T, s.Hq, s.Hk, s.D, 0) for s in SHAPES["issue"]]
+# The benchmark shapes and the same without depth: the difference is what the depth part costs.
+SHAPES["probe"] = SHAPES["benchmark"] + [Shape(s.B, s.T, s.Hq, s.Hk, s.D, 0) for s in SHAPES["benchmark"]]
 
 
 def _bench(fn) -> float:
@@ -232,7 +232,7 @@ def bench_shape(s: Shape, backends, check: bool, breakdown: bool = False, fwd_on
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for the raw JSON")
-    parser.add_argument("--shapes", choices=sorted(SHAPES), default="issue")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="benchmark")
     parser.add_argument("--backends", default="triton",
                         help="comma-separated moda_cuda backends; '+deterministic' asks for bitwise-repeatable "
                              "gradients")

@@ -32,7 +32,7 @@ medians, ms, through ``bench_moda._bench``):
   passes -- and the write of the depth gradients). The copy bandwidth is measured once per
   run with a large device-to-device ``copy_`` (read + write: 2 * bytes / time). MoDA can be
   no faster than attention without depth, nor than streaming its depth tensors, so
-  ours/bound near 1 means nothing is left on the table (the issue's goal: within 1.15x);
+  ours/bound near 1 means nothing is left on the table (the target: within 1.15x);
 * ratios: auto/bound, best backend/bound and auto/best (auto must never be slower than the
   best backend: points with auto > 1.03 x best are flagged);
 * useful TFLOP/s: useful FLOPs = 4 * B * Hq * D * (visible pairs + depth pairs), visible
@@ -108,7 +108,7 @@ SWEEP_TITLES = {
 FAST_BACKENDS = ("cuda", "triton")
 CUDNN = "cudnn_no_depth"
 AUTO_SLOW = 1.03  # auto is flagged where it is slower than the best backend by more than this
-TARGET = 1.15  # the goal for ours / bound, drawn in the plots
+TARGET = 1.15  # the target for ours / bound, drawn in the plots
 CHECK_TOL = 1e-2  # relative error of ours against the float32 reference (bf16 inputs)
 MODES = (("fwd", 1.0, 1), ("fwd_bwd", 3.5, 4))  # (mode, FLOP multiple, depth-read multiple)
 

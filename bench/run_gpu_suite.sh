@@ -3,7 +3,7 @@
 #   validate  bench/validate_fwd.py and bench/validate_bwd.py (the compiled kernels against the reference)
 #   tests   every cuda-marked test (autotuning off: quick compiles); the two paper-layout
 #           cases alone afterwards (each holds ~53 GB of the GPU in its float64 reference)
-#   bench   bench_moda.py on the issue shapes (auto and each backend), with the per-kernel breakdown
+#   bench   bench_moda.py on the three benchmark shapes (auto and each backend), with the per-kernel breakdown
 #   varlen  bench_varlen.py: packed documents against one call per document and FlexAttention
 #   host    host_overhead.py: host time per call against SDPA
 #   decode  bench_decode.py: decode attention against SDPA without depth and the memory roofline

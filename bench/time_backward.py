@@ -1,4 +1,4 @@
-"""Forward+backward time of MoDA backends with per-kernel GPU times, on the issue shapes and the
+"""Forward+backward time of MoDA backends with per-kernel GPU times, on the three benchmark shapes and the
 paper geometry without depth (whose difference is what the depth part costs each kernel).
 
 A quick look at where the backward's time goes, without bench_moda.py's baselines and

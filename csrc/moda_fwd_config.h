@@ -8,7 +8,7 @@ namespace moda {
 // memory: q + 2 x kStages x [kBlockN x D], at most 227 KB); kConsumerWGs: 64-row consumer
 // warpgroups per CTA (3: 192-row CTAs, a third warp per scheduler to hide the softmax's
 // latency, 160 registers each).
-// Chosen by measurement (docs/experiments.md), H200, forward of the issue shapes. D = 64: three
+// Chosen by measurement (docs/experiments.md), H200, forward of the three benchmark shapes. D = 64: three
 // warpgroups: 5.34 ms at T = 16384 against 5.83 with two; six stages (the most that fit):
 // 0.499 against 0.528 ms at T = 4096, 5.32 against 5.38 at T = 16384, the same without
 // depth: a CTA's depth boxes come from DRAM, and more of them in flight hide more of that
