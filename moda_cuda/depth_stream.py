@@ -142,8 +142,8 @@ class _DepthGradSums:
         return self._views(n)
 
     def for_backward(self, n: int) -> Tuple[Tuple[torch.Tensor, torch.Tensor], bool]:
-        """``((sum_k, sum_v), add)``: views of slots ``[0, n)`` for a backward that writes the
-        depth gradients of all ``n`` slots, and whether it must add them (False: nothing
+        """``((sum_k, sum_v), accumulate)``: views of slots ``[0, n)`` for a backward that writes the
+        depth gradients of all ``n`` slots, and whether it must add them to the sums (False: nothing
         arrived in this pass yet, it stores them)."""
         self._this_pass()
         if self._valid == 0:
@@ -221,20 +221,20 @@ class _StreamAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         from . import dispatch
-        from .ops import backward_adding_depth_grads
+        from .ops import resolve_and_backward_into_depth_sums
 
         _check_not_nested(ctx.created_in)
         q, k, v, depth_k, depth_v, out, lse = ctx.saved_tensors
-        into, add = ctx.sums.for_backward(depth_k.shape[2])
+        into, accumulate = ctx.sums.for_backward(depth_k.shape[2])
         plan = ctx.plan
         if plan is not None:
             _, causal, depth_chunk, deterministic = ctx.options[:4]
-            grads = dispatch.backward_adding_depth_grads(
-                plan.backward((q, k, v, depth_k, depth_v)), grad_out, q, k, v, depth_k, depth_v, out, lse, plan.scale,
-                causal, depth_chunk, deterministic, into, ctx.documents, add=add)
+            grads = dispatch.backward_into_depth_sums(
+                plan.backward_backend((q, k, v, depth_k, depth_v)), grad_out, q, k, v, depth_k, depth_v, out, lse, plan.scale,
+                causal, depth_chunk, deterministic, into, ctx.documents, accumulate=accumulate)
         else:
-            grads = backward_adding_depth_grads(grad_out, q, k, v, depth_k, depth_v, out, lse, *ctx.options,
-                                                depth_grads_into=into, add=add)
+            grads = resolve_and_backward_into_depth_sums(grad_out, q, k, v, depth_k, depth_v, out, lse,
+                                                         *ctx.options, depth_grads_into=into, accumulate=accumulate)
         return (None, *grads) + (None,) * 11
 
 

@@ -259,19 +259,19 @@ def cuda_backward_by() -> str:
 
 
 def _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
-                       deterministic, depth_grads_into=None, documents=None, add_depth_grads=True):
+                       deterministic, depth_grads_into=None, documents=None, accumulate_depth_grads=True):
     ext = _cuda_ext.load()
     if _layout_refuses("grad_out", grad_out):
         grad_out = grad_out.contiguous()  # dO is loaded with TMA, like q
     # With depth_grads_into the kernel writes the depth gradients into those (any even strides),
-    # adding them to what they hold where add_depth_grads.
+    # adding them to what they hold where accumulate_depth_grads.
     outputs = (q, k, v) if depth_grads_into is not None else (q, k, v, depth_k, depth_v)
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else None for t in outputs]
     if depth_grads_into is not None:
         grads += depth_grads_into
     glse = None if grad_lse is None else grad_lse.float().contiguous()
     ext.bwd(q, k, v, depth_k, depth_v, out, lse, grad_out, glse, *grads, float(scale), bool(causal),
-            int(depth_chunk), bool(deterministic), depth_grads_into is not None and bool(add_depth_grads),
+            int(depth_chunk), bool(deterministic), depth_grads_into is not None and bool(accumulate_depth_grads),
             *_document_bounds(documents))
     return tuple(grads)
 
@@ -292,21 +292,22 @@ CUDA = Backend("cuda", _cuda_unavailable, _cuda_refuses, _cuda_forward, _cuda_ba
                backward_by=cuda_backward_by)
 
 
-def backward_adding_depth_grads(backend: Backend, grad_out, q, k, v, depth_k, depth_v, out, lse, scale, causal,
-                                depth_chunk, deterministic, depth_grads_into, documents=None, add=True):
+def backward_into_depth_sums(backend: Backend, grad_out, q, k, v, depth_k, depth_v, out, lse, scale, causal,
+                             depth_chunk, deterministic, depth_grads_into, documents=None, accumulate=True):
     """``backend``'s gradients of q, k, v; those of depth_k and depth_v are added into the two
     tensors of ``depth_grads_into`` (shaped like depth_k, depth_v; any strides) instead of
-    returned, or stored there where not ``add``. The compiled backward writes them in its
+    returned, or stored there where not ``accumulate``. The compiled backward writes them in its
     epilogue, so they never exist on their own; the other backends compute them and they are
     added (copied) here."""
     if backend is CUDA and cuda_backward_by() == "cuda":
         grads = _compiled_backward(grad_out, None, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
-                                   deterministic, depth_grads_into, documents, add_depth_grads=add)
+                                   deterministic, depth_grads_into, documents,
+                                   accumulate_depth_grads=accumulate)
     else:
         grads = backend.backward(grad_out, None, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
                                  deterministic, documents)
         for into, grad in zip(depth_grads_into, grads[3:]):
-            if add:
+            if accumulate:
                 into.add_(grad)
             else:
                 into.copy_(grad)

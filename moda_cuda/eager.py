@@ -45,20 +45,22 @@ _TMA_ALIGN = 16
 
 
 class Plan:
-    """What a call's key determines: its sizes, scale, forward backend and (resolved at the
-    first backward, as the op does it) backward backend. Holds no tensors."""
+    """What a call's key determines: its sizes, scale, the backend name asked for, the
+    forward's backend and (resolved at the first backward, as the op does it) the backward's.
+    Holds no tensors."""
 
-    __slots__ = ("shape", "scale", "backend", "forward", "_backward")
+    __slots__ = ("shape", "scale", "requested", "forward_backend", "_backward_backend")
 
-    def __init__(self, shape: MoDAShape, scale: float, backend: str, forward: "dispatch.Backend"):
-        self.shape, self.scale, self.backend, self.forward = shape, scale, backend, forward
-        self._backward = None
+    def __init__(self, shape: MoDAShape, scale: float, requested: str, forward_backend: "dispatch.Backend"):
+        self.shape, self.scale, self.requested, self.forward_backend = shape, scale, requested, forward_backend
+        self._backward_backend = None
 
-    def backward(self, tensors) -> "dispatch.Backend":
+    def backward_backend(self, tensors) -> "dispatch.Backend":
         """The backward's backend, resolved on this call's tensors (any call of the key gives the same)."""
-        if self._backward is None:
-            self._backward = dispatch.resolve(self.backend, tensors[0], self.shape, tensors, direction="backward")
-        return self._backward
+        if self._backward_backend is None:
+            self._backward_backend = dispatch.resolve(self.requested, tensors[0], self.shape, tensors,
+                                                      direction="backward")
+        return self._backward_backend
 
 
 _plans: dict = {}
@@ -133,7 +135,7 @@ def plan_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, determinist
 
 def forward(plan: Plan, q, k, v, depth_k, depth_v, causal, depth_chunk, documents):
     """``(out, lse)`` by the plan's forward backend, as the op returns them."""
-    out, lse = plan.forward.forward(q, k, v, depth_k, depth_v, plan.scale, causal, depth_chunk, documents)
+    out, lse = plan.forward_backend.forward(q, k, v, depth_k, depth_v, plan.scale, causal, depth_chunk, documents)
     return finish_forward(q, out, lse)
 
 
@@ -157,9 +159,9 @@ class _Attention(torch.autograd.Function):
         plan, causal, depth_chunk, deterministic, documents = ctx.options
         if grad_out is None:  # only lse was used
             grad_out = torch.zeros_like(out)
-        grads = plan.backward((q, k, v, depth_k, depth_v)).backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out,
-                                                                   lse, plan.scale, causal, depth_chunk, deterministic,
-                                                                   documents)
+        backend = plan.backward_backend((q, k, v, depth_k, depth_v))
+        grads = backend.backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, plan.scale, causal,
+                                 depth_chunk, deterministic, documents)
         return finish_backward(grads) + (None,) * 5
 
 

@@ -123,18 +123,18 @@ def _varlen_backward_impl(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, ls
                           deterministic, backend, cu_seqlens, max_seqlen)
 
 
-def backward_adding_depth_grads(grad_out, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
-                                deterministic, backend, cu_seqlens=None, max_seqlen=None, *, depth_grads_into,
-                                add=True):
+def resolve_and_backward_into_depth_sums(grad_out, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
+                                         deterministic, backend, cu_seqlens=None, max_seqlen=None, *,
+                                         depth_grads_into, accumulate=True):
     """Gradients of q, k, v of one call (None for an absent k, v); the depth gradients are
-    added (stored, where not ``add``) into ``depth_grads_into`` instead (see
-    ``dispatch.backward_adding_depth_grads``).
+    added (stored, where not ``accumulate``) into ``depth_grads_into`` instead (see
+    ``dispatch.backward_into_depth_sums``), by the backend ``backend`` names for this call.
     For :class:`moda_cuda.DepthStream`, which sums its readers' depth gradients in place."""
     shape, docs = _problem(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, cu_seqlens, max_seqlen)
     impl = dispatch.resolve(backend, q, shape, (q, k, v, depth_k, depth_v), direction="backward")
-    return dispatch.backward_adding_depth_grads(impl, grad_out, q, k, v, depth_k, depth_v, out, lse,
-                                                default_scale(shape.head_dim, scale), causal, depth_chunk,
-                                                deterministic, depth_grads_into, docs, add=add)
+    return dispatch.backward_into_depth_sums(impl, grad_out, q, k, v, depth_k, depth_v, out, lse,
+                                             default_scale(shape.head_dim, scale), causal, depth_chunk,
+                                             deterministic, depth_grads_into, docs, accumulate=accumulate)
 
 
 def _fake_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, *args):

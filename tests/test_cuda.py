@@ -271,8 +271,8 @@ _DOCUMENTS = [0, 300, 300, 301, 777, 1000]
 @pytest.mark.parametrize("case", [B.but(chunk=3), B.but(D=128, seq=False), B.but(Hk=16, L=5, causal=False),
                                   B.but(B=1, chunk=2), B.but(B=1, D=128)], ids=str)
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("add", [True, False], ids=["add", "store"])
-def test_compiled_backward_adds_depth_grads_into_strided_sums(case, deterministic, add, monkeypatch):
+@pytest.mark.parametrize("accumulate", [True, False], ids=["add", "store"])
+def test_compiled_backward_adds_depth_grads_into_strided_sums(case, deterministic, accumulate, monkeypatch):
     """The compiled backward's modes for DepthStream.attention: q, k, v gradients as the
     ordinary backward's, and the depth gradients added to what strided views of larger
     buffers already hold (or stored there, overwriting it), the slots past L untouched.
@@ -296,15 +296,15 @@ def test_compiled_backward_adds_depth_grads_into_strided_sums(case, deterministi
     buffers = [b.bfloat16() for b in buffers]
     before = [b.clone() for b in buffers]
     into = [b[:, :, :case.L] for b in buffers]
-    got = dispatch.backward_adding_depth_grads(dispatch.CUDA, dout, q, k, v, dk, dv, out, lse, scale, *args,
-                                               deterministic, into, documents, add=add)
+    got = dispatch.backward_into_depth_sums(dispatch.CUDA, dout, q, k, v, dk, dv, out, lse, scale, *args,
+                                            deterministic, into, documents, accumulate=accumulate)
     for name, a, b in zip("qkv", got, want[:3]):
         assert (a is None) == (b is None), name
         if a is not None:
             assert rel_err(a, b) < 1e-2, name
     for buf, old, grad in zip(buffers, before, want[3:]):
         assert torch.equal(buf[:, :, case.L:], old[:, :, case.L:])
-        expected = old[:, :, :case.L].float() + grad.float() if add else grad.float()
+        expected = old[:, :, :case.L].float() + grad.float() if accumulate else grad.float()
         assert rel_err(buf[:, :, :case.L], expected) < 1e-2
         assert grad.abs().amax() > 0
 
