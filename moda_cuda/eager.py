@@ -32,7 +32,6 @@ one ``torch.autograd.Function`` (or none, where no input needs a gradient), and
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable

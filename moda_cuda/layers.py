@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import rotary as _rotary
 from .depth_stream import DepthStream
-from .eager import usable
+from .rotary import Rope, RotaryEmbedding, apply_rotary, document_positions, rotary_tables
 
 __all__ = [
     "MoDAConfig",
@@ -59,8 +60,6 @@ __all__ = [
     "ModelOutput",
     "count_parameters",
 ]
-
-Rope = Tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, head_dim // 2] each
 
 
 @dataclass
@@ -194,90 +193,6 @@ class RMSNorm(nn.Module):
         return (y * _at_least_float32(self.weight)).to(x.dtype)
 
 
-def rotary_tables(head_dim: int, seqlen: int, theta: float = 10000.0, device=None) -> Rope:
-    """``cos, sin [seqlen, head_dim // 2]`` (float32) for :func:`apply_rotary`."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    angles = torch.outer(torch.arange(seqlen, dtype=torch.float32, device=device), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-class RotaryEmbedding(nn.Module):
-    """Cos/sin tables for rotary embeddings (rotate-half convention), cached up to ``max_len``."""
-
-    def __init__(self, head_dim: int, max_len: int, theta: float = 10000.0) -> None:
-        super().__init__()
-        cos, sin = rotary_tables(head_dim, max_len, theta)
-        # Not persistent: derived from the config, so checkpoints stay small and portable.
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-
-    def forward(self, seqlen: int) -> Rope:
-        if seqlen > self.cos.shape[0]:
-            raise ValueError(f"sequence length {seqlen} exceeds the rotary table ({self.cos.shape[0]})")
-        return self.cos[:seqlen], self.sin[:seqlen]
-
-
-def document_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Each packed position's index within its document: ``[total]`` int64, on the device of
-    ``cu_seqlens`` (computed there, no host sync)."""
-    cu = cu_seqlens.long()
-    lengths = cu.diff()
-    starts = torch.repeat_interleave(cu[:-1], lengths, output_size=total)
-    return torch.arange(total, device=cu.device) - starts
-
-
-def _packed_rope(rope: Optional[Rope], cu_seqlens: Optional[torch.Tensor], total: int) -> Optional[Rope]:
-    """Rotary tables for packed documents: the rows of each position's in-document index."""
-    if rope is None or cu_seqlens is None:
-        return rope
-    positions = document_positions(cu_seqlens, total)
-    return rope[0][positions], rope[1][positions]
-
-
-def _fused_rotary_serves(x: torch.Tensor, rope: Rope) -> bool:
-    """Where the one-launch kernel (``triton_ref.rotary``, PyTorch's result and gradient bit
-    for bit) runs instead of nine PyTorch kernels: plain CUDA tensors, tables without
-    gradients, outside tracing, modes and functorch transforms (``eager.usable``)."""
-    if not x.is_cuda or not usable(x) or rope[0].requires_grad or rope[1].requires_grad:
-        return False
-    try:
-        from .triton_ref.rotary import ROTARY_DTYPES  # imports Triton: only where it can run
-    except ImportError:  # no Triton on this machine
-        return False
-    cos, sin = rope
-    B, T, _, D = x.shape
-    return (x.dtype in ROTARY_DTYPES and x.stride(-1) == 1
-            and tuple(cos.shape) in ((T, D // 2), (B, T, D // 2)) and cos.shape == sin.shape
-            and cos.device == x.device and sin.device == x.device
-            and cos.dtype in ROTARY_DTYPES and cos.dtype == sin.dtype
-            and cos.stride(-1) == 1 and cos.stride() == sin.stride())
-
-
-def apply_rotary(x: torch.Tensor, rope: Rope, out: Optional[torch.Tensor] = None,
-                 copy: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """Rotate ``x [B, T, H, D]`` by position (float32 math or wider, result in x's dtype). The
-    tables are ``[T, D / 2]``, or ``[B, T, D / 2]`` where sequences sit at different positions
-    (decoding). ``out`` (x's shape and dtype; not differentiable): written and returned.
-    ``copy = (src, dst)`` (not differentiable): ``dst.copy_(src)`` as well, in the same launch
-    where the fused kernel runs (a layer's values going into its depth slot beside the keys)."""
-    others = ([] if out is None else [out]) + ([] if copy is None else list(copy))
-    differentiable = torch.is_grad_enabled() and x.requires_grad
-    if _fused_rotary_serves(x, rope) and all(t.shape == x.shape and t.dtype == x.dtype and t.device == x.device
-                                             and t.stride(-1) == 1 for t in others):
-        from .triton_ref.rotary import FusedRotary, rotary
-
-        if not differentiable:
-            return rotary(x, *rope, out=out, copy=copy)
-        if not others:  # out and copy are not differentiable: those take the PyTorch ops
-            return FusedRotary.apply(x, *rope, False)
-    cos, sin = (t[None, :, None, :] if t.dim() == 2 else t[:, :, None, :] for t in rope)
-    x1, x2 = _at_least_float32(x).chunk(2, dim=-1)
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-    if copy is not None:
-        copy[1].copy_(copy[0])
-    return rotated if out is None else out.copy_(rotated)
-
-
 class SwiGLU(nn.Module):
     """``down(silu(gate(x)) * up(x))``, gate and up one GEMM (``gate_up``: its rows are the
     gate's, then the up projection's), which also projects x to ``extra`` more features (a
@@ -409,7 +324,7 @@ def _slot_to_write(stream: Optional[DepthStream], k: torch.Tensor, slot: Optiona
         return None
     if slot is not None and slot != stream.length:  # e.g. a checkpointed layer's recomputation
         return None
-    if torch.is_grad_enabled() and (rope is None or not _fused_rotary_serves(k, rope)):
+    if torch.is_grad_enabled() and (rope is None or not _rotary.fused_rotary_serves(k, rope)):
         return None
     return stream.next_slot()
 
@@ -448,7 +363,7 @@ def _rope_tables(cfg: MoDAConfig, seqlen: int, device: torch.device,
         positions = context_parallel.positions(seqlen, device)
         cos, sin = rotary_tables(cfg.head_dim, seqlen * context_parallel.world_size, cfg.rope_theta, device)
         return cos[positions], sin[positions]
-    return _packed_rope(rotary_tables(cfg.head_dim, seqlen, cfg.rope_theta, device), cu_seqlens, seqlen)
+    return _rotary.packed_rope(rotary_tables(cfg.head_dim, seqlen, cfg.rope_theta, device), cu_seqlens, seqlen)
 
 
 class MoDABlock(nn.Module):
@@ -634,7 +549,7 @@ class MoDAForCausalLM(nn.Module):
             positions = cp.positions(T, input_ids.device)
             rope = (self.rotary.cos[positions], self.rotary.sin[positions])
         elif self.rotary is not None:
-            rope = _packed_rope(self.rotary(longest if cu_seqlens is not None else T), cu_seqlens, T)
+            rope = _rotary.packed_rope(self.rotary(longest if cu_seqlens is not None else T), cu_seqlens, T)
         h = self.trunk(self.embed(input_ids), rope, cu_seqlens, max_seqlen, cache)
         if decoding:
             cache.seqlens += T

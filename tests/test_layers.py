@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import moda_cuda
 from helpers import rel_err
 from moda_cuda import layers
+from moda_cuda import rotary as moda_rotary
 from moda_cuda.layers import (
     MoDAAttention,
     MoDABlock,
@@ -243,7 +244,7 @@ def test_training_writes_depth_slots_through_the_rotary_kernel(monkeypatch):
     want = step()
     writes, same = [], []
     real_apply, real_same_view = RotaryIntoSlot.apply, depth_stream._same_view
-    monkeypatch.setattr(layers, "_fused_rotary_serves", lambda x, rope: x.stride(-1) == 1)
+    monkeypatch.setattr(moda_rotary, "fused_rotary_serves", lambda x, rope: x.stride(-1) == 1)
     monkeypatch.setattr(RotaryIntoSlot, "apply", lambda *a: writes.append(1) or real_apply(*a))
     monkeypatch.setattr(depth_stream, "_same_view", lambda a, b: same.append(real_same_view(a, b)) or same[-1])
     got = step()

@@ -7,8 +7,8 @@ the Triton interpreter on the CPU; the ``cuda`` test checks the compiled kernel 
 import pytest
 import torch
 
-from moda_cuda import layers
-from moda_cuda.layers import apply_rotary, rotary_tables
+from moda_cuda import rotary as rotary_policy
+from moda_cuda.rotary import apply_rotary, rotary_tables
 from moda_cuda.triton_ref.rotary import rotary
 
 
@@ -137,7 +137,7 @@ def test_empty_input():
 
 def test_apply_rotary_keeps_pytorch_ops_where_the_kernel_does_not_serve():
     x, cos, sin = _inputs(2, 4, 2, 8, torch.float32, torch.float32, False)
-    assert not layers._fused_rotary_serves(x, (cos, sin))  # CPU
+    assert not rotary_policy.fused_rotary_serves(x, (cos, sin))  # CPU
     with torch.no_grad():
         assert torch.equal(apply_rotary(x, (cos, sin)), _pytorch(x, cos, sin))
 
@@ -146,8 +146,8 @@ def test_apply_rotary_keeps_pytorch_ops_where_the_kernel_does_not_serve():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_on_gpu_apply_rotary_takes_the_kernel(dtype):
     x, cos, sin = _inputs(4, 3, 8, 64, dtype, torch.float32, True, device="cuda", strided=True)
-    assert layers._fused_rotary_serves(x, (cos, sin))
-    assert not layers._fused_rotary_serves(x, (cos[:1], sin[:1]))  # tables of another batch: PyTorch broadcasts
+    assert rotary_policy.fused_rotary_serves(x, (cos, sin))
+    assert not rotary_policy.fused_rotary_serves(x, (cos[:1], sin[:1]))  # tables of another batch: PyTorch broadcasts
     # With gradients: the differentiable form, PyTorch's forward and gradient bit for bit.
     leaf = x.detach().requires_grad_()
     y = apply_rotary(leaf, (cos, sin))
