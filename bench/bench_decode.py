@@ -28,13 +28,12 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import moda_cuda
-from bench_moda import _rel, run_metadata
+from bench_common import rel_err, run_metadata
 from host_overhead import per_call_us
 
 HEADS = dict(Hq=32, Hk=8, D=128, L=32)
@@ -145,7 +144,7 @@ def check_ours(case: Case) -> float:
                                                 k=case.k[0][:1], v=case.v[0][:1], cache_seqlens=case.seqlens[:1])
     ref, _ = attention_with_kvcache_ref(case.q[0][:1].float(), kc.float(), vc.float(), case.depth_k[0][:1].float(),
                                         case.depth_v[0][:1].float(), case.seqlens[:1], None)
-    return _rel(out, ref)
+    return rel_err(out, ref)
 
 
 def depth_memory(B: int, T: int) -> dict:

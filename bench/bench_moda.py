@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 import moda_cuda
+from bench_common import bench_ms, fwd_bwd_step, rel_err, run_metadata
 from moda_cuda.reference import moda_attention_ref
 
 
@@ -58,36 +56,6 @@ SHAPES = {
 }
 # The benchmark shapes and the same without depth: the difference is what the depth part costs.
 SHAPES["probe"] = SHAPES["benchmark"] + [Shape(s.B, s.T, s.Hq, s.Hk, s.D, 0) for s in SHAPES["benchmark"]]
-
-
-def _bench(fn) -> float:
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=100, rep=500, return_mode="median")
-
-
-def _fwd_bwd(fn, inputs, grad_out):
-    def step():
-        return torch.autograd.grad(fn(*inputs), inputs, grad_out)
-
-    return step
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def run_metadata(script: str, argv=None) -> dict:
-    """When, where and with what a benchmark ran, and the command that reproduces it."""
-    return {
-        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "python": platform.python_version(),
-        "moda_cuda": moda_cuda.__version__,
-        "command": "python " + " ".join([os.path.relpath(script)] + (argv or sys.argv[1:])),
-    }
 
 
 def make_inputs(s: Shape, seed: int = 0):
@@ -150,7 +118,7 @@ def kernel_breakdown(fn, inputs, grad_out, steps: int = 5):
     """Mean GPU time per kernel over a few forward+backward steps (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = _fwd_bwd(fn, inputs, grad_out)
+    step = fwd_bwd_step(fn, inputs, grad_out)
     step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -169,7 +137,7 @@ def bench_shape(s: Shape, backends, check: bool, breakdown: bool = False, fwd_on
     from torch.nn.attention import SDPBackend
 
     def step_ms(fn, inputs, grad):  # forward+backward time, unless only forwards are timed
-        return None if fwd_only else _bench(_fwd_bwd(fn, inputs, grad))
+        return None if fwd_only else bench_ms(fwd_bwd_step(fn, inputs, grad))
 
     inputs = make_inputs(s)
     grad_out = torch.randn(s.B, s.T, s.Hq, s.D, device="cuda", dtype=torch.bfloat16)
@@ -189,7 +157,7 @@ def bench_shape(s: Shape, backends, check: bool, breakdown: bool = False, fwd_on
             f_in = to_flex(*inputs)
             flex_out = from_flex(flex_run(*f_in)).detach()
             f_grad = grad_out.reshape(s.B, s.T, s.Hk, s.G, s.D).permute(0, 2, 1, 3, 4).reshape(s.B, s.Hk, -1, s.D)
-            record("flex_attention MoDA", _bench(lambda: flex_run(*f_in)), step_ms(flex_run, f_in, f_grad))
+            record("flex_attention MoDA", bench_ms(lambda: flex_run(*f_in)), step_ms(flex_run, f_in, f_grad))
         except Exception as exc:  # a baseline that cannot run is reported, not fatal
             record("flex_attention MoDA", None, None, f"failed: {type(exc).__name__}: {str(exc)[:120]}")
 
@@ -204,10 +172,10 @@ def bench_shape(s: Shape, backends, check: bool, breakdown: bool = False, fwd_on
             sub = [inputs[0][:, :, : s.G], inputs[1][:, :, :1], inputs[2][:, :, :1], inputs[3][:, :, :, :1],
                    inputs[4][:, :, :, :1]]
             ref = moda_attention_ref(*[x.detach() for x in sub])
-            errors[name] = {"vs_reference_kv_head0": _rel(out[:, :, : s.G], ref)}
+            errors[name] = {"vs_reference_kv_head0": rel_err(out[:, :, : s.G], ref)}
             if flex_out is not None:
-                errors[name]["vs_flex"] = _rel(out, flex_out)
-        record(f"moda_cuda[{name}]", _bench(lambda: fn(*inputs)), step_ms(fn, inputs, grad_out),
+                errors[name]["vs_flex"] = rel_err(out, flex_out)
+        record(f"moda_cuda[{name}]", bench_ms(lambda: fn(*inputs)), step_ms(fn, inputs, grad_out),
                " ".join(f"{k}={v:.1e}" for k, v in errors.get(name, {}).items()))
         if breakdown:
             kernels = kernel_breakdown(fn, inputs, grad_out)
@@ -223,7 +191,7 @@ def bench_shape(s: Shape, backends, check: bool, breakdown: bool = False, fwd_on
         run = sdpa_plain(backend)
         try:
             run(qt, kt, vt)
-            record(label, _bench(lambda: run(qt, kt, vt)), step_ms(run, (qt, kt, vt), gt))
+            record(label, bench_ms(lambda: run(qt, kt, vt)), step_ms(run, (qt, kt, vt), gt))
         except Exception as exc:
             record(label, None, None, f"failed: {type(exc).__name__}: {str(exc)[:120]}")
     return {"shape": asdict(s), "flops_fwd": s.flops(), "results": rows, "errors": errors}

@@ -16,7 +16,7 @@ Around each centre one factor moves at a time:
 
 A point equal to the centre is measured once per centre and reused by every sweep that
 contains it. For every point, forward and forward+backward (``triton.testing.do_bench``
-medians, ms, through ``bench_moda._bench``):
+medians, ms, through ``bench_common.bench_ms``):
 
 * ``moda_attention`` with ``backend="auto"`` and with each available fast backend (``cuda``,
   ``triton``); a backend that cannot serve the input raises ValueError, recorded as null
@@ -77,7 +77,8 @@ import torch
 import torch.nn.functional as F
 
 import moda_cuda
-from bench_moda import Shape, _bench, _fwd_bwd, _rel, make_inputs
+from bench_common import bench_ms, fwd_bwd_step, rel_err
+from bench_moda import Shape, make_inputs
 from moda_cuda.reference import moda_attention_ref
 
 # ----------------------------------------------------------------------------- the points
@@ -454,7 +455,7 @@ def copy_bandwidth(gib: float = 4.0) -> dict:
             break
         except torch.cuda.OutOfMemoryError:
             nbytes //= 2
-    ms = _bench(lambda: dst.copy_(src))
+    ms = bench_ms(lambda: dst.copy_(src))
     del src, dst
     torch.cuda.empty_cache()
     return {"copy_bytes": nbytes, "copy_ms": ms, "copy_bytes_per_s": 2 * nbytes / (ms * 1e-3)}
@@ -535,8 +536,8 @@ def _cudnn_runner(p: Point, inputs, grad_out):
 
 def _time(run, args, grad) -> dict:
     r = {}
-    r["fwd_ms"], r["fwd_error"] = _attempt(lambda: _bench(lambda: run(*args)))
-    r["fwd_bwd_ms"], r["fwd_bwd_error"] = _attempt(lambda: _bench(_fwd_bwd(run, args, grad)))
+    r["fwd_ms"], r["fwd_error"] = _attempt(lambda: bench_ms(lambda: run(*args)))
+    r["fwd_bwd_ms"], r["fwd_bwd_error"] = _attempt(lambda: bench_ms(fwd_bwd_step(run, args, grad)))
     _free()
     return r
 
@@ -566,7 +567,7 @@ def measure_point(p: Point, backends: Sequence[str], bw: dict, check: bool) -> d
         if check:
             r["finite"] = bool(torch.isfinite(out).all())
             if ref is not None:
-                r["rel_err"] = _rel(view(out), ref)
+                r["rel_err"] = rel_err(view(out), ref)
             r["check"] = "ok" if r["finite"] and r.get("rel_err", 0.0) <= CHECK_TOL else "FAILED"
         del out
         r.update(_time(fn, inputs, grad_out))

@@ -28,7 +28,8 @@ import time
 import torch
 
 import moda_cuda
-from bench_moda import Shape, _bench, _fwd_bwd, _rel, make_inputs
+from bench_common import bench_ms, fwd_bwd_step, rel_err
+from bench_moda import Shape, make_inputs
 
 # name: (N tokens, documents, Hq, Hk, D, L); mean document length N / documents.
 PROBLEMS = {
@@ -129,18 +130,18 @@ def bench_problem(N, docs, Hq, Hk, D, L, providers=PROVIDERS, measured=lambda pr
             def fn(*x, _b=provider):
                 return packed(*x, backend=_b)
 
-            record(f"moda_cuda[{provider}] cu_seqlens", _bench(lambda: fn(*inputs)),
-                   _bench(_fwd_bwd(fn, inputs, grad_out)), _rel(fn(*inputs).detach(), want))
+            record(f"moda_cuda[{provider}] cu_seqlens", bench_ms(lambda: fn(*inputs)),
+                   bench_ms(fwd_bwd_step(fn, inputs, grad_out)), rel_err(fn(*inputs).detach(), want))
         elif provider == "per_document":
-            record("moda_cuda one call per document", _bench(lambda: per_document(*inputs)),
-                   _bench(_fwd_bwd(per_document, inputs, grad_out)))
+            record("moda_cuda one call per document", bench_ms(lambda: per_document(*inputs)),
+                   bench_ms(fwd_bwd_step(per_document, inputs, grad_out)))
         else:
             depth = provider == "flex_moda"
             to_flex, run, from_flex = flex_documents(N, G, L, Hk, D, lengths, depth)
             f_in = to_flex(*inputs)
-            err = _rel(from_flex(run(*f_in)).detach(), want) if depth else None
+            err = rel_err(from_flex(run(*f_in)).detach(), want) if depth else None
             f_grad = grad_out.reshape(1, N, Hk, G, D).permute(0, 2, 1, 3, 4).reshape(1, Hk, -1, D)
-            record(FLEX_LABELS[provider], _bench(lambda: run(*f_in)), _bench(_fwd_bwd(run, f_in, f_grad)), err)
+            record(FLEX_LABELS[provider], bench_ms(lambda: run(*f_in)), bench_ms(fwd_bwd_step(run, f_in, f_grad)), err)
     return problem
 
 
@@ -157,12 +158,12 @@ def bench_one_document(N, Hq, Hk, D, L):
         def packed(*x, _b=backend):
             return moda_cuda.moda_attention(*x, cu_seqlens=cu, max_seqlen=N, backend=_b)
 
-        err = _rel(packed(*inputs).detach(), dense(*inputs).detach())
+        err = rel_err(packed(*inputs).detach(), dense(*inputs).detach())
         # Alternate the two twice so drift in clocks hits both alike; keep each one's best median.
         times = {"dense": [], "packed": []}
         for _ in range(2):
             for name, fn in (("dense", dense), ("packed", packed)):
-                times[name].append((_bench(lambda: fn(*inputs)), _bench(_fwd_bwd(fn, inputs, grad_out))))
+                times[name].append((bench_ms(lambda: fn(*inputs)), bench_ms(fwd_bwd_step(fn, inputs, grad_out))))
         (df, db), (pf, pb) = (tuple(map(min, zip(*times[k]))) for k in ("dense", "packed"))
         rows.append({"backend": backend, "dense_fwd_ms": df, "dense_fwd_bwd_ms": db, "packed_fwd_ms": pf,
                      "packed_fwd_bwd_ms": pb, "fwd_ratio": pf / df, "fwd_bwd_ratio": pb / db,

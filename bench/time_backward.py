@@ -25,7 +25,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_moda  # noqa: E402
+from bench_common import fwd_bwd_step  # noqa: E402
 from bench_moda import Shape, kernel_breakdown, make_inputs  # noqa: E402
 from profile_ncu import parse_shape  # noqa: E402
 
@@ -33,11 +33,6 @@ import moda_cuda  # noqa: E402
 
 SHAPES = [Shape(1, 16384, 64, 8, 64, 64), Shape(1, 16384, 64, 8, 64, 0), Shape(1, 8192, 32, 8, 128, 32),
           Shape(1, 4096, 64, 8, 64, 64)]
-
-
-def _fwd_bwd(fn, inputs, grad_out):
-    # allow_unused: with L = 0 the depth tensors are empty and get no gradient
-    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out, allow_unused=True)
 
 
 def _parse_shape(text: str) -> Shape:
@@ -56,7 +51,6 @@ def main() -> int:
     a = p.parse_args()
     seqlens = {int(t) for t in a.seqlens.split(",") if t}
     shapes = a.shape or SHAPES
-    bench_moda._fwd_bwd = _fwd_bwd  # kernel_breakdown steps through it too
     rows = []
     for s in shapes:
         if seqlens and s.T not in seqlens:
@@ -67,7 +61,7 @@ def main() -> int:
             def fn(*x, _b=backend.split("+")[0], _det=backend.endswith("+deterministic")):
                 return moda_cuda.moda_attention(*x, backend=_b, deterministic=_det)
 
-            ms = triton.testing.do_bench(_fwd_bwd(fn, inputs, grad_out), warmup=100, rep=300)
+            ms = triton.testing.do_bench(fwd_bwd_step(fn, inputs, grad_out), warmup=100, rep=300)
             kernels = kernel_breakdown(fn, inputs, grad_out)
             rows.append(dict(shape=[s.B, s.T, s.Hq, s.Hk, s.D, s.L], backend=backend, fwd_bwd_ms=ms, kernels=kernels))
             top = "  ".join(f"{t:.3f} {name[:28]}" for name, t in list(kernels.items())[:4])
