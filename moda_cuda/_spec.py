@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The kernels index a batch entry (dispatch) or a cache row (kvcache) with 32-bit offsets.
+MAX_INT32 = 2**31 - 1
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def _time_major(x: Optional[torch.Tensor], head_first: bool) -> Optional[torch.T
     return x.transpose(1, 2) if (x is not None and head_first) else x
 
 
-def _check_group(moda_group_num: Any) -> int:
+def _check_moda_group_num(moda_group_num: Any) -> int:
     if isinstance(moda_group_num, bool) or not isinstance(moda_group_num, int) or moda_group_num < 1:
         raise ValueError(f"moda_group_num must be a positive int, got {moda_group_num!r}")
     return moda_group_num
@@ -86,7 +86,7 @@ def _fold(fn: str, q, k, v, g, cached_k, cached_v, cu_seqlens, moda_group_num, h
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{fn}: cu_seqlens must be an int32 or int64 tensor of token offsets")
         cu_seqlens = cu_seqlens.to(torch.int32)
-    G = _check_group(moda_group_num)
+    G = _check_moda_group_num(moda_group_num)
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T*G, Hk, D] (or [B, Hk, T*G, D] with head_first), got {list(q.shape)}")
     qt = _time_major(q, head_first)

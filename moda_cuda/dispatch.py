@@ -34,11 +34,10 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from . import _cuda_ext
-from ._spec import MoDAShape
+from ._spec import MAX_INT32, MoDAShape
 from .reference import moda_attention_ref, moda_attention_ref_backward
 
 ENV_VAR = "MODA_BACKEND"
-_MAX_INT32 = 2**31 - 1
 _warned: set = set()
 
 
@@ -105,7 +104,7 @@ def _triton_unavailable() -> Optional[str]:
 def _int32_offsets_refuse(tensors) -> Optional[str]:
     for t in tensors:
         # The Triton kernels offset the batch in int64 and everything inside one batch entry in int32.
-        if t is not None and sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) > _MAX_INT32:
+        if t is not None and sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) > MAX_INT32:
             return "one batch entry spans more than 2**31 elements (int32 offsets)"
     return None
 
@@ -153,7 +152,7 @@ CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (64, 128)
 CUDA_GROUPS = (1, 2, 4, 8, 16)
 CUDA_MAX_DEPTH = 256
-_TMA_ALIGN_BYTES = 16
+TMA_ALIGN_BYTES = 16
 _TMA_STRIDE_ELEMS = 8  # 16 bytes of float16/bfloat16
 _TENSOR_NAMES = ("q", "k", "v", "depth_k", "depth_v")
 
@@ -193,8 +192,8 @@ def _layout_refuses(name: str, t: torch.Tensor) -> Optional[str]:
         return (f"{name} has strides {tuple(t.stride())}; the CUDA kernel needs every stride but the last to be a "
                 f"multiple of {_TMA_STRIDE_ELEMS} elements (16 bytes, TMA)")
     # An empty depth tensor (L = 0) is never read: the kernel ignores its pointer.
-    if t.numel() > 0 and t.data_ptr() % _TMA_ALIGN_BYTES != 0:
-        return f"{name}'s data pointer is not {_TMA_ALIGN_BYTES}-byte aligned (TMA)"
+    if t.numel() > 0 and t.data_ptr() % TMA_ALIGN_BYTES != 0:
+        return f"{name}'s data pointer is not {TMA_ALIGN_BYTES}-byte aligned (TMA)"
     return None
 
 

@@ -126,13 +126,13 @@ def _check_call(q, k, v, depth_k, depth_v, group, layout, scale, causal, depth_c
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, deterministic, backend)
-    _check_group(group)
+    _check_process_group(group)
     ring = RingExchange(group)
     _check_depth_chunk(q.shape[1], ring.world_size, layout, depth_chunk)
     return ring
 
 
-def _check_group(group) -> None:
+def _check_process_group(group) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("context parallelism needs torch.distributed initialised (init_process_group)")
     if group is None:
@@ -281,7 +281,7 @@ class ContextParallel:
 
     def __post_init__(self) -> None:
         check_layout(self.layout)
-        _check_group(self.group)
+        _check_process_group(self.group)
 
     @property
     def rank(self) -> int:

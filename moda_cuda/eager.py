@@ -40,7 +40,6 @@ from . import dispatch
 from ._spec import MoDAShape, check_cu_seqlens, default_scale, packed_documents
 from .ops import check_call, finish_backward, finish_forward, kvcache_backend, kvcache_runner, run_with_kvcache
 
-_TMA_ALIGN = 16
 
 
 class Plan:
@@ -98,7 +97,7 @@ def _key(tensors, options):
         elif type(t) is not torch.Tensor:  # a subclass: never cached (its layout may mean anything)
             return None
         else:  # the device of each tensor is checked against q's: it is part of the key too
-            key.append((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % _TMA_ALIGN == 0))
+            key.append((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % dispatch.TMA_ALIGN_BYTES == 0))
     return tuple(key)
 
 

@@ -25,13 +25,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._spec import FLOAT_DTYPES, default_scale
+from ._spec import FLOAT_DTYPES, MAX_INT32, default_scale
 
 __all__ = ["check_kvcache_inputs", "attention_with_kvcache_ref", "decode_backend", "triton_refuses"]
 
 BACKENDS = ("auto", "triton", "reference")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_INT32 = 2**31 - 1
 _warned: set = set()
 
 
@@ -150,7 +149,7 @@ def triton_refuses(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     st = k_cache.stride()
     if st != v_cache.stride() or st[-1] != 1:
         return "k_cache and v_cache must share one layout with contiguous rows (they are written in place)"
-    if st[1] * (k_cache.shape[1] - 1) + st[2] * (k_cache.shape[2] - 1) + D > _MAX_INT32:
+    if st[1] * (k_cache.shape[1] - 1) + st[2] * (k_cache.shape[2] - 1) + D > MAX_INT32:
         return "one batch entry of the cache spans more than 2**31 elements (int32 offsets)"
     return None
 

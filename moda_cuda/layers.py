@@ -418,11 +418,11 @@ class MoDABlock(nn.Module):
             slot = self.layer_idx * self.config.slots_per_layer
         if cu_seqlens is not None and rope is None and self.config.rope:
             rope = _rope_tables(self.config, x.shape[1], x.device, cu_seqlens)  # shared by attn and FFN k
-        packed = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache)
+        attn_options = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache)
         if self.config.norm == "pre":
-            h = x + self.attn(self.norm1(x), stream, slot, rope, append=self.writes_depth, **packed)
+            h = x + self.attn(self.norm1(x), stream, slot, rope, append=self.writes_depth, **attn_options)
             return h + self._mlp(self.norm2(h), stream, rope, cu_seqlens)
-        h = self.norm1(x + self.attn(x, stream, slot, rope, append=self.writes_depth, **packed))
+        h = self.norm1(x + self.attn(x, stream, slot, rope, append=self.writes_depth, **attn_options))
         return self.norm2(h + self._mlp(h, stream, rope, cu_seqlens))
 
 
