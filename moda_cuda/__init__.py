@@ -10,7 +10,7 @@ Entry points:
 * :func:`moda_attention_with_kvcache` -- new tokens against a KV cache (decoding).
 * :mod:`moda_cuda.reference` -- the pure-PyTorch definition every backend is tested against.
 * :mod:`moda_cuda.compat` -- ``parallel_moda``, ``parallel_moda_chunk_visible``, ``parallel_fda``:
-  drop-ins for the reference MoDA Triton package's entry points.
+  drop-ins for the original MoDA Triton package's entry points.
 * :func:`context_parallel_moda_attention` (:mod:`moda_cuda.distributed`) -- the op over a
   sequence sharded across the ranks of a process group (a ring of point-to-point sends).
 * :mod:`moda_cuda.layers`, :mod:`moda_cuda.generation` -- blocks, the LM and ViT, ``generate()``.

@@ -1,4 +1,5 @@
-"""Drop-ins for the reference MoDA Triton package's three attention entry points.
+"""Drop-ins for the three attention entry points of the original MoDA Triton package (whose
+own test suite passes against these functions).
 
 * :func:`parallel_moda`: sequence keys of the layer (causal or not) plus the depth rows of
   the query's own position.
@@ -136,7 +137,7 @@ def parallel_moda(
     head_first: bool = False,
     need_lse: bool = False,
 ) -> Result:
-    """MoDA in the reference package's layout; see the module docstring.
+    """MoDA in the original package's layout; see the module docstring.
 
     ``moda_group_num`` is G, the query heads per kv head. ``g`` (log gates) is not supported
     and raises; ``cu_seqlens``: packed documents (module docstring).

@@ -1,4 +1,4 @@
-"""moda_cuda.compat: the reference MoDA package's entry points, layout and lse units."""
+"""moda_cuda.compat: the original MoDA package's entry points, layout and lse units."""
 
 import math
 
