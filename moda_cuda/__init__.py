@@ -24,6 +24,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import eager as _eager
+from . import kvcache_op as _kvcache_op  # registers torch.ops.moda.attention_with_kvcache
 from . import ops as _ops  # registers torch.ops.moda.*
 from ._spec import check_inputs  # noqa: F401  (public: validate without running)
 from ._version import __version__

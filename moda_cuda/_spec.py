@@ -17,6 +17,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_INT32 = 2**31 - 1
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of lse (and of the arithmetic behind it): float32, except that float64 inputs
+    keep float64 (exact gradient checks)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclass(frozen=True)
 class MoDAShape:
     """Sizes of one MoDA problem, derived from validated inputs."""

@@ -59,6 +59,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from ._ring_exchange import RingExchange
+from ._spec import lse_dtype
 from ._sequence_shards import check_layout, pieces_per_rank, sequence_positions, shard_sequence, visible_blocks
 from .ops import attention_op, check_call
 
@@ -160,10 +161,6 @@ def _check_depth_chunk(local_len: int, world_size: int, layout: str, depth_chunk
 # ----------------------------------------------------------------------------- the ring
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _per_row(x: torch.Tensor) -> torch.Tensor:
     """``[B, H, T]`` row statistics -> ``[B, T, H, 1]``, to scale ``out [B, T, H, D]``."""
     return x.transpose(1, 2).unsqueeze(-1)
@@ -173,7 +170,7 @@ class _RunningSoftmax:
     """``out`` and ``lse`` of each query row over the key blocks merged so far."""
 
     def __init__(self, out: torch.Tensor, lse: torch.Tensor) -> None:
-        dtype = _accumulation_dtype(out.dtype)
+        dtype = lse_dtype(out.dtype)
         self.out, self.lse = out.to(dtype), lse.to(dtype)
 
     def merge(self, rows: slice, out: torch.Tensor, lse: torch.Tensor) -> None:
@@ -223,7 +220,7 @@ def _ring_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, ring
         ddk = ddv = None  # the op's placeholders for absent inputs
     if W == 1:
         return dq, dk, dv, ddk, ddv
-    acc = _accumulation_dtype(q.dtype)
+    acc = lse_dtype(q.dtype)
     dq = dq.to(acc)
     # The dK/dV accumulator of the k/v this rank holds; it follows them around the ring.
     returning = ring.pass_on(torch.stack((dk, dv)).to(acc))

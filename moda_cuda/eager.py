@@ -38,7 +38,8 @@ from torch.autograd.function import once_differentiable
 
 from . import dispatch
 from ._spec import MoDAShape, check_cu_seqlens, default_scale, packed_documents
-from .ops import check_call, finish_backward, finish_forward, kvcache_backend, kvcache_runner, run_with_kvcache
+from .kvcache_op import kvcache_backend, kvcache_runner, run_with_kvcache
+from .ops import check_call, finish_backward, finish_forward
 
 
 
@@ -180,7 +181,7 @@ def with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, sca
     """``(out, lse)`` of ``torch.ops.moda.attention_with_kvcache``, run directly (the caller
     checked :func:`usable`). A decode step repeats one layout for every token and layer, so
     its validation, backend choice and the kernel's launch arguments but the addresses (a
-    pure function of the key, as for :func:`attention`; ``ops.kvcache_runner``) are cached;
+    pure function of the key, as for :func:`attention`; ``kvcache_op.kvcache_runner``) are cached;
     the cache is written by the kernel in place either way."""
     tensors = (q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens)
     key = None

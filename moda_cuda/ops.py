@@ -1,4 +1,4 @@
-"""``torch.ops.moda``: the one MoDA operator, its fake implementation and its autograd.
+"""``torch.ops.moda``: the MoDA attention operator, its fake implementation and its autograd.
 
 * ``moda::attention`` -- the public op; ``backend="auto"`` policy (``MODA_BACKEND`` honoured).
 * ``moda::attention_with_backend`` -- the same op with the backend named, used when a caller
@@ -7,9 +7,8 @@
   the backend auto picks for the backward (``dispatch``), which need not be the forward's.
 * ``moda::attention_varlen`` / ``moda::attention_varlen_backward`` -- the same for documents
   packed into batch 1 (``cu_seqlens``, ``max_seqlen`` as in flash-attn's varlen API).
-* ``moda::attention_with_kvcache`` -- new tokens against a KV cache (decoding; writes the new
-  keys into the cache in place; ``moda_cuda.kvcache``; the Triton split-KV kernel on CUDA).
-  Not differentiable.
+
+The decode op, ``moda::attention_with_kvcache``, is registered by ``kvcache_op``.
 
 ``deterministic=True`` asks for bitwise-repeatable gradients: the compiled backward then
 computes dQ without atomics; the Triton and reference backwards are deterministic by
@@ -21,15 +20,12 @@ The kernels are registered for CPU and CUDA; each resolves its backend at run ti
 
 from __future__ import annotations
 
-import functools
-
 from typing import Optional
 
 import torch
 
 from . import dispatch
-from ._spec import MoDAShape, check_cu_seqlens, check_inputs, default_scale, packed_documents
-from .kvcache import attention_with_kvcache_ref, check_kvcache_inputs, decode_backend, write_new_keys
+from ._spec import MoDAShape, check_cu_seqlens, check_inputs, default_scale, lse_dtype, packed_documents
 
 _ARGS = "Tensor q, Tensor? k, Tensor? v, Tensor? depth_k, Tensor? depth_v, float? scale=None, " \
         "bool causal=True, int depth_chunk=1, bool deterministic=False"
@@ -50,11 +46,6 @@ torch.library.define("moda::attention_varlen",
                      f"str backend='auto') -> {_FWD_OUT}")
 torch.library.define("moda::attention_varlen_backward",
                      _BWD_SCHEMA.replace("Tensor lse, ", f"Tensor lse, {_PACKED}, "))
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float32 always, except that float64 inputs keep float64 statistics (exact gradchecks).
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _problem(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, cu_seqlens, max_seqlen):
@@ -79,7 +70,7 @@ def finish_forward(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
     """Outputs contiguous whatever the backend (the fake implementation promises it), lse in
     float32 (float64 for float64 inputs). A conversion that changes nothing is not called:
     ``Tensor.to`` costs a microsecond of host time even then."""
-    want = _lse_dtype(q.dtype)
+    want = lse_dtype(q.dtype)
     return out.contiguous(), (lse if lse.dtype == want else lse.to(want)).contiguous()
 
 
@@ -91,7 +82,7 @@ def finish_backward(grads):
 def _fake_forward(q, k, v, depth_k, depth_v, scale=None, causal=True, depth_chunk=1, deterministic=False,
                   backend="auto"):
     B, T, Hq, D = q.shape
-    return q.new_empty((B, T, Hq, D)), q.new_empty((B, Hq, T), dtype=_lse_dtype(q.dtype))
+    return q.new_empty((B, T, Hq, D)), q.new_empty((B, Hq, T), dtype=lse_dtype(q.dtype))
 
 
 def _varlen_forward(q, k, v, depth_k, depth_v, cu_seqlens, max_seqlen=None, scale=None, causal=True, depth_chunk=1,
@@ -180,78 +171,6 @@ for _name, _impl, _fake, _varlen in (("attention", _forward, _fake_forward, Fals
     torch.library.register_kernel(f"moda::{_name}", ("cpu", "cuda"), _impl)
     torch.library.register_fake(f"moda::{_name}")(_fake)
     torch.library.register_autograd(f"moda::{_name}", _backward, setup_context=_context_setup(_varlen))
-torch.library.define("moda::attention_with_kvcache",
-                     "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? depth_k, Tensor? depth_v, Tensor? k, "
-                     f"Tensor? v, Tensor cache_seqlens, float? scale=None, int depth_chunk=1, str backend='auto') "
-                     f"-> {_FWD_OUT}")
-_moda_decode = None
-
-
-def _decode_kernel():
-    """The Triton decode launcher, imported at its first use (kept: no import per call)."""
-    global _moda_decode
-    if _moda_decode is None:
-        from .triton_ref.decode import moda_decode
-
-        _moda_decode = moda_decode
-    return _moda_decode
-
-
-def kvcache_backend(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale=None, depth_chunk=1,
-                    backend="auto") -> str:
-    """Validate a decode call (raises before any kernel) and name what runs it: "triton" or
-    "reference". A pure function of the inputs' shapes, strides, dtypes and devices, the
-    options and ``MODA_BACKEND``: the eager path caches it per layout."""
-    check_kvcache_inputs(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale, depth_chunk)
-    return decode_backend(backend, q, k_cache, v_cache)
-
-
-def run_with_kvcache(impl, q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale=None):
-    """A validated decode call by ``impl`` (:func:`kvcache_backend`'s answer)."""
-    if impl == "triton":
-        return _decode_kernel()(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens,
-                                default_scale(q.shape[-1], scale))
-    if k is not None:
-        write_new_keys(k_cache, v_cache, k, v, cache_seqlens)
-    out, lse = attention_with_kvcache_ref(q, k_cache, v_cache, depth_k, depth_v, cache_seqlens, scale)
-    return out.contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
-
-
-def kvcache_runner(impl, q, k_cache, v_cache, depth_k, depth_v, k, v, scale=None):
-    """``run(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens) -> (out, lse)`` for
-    validated calls laid out as these inputs (shapes, strides, dtypes, devices, 16-byte
-    alignment: the eager path's cache key), by ``impl`` (:func:`kvcache_backend`'s answer).
-    The Triton kernel's launches are worked out once (``PreparedDecode``)."""
-    if impl != "triton":
-        return functools.partial(run_with_kvcache, impl, scale=scale)
-    from .triton_ref.decode import prepare_decode
-
-    prepared = prepare_decode(q, k_cache, v_cache, k, v, depth_k, depth_v, default_scale(q.shape[-1], scale))
-
-    def run(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens):
-        return prepared(q, k_cache, v_cache, k, v, depth_k, depth_v, cache_seqlens)
-
-    return run
-
-
-def with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale=None, depth_chunk=1,
-                  backend="auto"):
-    # The one validation of a call through the op (the public function leaves it to the op,
-    # and the fake implementation runs it when traced).
-    impl = kvcache_backend(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale, depth_chunk, backend)
-    return run_with_kvcache(impl, q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale)
-
-
-def _fake_with_kvcache(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale=None, depth_chunk=1,
-                       backend="auto"):
-    check_kvcache_inputs(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seqlens, scale, depth_chunk)
-    B, S, Hq, D = q.shape
-    return q.new_empty((B, S, Hq, D)), q.new_empty((B, Hq, S), dtype=_lse_dtype(q.dtype))
-
-
-torch.library.register_kernel("moda::attention_with_kvcache", ("cpu", "cuda"), with_kvcache)
-torch.library.register_fake("moda::attention_with_kvcache")(_fake_with_kvcache)
-
 for _name, _impl in (("attention_backward", _backward_impl), ("attention_varlen_backward", _varlen_backward_impl)):
     torch.library.register_kernel(f"moda::{_name}", ("cpu", "cuda"), _impl)
     torch.library.register_fake(f"moda::{_name}")(_fake_backward)

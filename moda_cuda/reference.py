@@ -23,13 +23,9 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from ._spec import MoDAShape, check_cu_seqlens, check_inputs, default_scale, packed_documents
+from ._spec import MoDAShape, check_cu_seqlens, check_inputs, default_scale, lse_dtype, packed_documents
 
 __all__ = ["moda_attention_ref", "moda_attention_ref_backward"]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _group_heads(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -79,7 +75,7 @@ class _Logits(NamedTuple):
 
 
 def _logits(q, k, depth_k, shape: MoDAShape, scale: float, causal: bool, C: int) -> _Logits:
-    cd = _compute_dtype(q.dtype)
+    cd = lse_dtype(q.dtype)
     T, Hk = shape.seqlen, shape.kv_heads
     qg = _group_heads(q.to(cd), Hk)
     seq = depth = None
@@ -220,7 +216,7 @@ def moda_attention_ref_backward(
         return zero, None, None, torch.zeros_like(depth_k), torch.zeros_like(depth_v)
     C = depth_chunk
     sc = default_scale(shape.head_dim, scale)
-    cd = _compute_dtype(q.dtype)
+    cd = lse_dtype(q.dtype)
     B, T, Hk, G = shape.batch, shape.seqlen, shape.kv_heads, shape.group
     logits = _logits(q, k, depth_k, shape, sc, causal, C)
     lse_g = lse.to(cd).reshape(B, Hk, G, T, 1)
