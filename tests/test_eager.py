@@ -164,7 +164,7 @@ def test_decode_calls_are_validated_once_per_layout(pretend_cuda, monkeypatch):
 
 def test_decode_layouts_keep_their_prepared_kernel_launches(pretend_cuda, monkeypatch):
     """The eager decode path caches the Triton kernel's launches per layout
-    (ops.kvcache_runner): repeated calls with fresh values give the op's results."""
+    (kvcache_op.kvcache_runner): repeated calls with fresh values give the op's results."""
     monkeypatch.setattr(eager, "_decode_impls", {})
     g = torch.Generator().manual_seed(0)
 
