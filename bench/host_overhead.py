@@ -4,7 +4,8 @@ negligible and what is measured is the Python, dispatcher and launch path of one
 Each timing is the median over ``--rounds`` rounds of ``--calls`` eager calls, divided by the
 calls, with the GPU synchronized only around each round (what a model's layers see: the host
 runs ahead of the GPU as long as it is faster). Forward runs under ``torch.no_grad()``;
-forward+backward is ``autograd.grad`` of the output. On a GPU the forward+backward's GPU
+forward+backward is ``autograd.grad`` of the output, also timed as its two halves (the forward
+with gradients on, and the backward alone through a graph kept with ``retain_graph``). On a GPU the forward+backward's GPU
 time per call is reported beside it (torch.profiler): a host time close to it means the
 loop waited for the GPU; the profiler's table of host-side ops of each forward+backward is
 written beside the JSON (``profile_<implementation>.txt``). Prints a table and writes JSON.
@@ -129,7 +130,17 @@ def main(argv=None) -> int:
         def step(_fn=fn, _leaves=leaves, _g=g_out):
             torch.autograd.grad(_fn(), _leaves, _g)
 
+        # The two halves of a step apart: the forward with gradients on (it builds the
+        # autograd node; the graph is dropped), and the backward alone, through one graph
+        # kept with retain_graph.
+        graph = fn()
+
+        def backward(_out=graph, _leaves=leaves, _g=g_out):
+            torch.autograd.grad(_out, _leaves, _g, retain_graph=True)
+
         fwd, both = per_call_us(forward, args.calls, args.rounds, sync), per_call_us(step, args.calls, args.rounds, sync)
+        fwd_grad, bwd = per_call_us(fn, args.calls, args.rounds, sync), per_call_us(backward, args.calls, args.rounds, sync)
+        del graph
         gpu = None
         if device == "cuda":
             gpu, table = profile_step(step, args.calls)
@@ -137,9 +148,11 @@ def main(argv=None) -> int:
             name = "".join(c if c.isalnum() else "_" for c in label).strip("_")
             with open(os.path.join(args.out, f"profile_{name}.txt"), "w") as f:
                 f.write(f"{label}: forward+backward, {args.calls} calls under torch.profiler\n{table}\n")
-        rows.append({"impl": label, "forward_us": fwd, "forward_backward_us": both, "forward_backward_gpu_us": gpu})
+        rows.append({"impl": label, "forward_us": fwd, "forward_backward_us": both, "forward_backward_gpu_us": gpu,
+                     "forward_with_grad_us": fwd_grad, "backward_us": bwd})
         print(f"  {label:<28} forward {fwd:8.1f} us   forward+backward {both:8.1f} us"
-              + (f" (GPU {gpu:.1f} us)" if gpu is not None else ""), flush=True)
+              + (f" (GPU {gpu:.1f} us)" if gpu is not None else "")
+              + f"   apart: forward with grad {fwd_grad:.1f}, backward {bwd:.1f} us", flush=True)
 
     parts = cuda_parts(q, k, v, dk, dv, grad, args.calls, args.rounds, sync) if "cuda" in args.backends.split(",") \
         else []
@@ -154,12 +167,13 @@ def main(argv=None) -> int:
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows, "cuda_parts": parts}, f, indent=1)
     print(f"wrote {path}")
-    print("\n| implementation | forward us/call | forward+backward us/call | its GPU time us/call |")
-    print("|---|---|---|---|")
+    print("\n| implementation | forward us/call | forward+backward us/call | its GPU time us/call "
+          "| forward with grad | backward alone |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         gpu = row["forward_backward_gpu_us"]
         print(f"| {row['impl']} | {row['forward_us']:.1f} | {row['forward_backward_us']:.1f} | "
-              f"{'-' if gpu is None else f'{gpu:.1f}'} |")
+              f"{'-' if gpu is None else f'{gpu:.1f}'} | {row['forward_with_grad_us']:.1f} | {row['backward_us']:.1f} |")
     return 0
 
 
