@@ -17,6 +17,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_INT32 = 2**31 - 1
 
 
+def check_max_seqlen_alone(cu_seqlens, max_seqlen) -> None:
+    """``max_seqlen`` describes packed documents: given without ``cu_seqlens`` it is a mistake."""
+    if cu_seqlens is None and max_seqlen is not None:
+        raise ValueError(f"max_seqlen ({max_seqlen!r}) is given without cu_seqlens; it is the longest packed document")
+
+
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of lse (and of the arithmetic behind it): float32, except that float64 inputs
     keep float64 (exact gradient checks)."""
@@ -161,7 +167,8 @@ def packed_documents(cu_seqlens: torch.Tensor, total: int, max_seqlen: Optional[
     Reading the offsets is a device-to-host copy, which waits for the GPU. A model calls the
     op with the same ``cu_seqlens`` in every layer, forward and backward, so the result is
     kept on the tensor (keyed by its version counter, which any in-place change bumps): one
-    read per ``cu_seqlens`` tensor, not one per call.
+    read per ``cu_seqlens`` tensor, not one per call. A change that bumps no version (through
+    ``.data`` or memory shared with numpy) is not seen.
     """
     cached = getattr(cu_seqlens, "_moda_documents", None)
     if cached is not None and cached[0] == cu_seqlens._version and cached[1].offsets[-1] == total:

@@ -39,7 +39,9 @@ How this stays correct under autograd
    always explicit.
 4. *Activation checkpointing* (``torch.utils.checkpoint``, ``use_reentrant=False``)
    re-runs a layer's forward during backward, so the layer appends its slot a second
-   time. Layers pass their slot index (``append(k, v, slot=i)``); a write to an
+   time. Layers pass their slot index (``append(k, v, slot=i)``) and the slots they read
+   (``read(n)``, ``attention(.., n)``): a default taken from the stream's length in a
+   recomputation would differ from the forward's, so it raises there. A write to an
    already-written slot is accepted only while autograd is running a backward (that is,
    during recomputation) and then leaves the slot as it is: its contents are what the
    forward readers saw, so the recomputed graph sees the same values even when the
@@ -90,6 +92,16 @@ _REENTRANT = ("torch.utils.checkpoint with use_reentrant=True is not supported a
               "and appends: it runs the forward without gradients and backpropagates the recomputed "
               "layer in a nested backward pass, which the stream's per-pass gradient sums cannot follow "
               "(the depth gradients would come out wrong). Use checkpoint(..., use_reentrant=False).")
+
+
+def _refuse_implicit_in_recomputation(method: str, argument: str) -> None:
+    """A checkpointed region runs again in backward, when the stream holds every layer's slot:
+    ``length`` then is not what it was in the forward, so a default taken from it would read
+    or write other slots than the forward did (wrong gradients, or a checkpoint error)."""
+    if _in_backward() and torch.is_grad_enabled():
+        raise ValueError(f"DepthStream.{method}() inside a checkpointed region needs an explicit {argument}= "
+                         f"(its default, the stream's current length, changes by the time the region is "
+                         f"recomputed in backward)")
 
 
 def _check_not_nested(created_in: int) -> None:
@@ -394,6 +406,7 @@ class DepthStream:
         self._check_slot_tensor("k", k)
         self._check_slot_tensor("v", v)
         if slot is None:
+            _refuse_implicit_in_recomputation("append", "slot")
             slot = self._length
         elif isinstance(slot, bool) or not isinstance(slot, int):
             raise TypeError(f"slot must be an int or None, got {type(slot).__name__}")
@@ -452,6 +465,7 @@ class DepthStream:
         respect to the tensors that were appended to those slots.
         """
         if n is None:
+            _refuse_implicit_in_recomputation("read", "n")
             n = self._length
         elif isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"n must be an int or None, got {type(n).__name__}")

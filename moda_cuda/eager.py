@@ -37,7 +37,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import dispatch
-from ._spec import MoDAShape, check_cu_seqlens, default_scale, packed_documents
+from ._spec import MoDAShape, check_cu_seqlens, check_max_seqlen_alone, default_scale, packed_documents
 from .kvcache_op import kvcache_backend, kvcache_runner, run_with_kvcache
 from .ops import check_call, finish_backward, finish_forward
 
@@ -105,8 +105,10 @@ def _key(tensors, options):
 def _plan(tensors, scale, causal, depth_chunk, deterministic, backend, cu_seqlens, max_seqlen) -> Plan:
     key = None
     # Options of a wrong type are never cached: True == 1 == 1.0 in a key, and the checks
-    # must still refuse causal=1 or depth_chunk=True after a valid call cached its plan.
-    if type(causal) is bool and type(deterministic) is bool and type(depth_chunk) is int:
+    # must still refuse causal=1 or depth_chunk=True after a valid call cached its plan (nor
+    # can an unhashable one be looked up: the checks say what is wrong with it).
+    if type(causal) is bool and type(deterministic) is bool and type(depth_chunk) is int \
+            and type(scale) in (type(None), int, float) and type(backend) is str:
         key = _key(tensors, (type(scale), scale, causal, depth_chunk, deterministic, backend, cu_seqlens is None))
     plan = _plans.get(key) if key is not None else None
     if plan is not None:
@@ -129,6 +131,8 @@ def plan_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, determinist
     if cu_seqlens is not None:
         check_cu_seqlens(q, cu_seqlens, max_seqlen)
         documents = packed_documents(cu_seqlens, plan.shape.seqlen, max_seqlen)
+    else:  # (not part of the plan's key)
+        check_max_seqlen_alone(cu_seqlens, max_seqlen)
     return plan, documents
 
 

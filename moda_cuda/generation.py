@@ -110,17 +110,27 @@ def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_
     """[B, vocab] logits -> [B] tokens: argmax, or a sample after temperature, top-k, top-p."""
     if not do_sample:
         return logits.argmax(-1)
-    logits = logits.float() / max(temperature, 1e-6)
+    logits = logits.float() / max(temperature, 1e-6)  # temperature 0: greedy, as the limit
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
+    if top_p is not None and top_p < 1:  # (at 1 every token stays; float sums could drop a tail)
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(-1)
-        # Keep the smallest set whose mass reaches top_p (the most likely token always stays).
+        # Keep the smallest set whose mass reaches top_p; the most likely token always stays.
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[..., 0] = False
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _check_sampling(temperature, top_k, top_p) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
 
 
 @torch.no_grad()
@@ -147,12 +157,18 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
         raise ValueError(f"{T} prompt tokens + {max_new_tokens} new ones exceed max_seq_len {cfg.max_seq_len}")
     if cfg.depth_chunk != 1:
         raise ValueError("generate() needs depth_chunk = 1 (a new token's depth rows are its own)")
+    _check_sampling(temperature, top_k, top_p)
     device = input_ids.device
     lengths = torch.full((B,), T, dtype=torch.int32, device=device)
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must be shaped like input_ids {list(input_ids.shape)}")
         lengths = attention_mask.sum(-1).to(torch.int32)
+        # Right padding only: each row's ones first, at least one (a host read, once per call).
+        prefix = torch.arange(T, device=device) < lengths[:, None].long()
+        if not bool(((attention_mask != 0) == prefix).all()) or int(lengths.min()) < 1:
+            raise ValueError("attention_mask must be right-padded (each row 1s, then 0s) with at least one 1 per "
+                             "row; left padding is not supported")
     pad = eos_token_id if eos_token_id is not None else 0
     out = torch.full((B, T + max_new_tokens), pad, dtype=input_ids.dtype, device=device)
     out[:, :T] = torch.where(torch.arange(T, device=device) < lengths[:, None].long(), input_ids, pad)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import warnings
 from typing import Optional, Tuple
@@ -84,11 +85,15 @@ def check_kvcache_inputs(q, k_cache, v_cache, depth_k, depth_v, k, v, cache_seql
     if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,) or cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must be int32 [B={B}] on q's device, got {cache_seqlens.dtype} "
                          f"{_shape(cache_seqlens)} on {cache_seqlens.device}")
+    if B > 1 and cache_seqlens.stride(0) != 1:  # the kernel reads entry b at offset b
+        raise ValueError(f"cache_seqlens must be contiguous, got stride {cache_seqlens.stride(0)}")
     if isinstance(depth_chunk, bool) or not isinstance(depth_chunk, int) or depth_chunk != 1:
         raise ValueError(f"depth_chunk must be 1 with a KV cache (the new tokens carry their own depth rows), "
                          f"got {depth_chunk!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
     return L
 
 

@@ -295,7 +295,7 @@ class MoDAAttention(nn.Module):
         if layer_cache is not None and not layer_cache.prefill:
             depth = stream.read(slot) if stream is not None and slot > 0 else (None, None)
             out = moda_attention_with_kvcache(q, layer_cache.k, layer_cache.v, *depth, k=k, v=v,
-                                              cache_seqlens=layer_cache.seqlens)
+                                              cache_seqlens=layer_cache.seqlens, depth_chunk=cfg.depth_chunk)
         elif cp is not None:
             depth = stream.read(slot) if stream is not None and slot > 0 else (None, None)
             out = cp.attention(q, k, v, *depth, causal=self.causal, depth_chunk=cfg.depth_chunk, backend=cfg.backend)
@@ -448,7 +448,8 @@ class _Trunk(nn.Module):
             # never reused across steps (a new one costs one allocation, no memset needed).
             stream = DepthStream(B, T, cfg.depth_slots, cfg.n_kv_heads, cfg.head_dim,
                                  dtype=_stream_dtype(x), device=x.device)
-        use_ckpt = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        # (Not with a KV cache: its writes are no part of the graph a recomputation replays.)
+        use_ckpt = cfg.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for block in self.blocks:
             if use_ckpt:
                 x = checkpoint(block, x, stream, rope, cu_seqlens, max_seqlen, use_reentrant=False)
@@ -533,11 +534,20 @@ class MoDAForCausalLM(nn.Module):
             if cu_seqlens is not None or cache is not None:
                 raise ValueError("context parallelism takes neither packed documents (cu_seqlens) nor a KV cache")
             longest = T * cp.world_size  # the whole sequence, of which input_ids is this rank's shard
+        if cache is not None and (cu_seqlens is not None or self.config.depth_chunk != 1):
+            # A decoding token's depth rows are its own position's (depth_chunk 1), and the
+            # cache holds whole sequences, not packed documents.
+            raise ValueError("a KV cache needs depth_chunk = 1 and no cu_seqlens")
         if cu_seqlens is not None:
-            from ._spec import check_cu_seqlens
+            from ._spec import check_cu_seqlens, packed_documents
 
             check_cu_seqlens(input_ids[..., None, None], cu_seqlens, max_seqlen)
-            longest = max_seqlen if max_seqlen is not None else int(cu_seqlens.diff().max())
+            # The offsets' values checked here, before the rotary tables are sized and gathered
+            # by them (read once per cu_seqlens tensor: the attention calls reuse the reading).
+            documents = packed_documents(cu_seqlens, T, max_seqlen)
+            longest = max_seqlen if max_seqlen is not None else documents.max_seqlen
+        elif max_seqlen is not None:
+            raise ValueError(f"max_seqlen ({max_seqlen!r}) is given without cu_seqlens")
         if longest > self.config.max_seq_len:
             raise ValueError(f"sequence length {longest} exceeds max_seq_len {self.config.max_seq_len}")
         decoding = cache is not None and not cache.prefill

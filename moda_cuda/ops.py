@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 
 from . import dispatch
-from ._spec import MoDAShape, check_cu_seqlens, check_inputs, default_scale, lse_dtype, packed_documents
+from ._spec import (MoDAShape, check_cu_seqlens, check_inputs, check_max_seqlen_alone, default_scale, lse_dtype,
+                    packed_documents)
 
 _ARGS = "Tensor q, Tensor? k, Tensor? v, Tensor? depth_k, Tensor? depth_v, float? scale=None, " \
         "bool causal=True, int depth_chunk=1, bool deterministic=False"
@@ -184,6 +185,7 @@ def check_call(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, determinis
     shape = check_inputs(q, k, v, depth_k, depth_v, scale, causal, depth_chunk)
     if cu_seqlens is not None:
         check_cu_seqlens(q, cu_seqlens, max_seqlen)
+    check_max_seqlen_alone(cu_seqlens, max_seqlen)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     dispatch.check_backend_name(backend)

@@ -145,6 +145,27 @@ def test_reentrant_checkpointing_refused(mode, region):
         sum(o.sum() for o in outs).backward()
 
 
+@pytest.mark.parametrize("implicit", ["read", "append"])
+def test_checkpointed_region_needs_explicit_slots(implicit):
+    """Recomputed in backward, a region would take the defaults of n and slot from the stream's
+    length then (every layer's slots written), not from its forward's: that raises."""
+    x, ws = _params(3)
+    stream = DepthStream(B, T, 3, HK, D, dtype=F64)
+
+    def body(h_in, w_in, i):
+        n = None if implicit == "read" else i
+        h_out, k, v = _layer(h_in, w_in, lambda q, k, v: stream.attention(q, k, v, n))
+        stream.append(k, v, slot=None if implicit == "append" else i)
+        return h_out
+
+    h = x
+    with set_checkpoint_early_stop(False):
+        for i, w in enumerate(ws):
+            h = checkpoint(body, h, w, i, use_reentrant=False)
+        with pytest.raises(ValueError, match="explicit"):
+            h.sum().backward()
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_irregular_reads_match_stack(seed):
     """Reads at any points (repeated, skipping slots, smaller after larger), some slots or

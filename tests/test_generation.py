@@ -98,6 +98,52 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="depth_chunk = 1"):
         _model(dataclasses.replace(CONFIG, depth_chunk=2)).generate(ids, 2)
     assert torch.equal(model.generate(ids, 0), ids)
+    two = torch.zeros(2, 4, dtype=torch.long)
+    for mask in ([[0, 0, 1, 1], [1, 1, 1, 1]], [[1, 0, 1, 0], [1, 1, 1, 1]], [[0, 0, 0, 0], [1, 1, 1, 1]]):
+        with pytest.raises(ValueError, match="right-padded"):  # left padding, a gap, an empty row
+            model.generate(two, 2, attention_mask=torch.tensor(mask))
+    for options, message in ((dict(top_k=0), "top_k"), (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"),
+                             (dict(top_p=1.5), "top_p"), (dict(temperature=-1.0), "temperature")):
+        with pytest.raises(ValueError, match=message):
+            model.generate(ids, 2, do_sample=True, **options)
+
+
+def test_sampling_edges():
+    """top_p keeps at least the most likely token; top_p = 1 and top_k >= vocab keep every token;
+    temperature 0 samples greedily."""
+    from moda_cuda.generation import _next_tokens
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    assert _next_tokens(logits, True, 1.0, None, 1e-9, g).tolist() == [1, 0]
+    assert _next_tokens(logits, True, 0.0, None, None, g).tolist() == [1, 0]
+    seen = {tuple(_next_tokens(logits, True, 5.0, 10, 1.0, g).tolist()) for _ in range(200)}
+    assert {t[0] for t in seen} == {0, 1, 2}
+
+
+@torch.no_grad()
+def test_model_refuses_a_cache_it_cannot_serve():
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    cache = MoDAKVCache(CONFIG.n_layers, 1, 8, CONFIG.n_kv_heads, CONFIG.head_dim)
+    with pytest.raises(ValueError, match="depth_chunk = 1"):
+        _model(dataclasses.replace(CONFIG, depth_chunk=2))(ids, cache=cache)
+    with pytest.raises(ValueError, match="no cu_seqlens"):
+        _model()(ids, cache=cache, cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32))
+
+
+def test_prefill_with_gradient_checkpointing_fills_the_cache():
+    """Checkpointing is for training steps: with a cache the blocks run plainly, so the cache is
+    written (a recomputation would not replay the writes)."""
+    model = MoDAForCausalLM(dataclasses.replace(CONFIG, gradient_checkpointing=True)).double().train()
+    ids = torch.randint(0, 40, (1, 6), generator=torch.Generator().manual_seed(8))
+    cache = MoDAKVCache(CONFIG.n_layers, 1, 8, CONFIG.n_kv_heads, CONFIG.head_dim)
+    model(ids[:, :5], cache=cache)
+    cache.prefill = False
+    cache.seqlens.fill_(5)
+    with torch.no_grad():
+        step = model(ids[:, 5:], cache=cache).logits
+        full = model(ids).logits
+    assert torch.allclose(step[:, 0], full[:, 5], atol=1e-10)
 
 
 def test_save_and_load(tmp_path):

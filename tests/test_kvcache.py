@@ -80,6 +80,9 @@ def test_decode_step_under_torch_compile():
 @pytest.mark.parametrize("change, message", [
     (dict(cache_seqlens=torch.tensor([1, 2])), "cache_seqlens must be int32"),
     (dict(cache_seqlens=torch.tensor([1], dtype=torch.int32)), r"cache_seqlens must be int32 \[B=2\]"),
+    (dict(cache_seqlens=torch.tensor([[1, 9], [2, 9]], dtype=torch.int32)[:, 0]), "cache_seqlens must be contiguous"),
+    (dict(scale=float("nan")), "scale must be finite"),
+    (dict(scale=float("inf")), "scale must be finite"),
     (dict(k=None), "k and v must be given together"),
     (dict(depth_v=None), "depth_k and depth_v must be given together"),
     (dict(depth_chunk=2), "depth_chunk must be 1"),

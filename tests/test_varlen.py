@@ -190,6 +190,8 @@ def test_bad_batch_and_max_seqlen_raise():
         moda_cuda.moda_attention(*inputs, cu_seqlens=_cu([4, 7]), max_seqlen=5)
     with pytest.raises(TypeError, match="max_seqlen"):
         moda_cuda.moda_attention(*inputs, cu_seqlens=_cu([4, 7]), max_seqlen=7.0)
+    with pytest.raises(ValueError, match="without cu_seqlens"):
+        moda_cuda.moda_attention(*inputs, max_seqlen=11)
 
 
 @pytest.mark.cuda
@@ -268,6 +270,11 @@ def test_causal_lm_on_packed_documents_is_the_lm_per_document():
         assert rel_err(a, b) < 1e-6  # RMSNorm computes in float32: its weights' sums round there
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model(ids, cu_seqlens=_cu([20]))
+    # The offsets' values are checked before the rotary tables are sized by max_seqlen.
+    with pytest.raises(ValueError, match="smaller than the longest document"):
+        model(ids, cu_seqlens=_cu(lengths), max_seqlen=3)
+    with pytest.raises(ValueError, match="without cu_seqlens"):
+        model(ids[:, :8], max_seqlen=8)
 
 
 def test_offsets_are_read_once_per_tensor_and_again_after_a_change(monkeypatch):
