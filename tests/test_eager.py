@@ -122,6 +122,13 @@ def test_invalid_calls_raise_and_are_not_cached(pretend_cuda):
         moda_cuda.moda_attention(q, k, v, dk, dv, depth_chunk=True)
     with pytest.raises(TypeError, match="scale must be a float or None"):
         moda_cuda.moda_attention(q, k, v, dk, dv, scale=True)
+    # Unhashable options are never looked up: the checks say what is wrong with them.
+    with pytest.raises(TypeError, match="scale must be a float or None"):
+        moda_cuda.moda_attention(q, k, v, dk, dv, scale=[1.0])
+    with pytest.raises(TypeError, match="backend must be a str"):
+        moda_cuda.moda_attention(q, k, v, dk, dv, backend=["auto"])
+    with pytest.raises(ValueError, match="without cu_seqlens"):  # not part of a cached plan's key
+        moda_cuda.moda_attention(q, k, v, dk, dv, max_seqlen=7)
 
 
 def test_without_gradients_no_autograd_node_is_built():
