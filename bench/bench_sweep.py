@@ -54,9 +54,9 @@ slices (each slice gets a share of the expensive points) and merge:
     python bench/bench_sweep.py --merge DIR/bench_sweep_slice*of4.json --out DIR
         # DIR/bench_sweep.json, DIR/bench_sweep_d64.png, DIR/bench_sweep_d128.png, the table
 
-Without ``--slice`` one call measures every point and writes ``bench_sweep.json`` and the
-PNGs. ``--centres d64`` and ``--sweeps split,depth`` narrow the sweep. The JSON is rewritten
-after every point, so a call cut short keeps what it measured.
+Without ``--slice`` one run measures every point and writes ``bench_sweep.json`` and the
+PNGs. ``--centres d64``, ``--sweeps split,depth`` and ``--points 'd64 group=32'`` narrow the
+sweep. The JSON is rewritten after every point, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -617,6 +617,8 @@ def main(argv=None) -> int:
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine slice JSONs into DIR/bench_sweep.json")
     parser.add_argument("--centres", default=",".join(CENTRES), help="comma-separated: " + ", ".join(CENTRES))
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help="comma-separated: " + ", ".join(SWEEPS))
+    parser.add_argument("--points", help="comma-separated point labels (as --list prints them, e.g. "
+                                         "'d64 group=32,d128 centre'): only those")
     parser.add_argument("--no-check", action="store_true", help="skip the finite / reference checks")
     parser.add_argument("--list", action="store_true", help="print the points and exit (no GPU needed)")
     parser.add_argument("--copy-gib", type=float, default=4.0, help="size of the bandwidth probe (GiB)")
@@ -646,6 +648,12 @@ def main(argv=None) -> int:
     if bad or not centres or not sweeps:
         parser.error(f"unknown or empty centre/sweep: {', '.join(bad) or '(none given)'}")
     everything = build_points(centres, sweeps)
+    if args.points:
+        wanted = [w.strip() for w in args.points.split(",") if w.strip()]
+        unknown = [w for w in wanted if w not in {p.label() for p in everything}]
+        if unknown:
+            parser.error(f"no such point in these sweeps: {', '.join(unknown)} (see --list)")
+        everything = [p for p in everything if p.label() in wanted]
     points = slice_points(everything, *args.slice) if args.slice else everything
     if args.list:
         print(list_text(points, len(everything) if args.slice else None))
