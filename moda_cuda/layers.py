@@ -426,6 +426,8 @@ class MoDABlock(nn.Module):
         return self.norm2(h + self._mlp(h, stream, rope, cu_seqlens))
 
 
+# The name decoder-only model code (Hugging Face style) looks for; the same block serves the
+# bidirectional ViT as MoDABlock.
 MoDADecoderLayer = MoDABlock
 
 
