@@ -69,7 +69,7 @@ def moda_attention(
         causal: sequence key ``s`` is visible to query ``t`` only if ``s <= t``.
         depth_chunk: ``C``; query ``t`` sees the depth rows of every position ``s`` with
             ``s // C == t // C`` (and ``s <= t`` when causal). 1 = its own position only.
-        return_lse: also return ``lse [B, Hq, T]`` (float32, natural log).
+        return_lse: also return ``lse [B, Hq, T]`` (float32, float64 for float64 inputs; natural log).
             With ``cu_seqlens``: ``[1, Hq, N]``.
         deterministic: ask for bitwise-repeatable gradients. By default the compiled
             backward (cuda backend) accumulates dQ with float32 atomics where that measured

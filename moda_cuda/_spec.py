@@ -23,6 +23,13 @@ def check_max_seqlen_alone(cu_seqlens, max_seqlen) -> None:
         raise ValueError(f"max_seqlen ({max_seqlen!r}) is given without cu_seqlens; it is the longest packed document")
 
 
+def effective_depth_chunk(depth_chunk: int, seqlen: int) -> int:
+    """``depth_chunk`` capped at the sequence length: every C >= T means one chunk (with packed
+    documents, T is the packed length, at least any document's), and the backends size work
+    and 32-bit offsets by C."""
+    return min(depth_chunk, max(seqlen, 1))
+
+
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of lse (and of the arithmetic behind it): float32, except that float64 inputs
     keep float64 (exact gradient checks)."""

@@ -94,9 +94,16 @@ def _fold(fn: str, q, k, v, g, cached_k, cached_v, cu_seqlens, moda_group_num, h
     B, TG, Hk, D = qt.shape
     if TG % G:
         raise ValueError(f"q has {TG} rows, not a multiple of moda_group_num={G}")
+    if TG == 0:
+        raise ValueError("q has no rows (T = 0)")
     T = TG // G
     if (cached_k is None) != (cached_v is None):
         raise ValueError("cached_k and cached_v must be given together or both be None")
+    # q's head axis holds the kv heads (its query heads are folded into time): the keys must
+    # have as many, or moda_attention would see another, valid GQA problem.
+    for name, x in (("k", k), ("v", v), ("cached_k", cached_k), ("cached_v", cached_v)):
+        if x is not None and (x.dim() != 4 or _time_major(x, head_first).shape[2] != Hk):
+            raise ValueError(f"{name} must have q's {Hk} kv heads in the layout of q, got shape {list(x.shape)}")
     depth_k = depth_v = None
     if cached_k is not None:
         depth_k = _unflatten_depth("cached_k", _time_major(cached_k, head_first), T)

@@ -34,7 +34,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from . import _cuda_ext
-from ._spec import MAX_INT32, MoDAShape
+from ._spec import MAX_INT32, MoDAShape, effective_depth_chunk
 from .reference import moda_attention_ref, moda_attention_ref_backward
 
 ENV_VAR = "MODA_BACKEND"
@@ -234,7 +234,7 @@ def _cuda_forward(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, documen
     B, T, Hq, D = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # (cheaper on the host than torch.empty)
     lse = torch.empty((B, Hq, T), device=q.device, dtype=torch.float32)
-    ext.fwd(q, k, v, depth_k, depth_v, out, lse, float(scale), bool(causal), int(depth_chunk),
+    ext.fwd(q, k, v, depth_k, depth_v, out, lse, float(scale), bool(causal), effective_depth_chunk(depth_chunk, T),
             *_document_bounds(documents))
     return out, lse
 
@@ -270,7 +270,8 @@ def _compiled_backward(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, 
         grads += depth_grads_into
     glse = None if grad_lse is None else grad_lse.float().contiguous()
     ext.bwd(q, k, v, depth_k, depth_v, out, lse, grad_out, glse, *grads, float(scale), bool(causal),
-            int(depth_chunk), bool(deterministic), depth_grads_into is not None and bool(accumulate_depth_grads),
+            effective_depth_chunk(depth_chunk, q.shape[1]), bool(deterministic),
+            depth_grads_into is not None and bool(accumulate_depth_grads),
             *_document_bounds(documents))
     return tuple(grads)
 

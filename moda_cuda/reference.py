@@ -23,7 +23,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from ._spec import MoDAShape, check_cu_seqlens, check_inputs, default_scale, lse_dtype, packed_documents
+from ._spec import (MoDAShape, check_cu_seqlens, check_inputs, default_scale, effective_depth_chunk, lse_dtype,
+                    packed_documents)
 
 __all__ = ["moda_attention_ref", "moda_attention_ref_backward"]
 
@@ -160,6 +161,7 @@ def moda_attention_ref(
         out, lse = _empty_result(q, shape)
         return (out, lse) if return_lse else out
     sc = default_scale(shape.head_dim, scale)
+    depth_chunk = effective_depth_chunk(depth_chunk, shape.seqlen)  # its blocks are C x C L
     logits = _logits(q, k, depth_k, shape, sc, causal, depth_chunk)
     lse = _lse(logits)
     probs = [None if x is None else torch.exp(x - lse[..., None]) for x in logits]
@@ -214,7 +216,7 @@ def moda_attention_ref_backward(
     if not shape.has_keys:
         zero = torch.zeros_like(q)
         return zero, None, None, torch.zeros_like(depth_k), torch.zeros_like(depth_v)
-    C = depth_chunk
+    C = effective_depth_chunk(depth_chunk, shape.seqlen)  # its blocks are C x C L
     sc = default_scale(shape.head_dim, scale)
     cd = lse_dtype(q.dtype)
     B, T, Hk, G = shape.batch, shape.seqlen, shape.kv_heads, shape.group

@@ -69,6 +69,14 @@ def test_parallel_moda_rejects_unsupported_arguments():
         parallel_moda(q, k, v, moda_group_num=2)
     with pytest.raises(ValueError, match="cached_k must be"):
         parallel_moda(q, k, v, cached_k=ck[:, :-1], cached_v=cv[:, :-1])
+    # Keys with another number of kv heads than q's would be another, valid GQA problem.
+    wide = lambda x: torch.cat([x, x], dim=2)  # noqa: E731
+    with pytest.raises(ValueError, match="k must have q's"):
+        parallel_moda(q, wide(k), wide(v), cached_k=ck, cached_v=cv)
+    with pytest.raises(ValueError, match="cached_k must have q's"):
+        parallel_moda(q, k, v, cached_k=wide(ck), cached_v=wide(cv))
+    with pytest.raises(ValueError, match="no rows"):
+        parallel_moda(q[:, :0], k[:, :0], v[:, :0], cached_k=ck[:, :0], cached_v=cv[:, :0])
 
 
 # --- parallel_moda_chunk_visible and parallel_fda -------------------------------------------

@@ -112,6 +112,21 @@ def test_triton_odd_document_sets(lengths):
     _check_backend(Case(Hq=4, Hk=2, D=16, L=2, chunk=2), lengths, torch.float32, "triton")
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_depth_chunk_past_the_length_is_one_chunk(causal):
+    """Every depth_chunk >= T is one chunk. The backends cap it at T: the reference's blocks are
+    C x C L (a chunk of 2^31 - 1 would ask for terabytes), and the kernels add C to positions
+    in 32 bits (with a document starting at a > 0, a + C wrapped and hid the depth rows)."""
+    lengths = [3, 5]
+    case = Case(Hq=4, Hk=2, D=8, L=2, chunk=2**31 - 1, causal=causal)
+    inputs = _packed_inputs(case, lengths, torch.float64, "cpu")
+    for cu in (_cu(lengths), None):
+        huge = moda_attention_ref(*inputs, cu_seqlens=cu, **_kw(case))
+        assert torch.equal(huge, moda_attention_ref(*inputs, cu_seqlens=cu, **_kw(case.but(chunk=8))))
+    _check_backend(case, lengths, torch.float32, "triton")
+    _check_backend(case.but(seq=False), lengths, torch.float32, "triton")
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_one_document_is_the_dense_op(backend):
     if backend not in moda_cuda.available_backends():
@@ -199,7 +214,8 @@ def test_bad_batch_and_max_seqlen_raise():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", [Case(Hq=32, Hk=8, D=128, L=8, chunk=1), Case(Hq=16, Hk=2, D=64, L=4, chunk=4),
                                   Case(Hq=8, Hk=8, D=64, L=3, causal=False), Case(Hq=8, Hk=2, D=64, L=5, seq=False),
-                                  Case(Hq=16, Hk=1, D=64, L=2, chunk=3, causal=False), Case(Hq=8, Hk=4, D=128, L=0)],
+                                  Case(Hq=16, Hk=1, D=64, L=2, chunk=3, causal=False), Case(Hq=8, Hk=4, D=128, L=0),
+                                  Case(Hq=16, Hk=2, D=64, L=4, chunk=2**31 - 1)],  # one chunk per document
                          ids=str)
 def test_gpu_matches_reference(case, dtype, backend):
     if backend not in moda_cuda.available_backends():

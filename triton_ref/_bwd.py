@@ -306,6 +306,7 @@ def moda_bwd(dout, q, k, v, depth_k, depth_v, out, lse, sm_scale: float, causal:
     ``documents``: packed documents (``moda_cuda._spec.PackedDocuments``, batch 1) or None.
     """
     B, T, Hq, D = q.shape
+    depth_chunk = min(depth_chunk, T)  # every C >= T is one chunk; the kernels add C in 32 bits
     has_seq = k is not None
     L = depth_k.shape[2] if depth_k is not None else 0
     has_depth = L > 0

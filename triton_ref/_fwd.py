@@ -158,6 +158,7 @@ def moda_fwd(q, k, v, depth_k, depth_v, sm_scale: float, causal: bool, depth_chu
     Returns (out [B, T, Hq, D] in q's dtype, lse [B, Hq, T] float32).
     """
     B, T, Hq, D = q.shape
+    depth_chunk = min(depth_chunk, T)  # every C >= T is one chunk; the kernels add C in 32 bits
     has_seq = k is not None
     L = depth_k.shape[2] if depth_k is not None else 0
     has_depth = L > 0
