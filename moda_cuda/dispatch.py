@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -103,10 +104,18 @@ def _triton_unavailable() -> Optional[str]:
 
 def _int32_offsets_refuse(tensors) -> Optional[str]:
     for t in tensors:
-        # The Triton kernels offset the batch in int64 and everything inside one batch entry in int32.
-        if t is not None and sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) > MAX_INT32:
+        # The Triton kernels offset the batch in int64 and everything inside one batch entry in
+        # int32: the inputs' spans, and the outputs and gradients they allocate contiguous (as
+        # large as an input's elements, whatever its strides: an expanded input spans less).
+        if t is not None and (sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) > MAX_INT32
+                              or math.prod(t.shape[1:]) > MAX_INT32):
             return "one batch entry spans more than 2**31 elements (int32 offsets)"
     return None
+
+
+# CUDA caps a grid's y and z dimensions: the kernels put the kv heads and the batch there
+# (the compiled forward and dQ kernel: y, z; Triton: B x Hk on y).
+_GRID_YZ_MAX = 65535
 
 
 def _triton_refuses(q: torch.Tensor, shape: MoDAShape, tensors) -> Optional[str]:
@@ -116,6 +125,8 @@ def _triton_refuses(q: torch.Tensor, shape: MoDAShape, tensors) -> Optional[str]
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32 are)"
     if shape.head_dim > 256:
         return f"head_dim {shape.head_dim} > 256"
+    if shape.batch * shape.kv_heads > _GRID_YZ_MAX:
+        return f"B x Hk = {shape.batch * shape.kv_heads} > {_GRID_YZ_MAX} (the kernels' grid dimension)"
     return _int32_offsets_refuse(tensors)
 
 
@@ -188,6 +199,8 @@ def _cuda_unavailable() -> Optional[str]:
 def _layout_refuses(name: str, t: torch.Tensor) -> Optional[str]:
     if t.stride(-1) != 1:
         return f"{name} has stride {t.stride(-1)} in its last dim; the CUDA kernel needs it contiguous (TMA)"
+    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):  # expanded: not known to TMA's encoder
+        return f"{name} has a stride of 0 (an expanded tensor); the CUDA kernel's TMA maps take none"
     if any(st % _TMA_STRIDE_ELEMS != 0 for st in t.stride()[:-1]):
         return (f"{name} has strides {tuple(t.stride())}; the CUDA kernel needs every stride but the last to be a "
                 f"multiple of {_TMA_STRIDE_ELEMS} elements (16 bytes, TMA)")
@@ -214,6 +227,8 @@ def _cuda_refuses(q: torch.Tensor, shape: MoDAShape, tensors) -> Optional[str]:
                 f"({', '.join(map(str, CUDA_GROUPS))} are)")
     if shape.depth > CUDA_MAX_DEPTH:
         return f"depth L = {shape.depth} > {CUDA_MAX_DEPTH}, the CUDA kernel's maximum"
+    if shape.batch > _GRID_YZ_MAX or shape.kv_heads > _GRID_YZ_MAX:
+        return f"B = {shape.batch} or Hk = {shape.kv_heads} > {_GRID_YZ_MAX} (the kernels' grid dimensions)"
     for name, t in zip(_TENSOR_NAMES, tensors):
         if t is not None:
             reason = _layout_refuses(name, t)

@@ -96,9 +96,23 @@ def _fake_varlen_forward(q, k, v, depth_k, depth_v, cu_seqlens, *args, **kwargs)
     return _fake_forward(q, k, v, depth_k, depth_v)
 
 
+def _check_forward_results(q, grad_out, grad_lse, out, lse) -> None:
+    """The forward's results and their gradients, as the backward op is called with them
+    directly (autograd passes the forward's own): shapes and devices, before any kernel."""
+    B, T, Hq, _ = q.shape
+    for name, t, shape in (("out", out, q.shape), ("grad_out", grad_out, q.shape), ("lse", lse, (B, Hq, T)),
+                           ("grad_lse", grad_lse, (B, Hq, T))):
+        if t is None or t.numel() == 0 and name == "grad_lse":  # (the schema's stand-in for none)
+            continue
+        if tuple(t.shape) != tuple(shape) or t.device != q.device:
+            raise ValueError(f"{name} must be {list(shape)} on q's device {q.device}, got {list(t.shape)} on "
+                             f"{t.device}")
+
+
 def _backward_impl(grad_out, grad_lse, q, k, v, depth_k, depth_v, out, lse, scale, causal, depth_chunk,
                    deterministic, backend, cu_seqlens=None, max_seqlen=None):
     shape, docs = _problem(q, k, v, depth_k, depth_v, scale, causal, depth_chunk, cu_seqlens, max_seqlen)
+    _check_forward_results(q, grad_out, grad_lse, out, lse)
     # "auto" picks the backward on its own speed: it may differ from the forward's backend
     # (every backward reads any forward's out and lse, which share one convention).
     impl = dispatch.resolve(backend, q, shape, (q, k, v, depth_k, depth_v), direction="backward")

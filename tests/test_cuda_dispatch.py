@@ -212,6 +212,24 @@ def test_refuses_what_the_triton_backward_cannot_take(hopper):
     q = torch.empty(1, 2**19, 64, 128, **meta)
     k = torch.empty(1, 2**19, 8, 128, **meta)
     assert refuses(q, k, k, None, None) == "one batch entry spans more than 2**31 elements (int32 offsets)"
+    # An input expanded to that size spans little, but its gradient would be allocated whole.
+    assert dispatch._int32_offsets_refuse((q[:, :1].expand(q.shape),)) is not None
+
+
+def test_refuses_expanded_inputs(hopper):
+    q, k, v, dk, dv = inputs()
+    shared = k[:1].expand(k.shape)  # one sequence's keys for the whole batch
+    assert refuses(q, shared, v, dk, dv) == ("k has a stride of 0 (an expanded tensor); the CUDA kernel's TMA maps "
+                                              "take none")
+
+
+def test_refuses_grids_past_the_launch_limits(hopper, monkeypatch):
+    q, k = torch.zeros(65536, 1, 2, 64, dtype=torch.bfloat16), torch.zeros(65536, 1, 1, 64, dtype=torch.bfloat16)
+    assert refuses(q, k, k, None, None) == "B = 65536 or Hk = 1 > 65535 (the kernels' grid dimensions)"
+    monkeypatch.setattr(dispatch, "_interpreting", lambda: True)  # CPU tensors count for Triton
+    shape = moda_cuda.check_inputs(q, k, k, None, None, None, True, 1)
+    assert dispatch.TRITON.refuses(q, shape, (q, k, k, None, None)) == \
+        "B x Hk = 65536 > 65535 (the kernels' grid dimension)"
 
 
 def test_first_refusal_wins_in_a_fixed_order(hopper):

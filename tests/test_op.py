@@ -174,3 +174,20 @@ def test_depth_only_without_depth_through_the_op(backend):
     assert torch.equal(out, torch.zeros_like(q)) and torch.isneginf(lse).all()
     grads = torch.autograd.grad(out.sum(), leaves)
     assert all(torch.equal(g, torch.zeros_like(t)) for g, t in zip(grads, leaves))
+
+
+def test_backward_op_checks_the_forward_results_it_is_given():
+    """Called directly (autograd passes the forward's own), the backward op refuses an lse or
+    out of another shape before any kernel: an lse laid out [B, T, Hq] has the right number of
+    elements and would give wrong gradients silently."""
+    case = Case(T=6, Hq=4, Hk=2, D=8, L=2)
+    q, k, v, dk, dv = make_inputs(case, torch.float64)
+    out, lse = torch.ops.moda.attention(q, k, v, dk, dv)
+    g = torch.ones_like(out)
+    args = (None, True, 1, False, "auto")
+    torch.ops.moda.attention_backward(g, torch.zeros_like(lse), q, k, v, dk, dv, out, lse, *args)
+    with pytest.raises(ValueError, match=r"lse must be \[1, 4, 6\]"):
+        torch.ops.moda.attention_backward(g, torch.zeros_like(lse), q, k, v, dk, dv, out,
+                                          lse.transpose(1, 2).contiguous(), *args)
+    with pytest.raises(ValueError, match="out must be"):
+        torch.ops.moda.attention_backward(g, torch.zeros_like(lse), q, k, v, dk, dv, out[:, :-1], lse, *args)
