@@ -374,3 +374,26 @@ def test_qkv_as_views_of_one_projection(backend):
     want = (ref,) + torch.autograd.grad(ref, leaves, grad_out.double())
     for name, got, w in zip(("out", "dq", "dk", "dv", "ddepth_k", "ddepth_v"), fused, want):
         assert rel_err(got, w) < 2e-2, name
+
+
+def test_expanded_inputs_take_a_backend_that_reads_them():
+    """Keys shared by the whole batch (an expand, stride 0) and a gradient with a stride 0 (from
+    a sum over positions): auto runs them where they are read as such (the compiled kernels'
+    TMA maps take no stride 0: Triton, and a contiguous copy of the gradient), against the
+    float64 reference."""
+    from moda_cuda.reference import moda_attention_ref
+
+    require_cuda_backend()
+    case = Case(B=3, T=200, Hq=8, Hk=2, D=64, L=4)
+    q, k, v, dk, dv = make_inputs(case, torch.bfloat16, "cuda")
+    k, v = k[:1].expand(k.shape), v[:1].expand(v.shape)
+    assert dispatch.CUDA.refuses(q, moda_cuda.check_inputs(q, k, v, dk, dv, None, True, 1), (q, k, v, dk, dv))
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, dk, dv)]
+    out = moda_cuda.moda_attention(*leaves)
+    out.sum(dim=1).square().sum().backward()  # dO of stride 0 over positions
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v, dk, dv)]
+    want = moda_attention_ref(*ref)
+    want.sum(dim=1).square().sum().backward()
+    assert rel_err(out, want) < 1e-2
+    for got, exp in zip(leaves, ref):
+        assert rel_err(got.grad, exp.grad) < 2e-2
