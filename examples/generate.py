@@ -38,6 +38,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = MoDAForCausalLM.from_pretrained(args.model, device=device, dtype=dtype)
     prompt = list(args.prompt.encode("utf-8"))
+    cfg = model.config
+    if cfg.depth_chunk != 1:
+        p.error(f"{args.model} was trained with depth_chunk = {cfg.depth_chunk}; generation with a KV cache "
+                "needs depth_chunk = 1 (a new token's depth rows are its own)")
+    if len(prompt) + args.max_new_tokens > cfg.max_seq_len:
+        p.error(f"{len(prompt)} prompt bytes + --max-new-tokens {args.max_new_tokens} exceed the model's "
+                f"max_seq_len {cfg.max_seq_len}")
     ids = torch.tensor([prompt] * args.batch, device=device)
     options = dict(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p if args.sample else None,
                    generator=torch.Generator(device=device).manual_seed(args.seed))

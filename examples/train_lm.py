@@ -148,7 +148,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny model, a few steps, CPU: a sanity check")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (torchrun: each rank takes its GPU)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32), fp32, bf16, fp16 (autocast)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps per model")
+    p.add_argument("--steps", type=C.positive_int, default=2000, help="training steps per model")
     p.add_argument("--minutes", type=float, default=None,
                    help="train the MoDA model for about this long and the baseline for as many steps "
                         "(instead of --steps)")
@@ -184,7 +184,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.device = "cpu" if args.device == "auto" else args.device
-        args.steps = min(args.steps, 6) if args.minutes is None else args.steps
+        args.steps = min(args.steps, 6)  # a few steps, whatever --minutes says
         args.minutes = None
         args.batch, args.seqlen, args.d_model, args.layers = 4, 32, 32, 2
         args.heads, args.kv_heads, args.eval_batches, args.data_mb = 4, 2, 2, 0.25

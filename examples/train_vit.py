@@ -100,7 +100,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="scikit-learn's digits, or generated images (no scikit-learn needed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (torchrun: each rank takes its GPU)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32), fp32, bf16, fp16 (autocast)")
-    p.add_argument("--steps", type=int, default=3000, help="training steps per model")
+    p.add_argument("--steps", type=C.positive_int, default=3000, help="training steps per model")
     p.add_argument("--minutes", type=float, default=None,
                    help="train the MoDA model for about this long and the baseline for as many steps "
                         "(instead of --steps)")

@@ -7,6 +7,7 @@ backend present, checks it against the float64 reference and prints backend, err
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -109,6 +110,9 @@ def main(argv=None) -> int:
                    help="B,T,Hq,Hk,D,L: also say which backend runs this problem (B, T, Hq, Hk, D >= 1, "
                         "L >= 0, Hq a multiple of Hk)")
     i.add_argument("--dtype", default="bfloat16", choices=INFO_DTYPES, help="dtype of that problem (default: bfloat16)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("demo", "info", "-h", "--help"):
+        argv = ["demo", *argv]  # the demo is the default command, with its options
     args = parser.parse_args(argv)
     if args.command == "info":
         shape = None
@@ -123,8 +127,6 @@ def main(argv=None) -> int:
                 i.error(f"argument --shape: {args.shape!r}: {e}")
         moda_cuda.info(shape=shape, dtype=args.dtype)
         return 0
-    if args.command is None:
-        args = parser.parse_args(["demo", *(argv or [])])
     return demo(args)
 
 

@@ -592,12 +592,19 @@ class MoDAForCausalLM(nn.Module):
         import json
         from pathlib import Path
 
+        from safetensors import safe_open
         from safetensors.torch import load_model
 
         path = Path(directory)
         config = MoDAConfig(**json.loads((path / "config.json").read_text()))
+        weights = str(path / "model.safetensors")
+        with safe_open(weights, framework="pt") as f:  # the saved dtype (one for the whole model)
+            saved_dtype = f.get_slice(next(iter(f.keys()))).get_dtype()
         model = cls(config)
-        load_model(model, str(path / "model.safetensors"), device=str(device) if device is not None else "cpu")
+        saved = getattr(torch, {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}.get(
+            saved_dtype, "float32"))
+        model = model.to(saved)  # else load_model would convert the weights into float32 parameters
+        load_model(model, weights, device=str(device) if device is not None else "cpu")
         if dtype is not None:
             model = model.to(dtype)
         return model.to(device).eval() if device is not None else model.eval()

@@ -19,6 +19,12 @@ def test_demo_checks_against_reference():
     assert "backend" in res.stdout and "result     OK" in res.stdout
 
 
+def test_demo_is_the_default_command_with_its_options():
+    res = run("--seqlen", "32")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "result     OK" in res.stdout
+
+
 def test_info():
     res = run("info")
     assert res.returncode == 0, res.stderr

@@ -70,6 +70,17 @@ def test_lm_smoke(tmp_path):
     text = run([sys.executable, str(ROOT / "examples/generate.py"), "--model", str(out / "moda"), "--prompt", "def ",
                 "--max-new-tokens", "12", "--device", "cpu"], tmp_path)
     assert text.startswith("def ") and "tokens/s" in text
+    # More new tokens than the model's max_seq_len (32 in the smoke run): a usage error, up front.
+    res = subprocess.run([sys.executable, str(ROOT / "examples/generate.py"), "--model", str(out / "moda"),
+                          "--max-new-tokens", "200", "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 2 and "exceed the model's max_seq_len 32" in res.stderr
+
+
+@pytest.mark.parametrize("script", ["train_lm.py", "train_vit.py"])
+def test_steps_must_be_positive(tmp_path, script):
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--smoke", "--steps", "0"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "--steps: wants an integer >= 1, got 0" in res.stderr
 
 
 def test_lm_smoke_packed_documents(tmp_path):

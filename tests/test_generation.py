@@ -146,6 +146,16 @@ def test_prefill_with_gradient_checkpointing_fills_the_cache():
     assert torch.allclose(step[:, 0], full[:, 5], atol=1e-10)
 
 
+def test_load_keeps_the_saved_dtype(tmp_path):
+    model = _model().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "lm")
+    loaded = MoDAForCausalLM.from_pretrained(tmp_path / "lm")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    ids = torch.randint(0, 40, (1, 6), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 def test_save_and_load(tmp_path):
     model = _model()
     model.save_pretrained(tmp_path / "lm")
