@@ -61,17 +61,6 @@ class Dist:
         return self.rank == 0
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a count of steps: 0 would train nothing and report None)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"wants an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"wants an integer >= 1, got {value}")
-    return value
-
-
 def setup(device_arg: str = "auto") -> Dist:
     """Initialise torch.distributed when launched by torchrun (any world size, 1 included)."""
     if device_arg == "auto":

@@ -39,6 +39,7 @@ import _common as C
 import torch
 from _parallel import LAYOUTS, Parallelism, model_to_save, parallelize, setup_parallelism
 
+from moda_cuda.__main__ import positive_int  # the CLI's argparse type
 from moda_cuda.layers import MoDAConfig, MoDAForCausalLM, count_parameters
 
 
@@ -148,7 +149,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny model, a few steps, CPU: a sanity check")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (torchrun: each rank takes its GPU)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32), fp32, bf16, fp16 (autocast)")
-    p.add_argument("--steps", type=C.positive_int, default=2000, help="training steps per model")
+    p.add_argument("--steps", type=positive_int, default=2000, help="training steps per model")
     p.add_argument("--minutes", type=float, default=None,
                    help="train the MoDA model for about this long and the baseline for as many steps "
                         "(instead of --steps)")

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import _common as C
 import torch
 
+from moda_cuda.__main__ import positive_int  # the CLI's argparse type
 from moda_cuda.layers import MoDAConfig, MoDAViT, count_parameters
 
 log = C.log
@@ -100,7 +101,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="scikit-learn's digits, or generated images (no scikit-learn needed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (torchrun: each rank takes its GPU)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, else fp32), fp32, bf16, fp16 (autocast)")
-    p.add_argument("--steps", type=C.positive_int, default=3000, help="training steps per model")
+    p.add_argument("--steps", type=positive_int, default=3000, help="training steps per model")
     p.add_argument("--minutes", type=float, default=None,
                    help="train the MoDA model for about this long and the baseline for as many steps "
                         "(instead of --steps)")

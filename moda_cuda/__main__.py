@@ -77,7 +77,8 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the examples' step counts use it too)."""
     try:
         value = int(text)
     except ValueError:
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     d = sub.add_parser("demo", help="run and check a MoDA problem (default)")
-    d.add_argument("--seqlen", type=_positive_int, default=None,
+    d.add_argument("--seqlen", type=positive_int, default=None,
                    help="override T (default: 2048 on a GPU, 256 on the CPU)")
     d.add_argument("--seed", type=_seed, default=0, help="seed of the random inputs (default: 0)")
     i = sub.add_parser("info", help="versions, devices and backends")

@@ -548,8 +548,10 @@ class MoDAForCausalLM(nn.Module):
             # by them (read once per cu_seqlens tensor: the attention calls reuse the reading).
             documents = packed_documents(cu_seqlens, T, max_seqlen)
             longest = max_seqlen if max_seqlen is not None else documents.max_seqlen
-        elif max_seqlen is not None:
-            raise ValueError(f"max_seqlen ({max_seqlen!r}) is given without cu_seqlens")
+        else:
+            from ._spec import check_max_seqlen_alone
+
+            check_max_seqlen_alone(cu_seqlens, max_seqlen)
         if longest > self.config.max_seq_len:
             raise ValueError(f"sequence length {longest} exceeds max_seq_len {self.config.max_seq_len}")
         decoding = cache is not None and not cache.prefill
